@@ -1,0 +1,69 @@
+"""Sparse decode ops with one dispatch seam: Triton kernels or the plain-torch reference.
+
+Public ops (same signatures as their ``reference.*_ref`` specs):
+
+- ``poly_decode(values, indices, U, C1, C2, C3, lambda2, lambda3, bias, U2=None, U3=None)``
+- ``linear_decode(values, indices, W_dec, bias)``
+
+``BACKEND`` names the active path, resolved once at import: ``"triton"`` when triton imports and
+CUDA is present or ``TRITON_INTERPRET=1`` is set, and ``POLYSAE_DISABLE_TRITON`` is not set;
+otherwise ``"torch"``. ``set_backend(name)`` overrides it (tests). This package imports nothing
+from the rest of polysae, and never needs triton or a GPU to import.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+
+import torch
+
+from .reference import linear_decode_ref, poly_decode_ref
+
+log = logging.getLogger("polysae.kernels")
+
+
+def _triton_module():
+    """The Triton implementation module, or None when it cannot be used here."""
+    if os.environ.get("POLYSAE_DISABLE_TRITON", "") not in ("", "0"):
+        return None
+    if not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET", "") == "1"):
+        return None
+    try:
+        importlib.import_module("triton")
+        return importlib.import_module(".triton_ops", __name__)
+    except ImportError as e:  # triton missing, or kernels not built into this install
+        log.debug("Triton path unavailable: %s", e)
+        return None
+
+
+_TRITON = _triton_module()
+BACKEND = "triton" if _TRITON is not None else "torch"
+log.info("polysae.kernels: using the %s decode path", BACKEND)
+
+
+def set_backend(name: str) -> None:
+    """Force ``"torch"`` or ``"triton"`` (raises if Triton is unavailable here)."""
+    global BACKEND
+    if name not in ("torch", "triton"):
+        raise ValueError(f"backend must be 'torch' or 'triton', got {name!r}")
+    if name == "triton" and _TRITON is None:
+        raise RuntimeError("the Triton decode path is unavailable (no triton, no CUDA and "
+                           "TRITON_INTERPRET unset, or POLYSAE_DISABLE_TRITON=1)")
+    BACKEND = name
+
+
+def poly_decode(values, indices, U, C1, C2, C3, lambda2, lambda3, bias, U2=None, U3=None):
+    if BACKEND == "triton":
+        return _TRITON.poly_decode(values, indices, U, C1, C2, C3, lambda2, lambda3, bias, U2, U3)
+    return poly_decode_ref(values, indices, U, C1, C2, C3, lambda2, lambda3, bias, U2, U3)
+
+
+def linear_decode(values, indices, W_dec, bias):
+    if BACKEND == "triton":
+        return _TRITON.linear_decode(values, indices, W_dec, bias)
+    return linear_decode_ref(values, indices, W_dec, bias)
+
+
+__all__ = ["BACKEND", "set_backend", "poly_decode", "linear_decode"]

@@ -1,0 +1,183 @@
+"""Decoders behind one interface: ``LinearDecoder`` and ``PolyDecoder`` (method.md §1.4-1.7).
+
+Both take sparse codes (values, indices [N, K]) or dense codes [N, F] plus the SAE's ``b_dec`` and
+return x_hat [N, D]. They expose ``retract_()`` (called after each optimiser step: the QR
+retraction for the poly decoder, nothing for the linear one) and the analysis accessors
+``linear_atoms`` / ``pair_atoms`` / ``triple_atoms`` / ``latent_atoms``. ``tensors()`` gives the
+documented checkpoint names.
+
+Shape letters: N rows, K active latents per row, F = d_sae, D = d_in, R1..R3 the ranks.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from polysae import kernels
+from polysae.config import SAEConfig
+from polysae.kernels.reference import linear_decode_dense_ref, poly_decode_dense_ref
+from polysae.orthogonal import retract, retract_separate
+
+
+class LinearDecoder(nn.Module):
+    """x_hat = b_dec + z @ W_dec, W_dec [F, D]. Initialised by the SAE (rows of norm 0.1)."""
+
+    kind = "linear"
+
+    def __init__(self, cfg: SAEConfig, device=None):
+        super().__init__()
+        self.cfg = cfg
+        self.W_dec = nn.Parameter(torch.empty(cfg.d_sae, cfg.d_in, device=device,
+                                              dtype=cfg.torch_dtype))
+
+    def decode_sparse(self, values: Tensor, indices: Tensor, bias: Tensor) -> Tensor:
+        return kernels.linear_decode(values, indices, self.W_dec, bias)
+
+    def decode_dense(self, codes: Tensor, bias: Tensor) -> Tensor:
+        return linear_decode_dense_ref(codes, self.W_dec, bias)
+
+    @torch.no_grad()
+    def retract_(self, fast: bool = True) -> None:
+        """Nothing to constrain (decoder norms are free, as in the paper's runs)."""
+
+    def linear_atoms(self) -> Tensor:
+        return self.W_dec
+
+    def latent_atoms(self) -> Tensor:
+        return self.W_dec
+
+    def pair_atoms(self, i: Tensor, j: Tensor) -> Tensor:
+        raise ValueError("a linear decoder has no pairwise atoms (use decoder='poly')")
+
+    def triple_atoms(self, i: Tensor, j: Tensor, k: Tensor) -> Tensor:
+        raise ValueError("a linear decoder has no triple atoms (use decoder='poly')")
+
+    def tensors(self) -> dict[str, Tensor]:
+        return {"W_dec": self.W_dec}
+
+
+class PolyDecoder(nn.Module):
+    """PolySAE decoder: x_hat = b_dec + h1 C1^T + l2 h2 C2^T + l3 h3 C3^T with h from z U.
+
+    Shared U (paper): a = z U; h1 = a, h2 = a[:, :R2]^2, h3 = a[:, :R3]^3.
+    Separate U: h2 = (z U)[:, :R2] * (z U2), h3 = (z U)[:, :R3] * (z U2)[:, :R3] * (z U3).
+    Initialisation (method.md §1.5): U orthogonal; C_k ~ kaiming_uniform (U(-sqrt(6/R_k),
+    +sqrt(6/R_k))); lambda2 = -0.5, lambda3 = 0.5 (configurable).
+    """
+
+    kind = "poly"
+
+    def __init__(self, cfg: SAEConfig, device=None):
+        super().__init__()
+        self.cfg = cfg
+        r1, r2, r3 = cfg.ranks
+        F, D, dt = cfg.d_sae, cfg.d_in, cfg.torch_dtype
+
+        def p(*shape):
+            return nn.Parameter(torch.empty(shape, device=device, dtype=dt))
+
+        self.U = p(F, r1)
+        self.C1 = p(D, r1)
+        self.C2 = p(D, r2) if cfg.order >= 2 else None
+        self.C3 = p(D, r3) if cfg.order >= 3 else None
+        self.lambda2 = p() if cfg.order >= 2 else None
+        self.lambda3 = p() if cfg.order >= 3 else None
+        separate = not cfg.shared_u
+        self.U2 = p(F, r2) if separate and cfg.order >= 2 else None
+        self.U3 = p(F, r3) if separate and cfg.order >= 3 else None
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        cfg = self.cfg
+        if self.U.is_meta:  # built only to receive a checkpoint's tensors
+            return
+        if self.U2 is None:
+            nn.init.orthogonal_(self.U)
+        else:  # start on the manifold of the joint retraction: all columns mutually orthonormal
+            us = self._us()
+            for u in us:
+                nn.init.normal_(u)
+            for u, q in zip(us, retract_separate(us, fast=False)):
+                u.copy_(q)
+        for C in (self.C1, self.C2, self.C3):
+            if C is not None:
+                nn.init.kaiming_uniform_(C)  # a=0, fan_in = R_k: bound sqrt(6 / R_k)
+        if self.lambda2 is not None:
+            self.lambda2.fill_(cfg.lambda2_init)
+        if self.lambda3 is not None:
+            self.lambda3.fill_(cfg.lambda3_init)
+
+    def _us(self) -> list[Tensor]:
+        return [u for u in (self.U, self.U2, self.U3) if u is not None]
+
+    # -- decode -------------------------------------------------------------------------------
+    def decode_sparse(self, values: Tensor, indices: Tensor, bias: Tensor) -> Tensor:
+        return kernels.poly_decode(values, indices, self.U, self.C1, self.C2, self.C3,
+                                   self.lambda2, self.lambda3, bias, self.U2, self.U3)
+
+    def decode_dense(self, codes: Tensor, bias: Tensor) -> Tensor:
+        return poly_decode_dense_ref(codes, self.U, self.C1, self.C2, self.C3, self.lambda2,
+                                     self.lambda3, bias, self.U2, self.U3)
+
+    # -- constraint ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def retract_(self, fast: bool = True) -> None:
+        """Orthonormalise U (and U2, U3 jointly in separate mode); method.md §1.7."""
+        if self.U2 is None:
+            Q = retract(self.U, fast)
+            if Q is not None:
+                self.U.copy_(Q)
+            return
+        us = self._us()
+        qs = retract_separate(us, fast)
+        if qs is not None:
+            for u, q in zip(us, qs):
+                u.copy_(q)
+
+    # -- analysis -----------------------------------------------------------------------------
+    def linear_atoms(self) -> Tensor:
+        """[F, D]: row i is A_i = C1 u_i, the linear contribution of latent i (z_i = 1)."""
+        return self.U @ self.C1.T
+
+    def _u2(self) -> Tensor:
+        return self.U if self.U2 is None else self.U2
+
+    def pair_atoms(self, i: Tensor, j: Tensor) -> Tensor:
+        """[P, D]: B_ij = C2 (u_i[:R2] * u'_j) for index vectors i, j [P] (u' = U2 rows when
+        separate). y2 = sum_ij z_i z_j B_ij, so an off-diagonal pair adds 2 l2 z_i z_j B_ij."""
+        if self.C2 is None:
+            raise ValueError("order < 2: this decoder has no pairwise atoms")
+        r2 = self.C2.shape[1]
+        i, j = torch.as_tensor(i, device=self.U.device), torch.as_tensor(j, device=self.U.device)
+        return (self.U[i, :r2] * self._u2()[j, :r2]) @ self.C2.T
+
+    def triple_atoms(self, i: Tensor, j: Tensor, k: Tensor) -> Tensor:
+        """[P, D]: Gamma_ijk = C3 (u_i[:R3] * u'_j[:R3] * u''_k[:R3])."""
+        if self.C3 is None:
+            raise ValueError("order < 3: this decoder has no triple atoms")
+        r3 = self.C3.shape[1]
+        dev = self.U.device
+        i, j, k = (torch.as_tensor(t, device=dev) for t in (i, j, k))
+        u3 = self.U if self.U3 is None else self.U3
+        return (self.U[i, :r3] * self._u2()[j, :r3] * u3[k, :r3]) @ self.C3.T
+
+    def latent_atoms(self) -> Tensor:
+        """[F, D]: D_i = decode(e_i) - b_dec, latent i's full contribution at z_i = 1 (linear +
+        self-interaction terms); the norm the reference uses for decoder-norm rescaling."""
+        F = self.U.shape[0]
+        out = []
+        zero = torch.zeros(self.C1.shape[0], device=self.U.device, dtype=self.U.dtype)
+        for s in range(0, F, 4096):
+            idx = torch.arange(s, min(F, s + 4096), device=self.U.device)[:, None]
+            out.append(self.decode_sparse(torch.ones_like(idx, dtype=self.U.dtype), idx, zero))
+        return torch.cat(out)
+
+    def tensors(self) -> dict[str, Tensor]:
+        names = ("U", "C1", "C2", "C3", "lambda2", "lambda3", "U2", "U3")
+        return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
+
+
+def make_decoder(cfg: SAEConfig, device=None) -> nn.Module:
+    return (PolyDecoder if cfg.decoder == "poly" else LinearDecoder)(cfg, device)
