@@ -46,6 +46,7 @@ def cholesky_qr_pos(A: Tensor, tol: float | None = None) -> Tensor:
 
 def orthogonality_error(U: Tensor) -> float:
     """max |U^T U - I| (the Frobenius norm is logged by the trainer; this is the strict check)."""
+    U = U.detach()
     eye = torch.eye(U.shape[1], dtype=U.dtype, device=U.device)
     return float((U.T @ U - eye).abs().max())
 
