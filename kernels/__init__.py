@@ -7,7 +7,10 @@ Public ops (same signatures as their ``reference.*_ref`` specs):
 
 ``BACKEND`` names the active path, resolved once at import: ``"triton"`` when triton imports and
 CUDA is present or ``TRITON_INTERPRET=1`` is set, and ``POLYSAE_DISABLE_TRITON`` is not set;
-otherwise ``"torch"``. ``set_backend(name)`` overrides it (tests). This package imports nothing
+otherwise ``"torch"``. ``set_backend(name)`` overrides it (tests). ``set_deterministic(flag)``
+picks the weight-gradient reduction of the Triton path: sorted reverse index with one writer per
+row (the default, bitwise reproducible) or token-major fp32 atomics (no sort, order-dependent
+sums); ``torch.use_deterministic_algorithms(True)`` forces the former. This package imports nothing
 from the rest of polysae, and never needs triton or a GPU to import.
 """
 
@@ -36,6 +39,10 @@ def _triton_module():
     except ImportError as e:  # triton missing, or kernels not built into this install
         log.debug("Triton path unavailable: %s", e)
         return None
+    except Exception as e:  # a broken triton install must not break `import polysae`
+        log.warning("Triton failed to import (%s: %s); using the torch decode path",
+                    type(e).__name__, e)
+        return None
 
 
 _TRITON = _triton_module()
@@ -54,6 +61,12 @@ def set_backend(name: str) -> None:
     BACKEND = name
 
 
+def set_deterministic(flag: bool) -> None:
+    """Deterministic (sorted, default) or atomic weight gradients on the Triton path."""
+    if _TRITON is not None:
+        _TRITON.DETERMINISTIC = bool(flag)
+
+
 def poly_decode(values, indices, U, C1, C2, C3, lambda2, lambda3, bias, U2=None, U3=None):
     if BACKEND == "triton":
         return _TRITON.poly_decode(values, indices, U, C1, C2, C3, lambda2, lambda3, bias, U2, U3)
@@ -66,4 +79,4 @@ def linear_decode(values, indices, W_dec, bias):
     return linear_decode_ref(values, indices, W_dec, bias)
 
 
-__all__ = ["BACKEND", "set_backend", "poly_decode", "linear_decode"]
+__all__ = ["BACKEND", "set_backend", "set_deterministic", "poly_decode", "linear_decode"]
