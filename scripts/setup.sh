@@ -27,4 +27,11 @@ if [ ! -d /usr/share/games/fortunes/de ] && command -v apt-get >/dev/null 2>&1; 
     ($SUDO apt-get update -qq && $SUDO apt-get install -y -qq fortunes fortunes-de fortunes-es) >/dev/null 2>&1 \
         || echo "setup: could not install Debian fortunes; the language-ID probe will be skipped" >&2
 fi
+# Debian Chromium + chromedriver for the feature browser's real-browser test (tests/test_browser.py
+# skips with a reason without them); optional elsewhere.
+if ! command -v chromedriver >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+    SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo -n"
+    ($SUDO apt-get update -qq && $SUDO apt-get install -y -qq chromium chromium-driver) >/dev/null 2>&1 \
+        || echo "setup: could not install chromium + chromium-driver; the browser test will be skipped" >&2
+fi
 echo "$want" > "$stamp"
