@@ -35,9 +35,15 @@ def _deterministic() -> bool:
     return DETERMINISTIC or torch.are_deterministic_algorithms_enabled()
 
 
-def supports(t: Tensor) -> bool:
-    """Whether the kernels can run on ``t``'s device: CUDA, or any tensor under the interpreter."""
-    return t.device.type == "cuda" or sg.INTERPRET
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def supports(values: Tensor, weight: Tensor) -> bool:
+    """Whether the kernels serve this call: CUDA tensors (any tensor under the interpreter) of a
+    dtype they accumulate exactly enough. float64 goes to the torch path: the kernels accumulate
+    in fp32, which would silently lose the precision a float64 caller asked for."""
+    return ((weight.device.type == "cuda" or sg.INTERPRET) and weight.dtype in _KERNEL_DTYPES
+            and values.dtype in _KERNEL_DTYPES)
 
 
 def _check_poly(values, indices, U, C1, C2, C3, lambda2, lambda3, bias, U2, U3) -> None:
@@ -182,7 +188,7 @@ class LinearDecodeFn(torch.autograd.Function):
 
 def poly_decode(values, indices, U, C1, C2, C3, lambda2, lambda3, bias, U2=None, U3=None):
     """Triton sparse polynomial decode; equivalent to ``reference.poly_decode_ref``."""
-    if not supports(values):  # e.g. a CPU SAE on a CUDA machine: the torch path serves it
+    if not supports(values, U):  # e.g. a CPU or float64 SAE on a CUDA machine
         return poly_decode_ref(values, indices, U, C1, C2, C3, lambda2, lambda3, bias, U2, U3)
     _check_poly(values, indices, U, C1, C2, C3, lambda2, lambda3, bias, U2, U3)
     return PolyDecodeFn.apply(values, indices.long(), U, C1, C2, C3, lambda2, lambda3, bias, U2, U3)
@@ -190,7 +196,7 @@ def poly_decode(values, indices, U, C1, C2, C3, lambda2, lambda3, bias, U2=None,
 
 def linear_decode(values, indices, W_dec, bias):
     """Triton sparse linear decode; equivalent to ``reference.linear_decode_ref``."""
-    if not supports(values):
+    if not supports(values, W_dec):
         return linear_decode_ref(values, indices, W_dec, bias)
     if values.ndim != 2 or values.shape != indices.shape:
         raise ValueError(f"linear_decode: values {tuple(values.shape)} and indices "
