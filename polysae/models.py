@@ -28,6 +28,7 @@ import importlib.util
 import json
 import os
 import re
+import sys
 import warnings
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -72,8 +73,9 @@ def _package_dir(dist: str) -> Path:
 
 @contextlib.contextmanager
 def _quiet():
-    """TL 3.9 warns that Hooked* go away in 4.0 (we pin <4), transformers warns about GGUF."""
-    with warnings.catch_warnings():
+    """TL 3.9 warns that Hooked* go away in 4.0 (we pin <4), transformers warns about GGUF, and
+    TL prints "Moving model to device" on stdout, which would pollute `polysae hooks` output."""
+    with warnings.catch_warnings(), contextlib.redirect_stdout(sys.stderr):
         warnings.simplefilter("ignore")
         yield
 

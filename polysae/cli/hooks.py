@@ -1,0 +1,27 @@
+"""``polysae hooks``: list a model's hook names (what ``harvest --hooks`` accepts)."""
+
+from __future__ import annotations
+
+import argparse
+
+HELP = "list the hook points of a model"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="smollm2-135m",
+                   help="model name or local folder, as for `polysae harvest` (default smollm2-135m)")
+    p.add_argument("--filter", default=None, metavar="TEXT",
+                   help="only hooks whose name contains TEXT (e.g. resid_post)")
+
+
+def main(args: argparse.Namespace) -> int:
+    from polysae.cli import CLIError
+    from polysae.models import list_hooks, load_model
+
+    names = list_hooks(load_model(args.model))
+    if args.filter:
+        names = [n for n in names if args.filter in n]
+        if not names:
+            raise CLIError(f"no hook of {args.model} contains {args.filter!r}")
+    print("\n".join(names))
+    return 0
