@@ -456,16 +456,27 @@ def _get_hf(src: Source, name: str, partial: Path, sha: str | None, timeout: flo
         p = huggingface_hub.hf_hub_download(
             repo_id=src.repo, filename=filename, revision=src.revision, local_dir=staging,
             endpoint=endpoint, etag_timeout=timeout)
-    except hf_errors.EntryNotFoundError as e:
-        if missing_ok:
-            return None
-        raise DownloadError(f"{label}: {filename} not found in {src.repo}@{src.revision}") from e
+    except hf_errors.LocalEntryNotFoundError as e:
+        # also an EntryNotFoundError subclass: raised when the Hub could not be reached at all,
+        # which must not be mistaken for "this file does not exist" while probing layouts
+        raise DownloadError(f"{label}: cannot reach the Hub for {filename} ({endpoint or 'default'}"
+                            f" endpoint): {str(e).splitlines()[0] if str(e) else ''}") from e
     except (hf_errors.RepositoryNotFoundError, hf_errors.RevisionNotFoundError) as e:
         raise DownloadError(f"{label}: {type(e).__name__}: {str(e).splitlines()[0]}") from e
-    except (hf_errors.HfHubHTTPError, hf_errors.LocalEntryNotFoundError, OSError) as e:
+    except (hf_errors.EntryNotFoundError, hf_errors.HfHubHTTPError) as e:
+        resp = getattr(e, "response", None)
+        status = getattr(resp, "status_code", None)
+        if isinstance(e, hf_errors.EntryNotFoundError) or status == 404:  # mirrors may omit the
+            if missing_ok:                                                 # X-Error-Code header
+                return None
+            raise DownloadError(f"{label}: {filename} not found in {src.repo}@{src.revision}"
+                                ) from e
         raise DownloadError(f"{label}: downloading {filename} from {src.repo}@{src.revision} "
-                            f"failed ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+                            f"failed (HTTP {status}: {str(e).splitlines()[0] if str(e) else ''})"
                             ) from e
+    except OSError as e:
+        raise DownloadError(f"{label}: downloading {filename} from {src.repo}@{src.revision} "
+                            f"failed ({e})") from e
     p = Path(p)
     _verify(p, sha, label, name)
     dest = partial / name
