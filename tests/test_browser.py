@@ -1,0 +1,568 @@
+"""Feature browser (polysae.browser, polysae browse): streaming statistics against dense torch
+references, interaction strengths against the decoder's own pair atoms, split-character token
+text against a byte-level decode, the written site's data, and a real headless Chromium run over
+the site served on loopback (skipped with the reason when Debian's chromium/chromedriver are
+absent)."""
+
+from __future__ import annotations
+
+import base64
+import functools
+import http.server
+import json
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from polysae import SAE, SAEConfig
+from polysae.browser import (
+    BrowseConfig,
+    TokenText,
+    _logit_tops,
+    _TopPool,
+    build_site_from_arrays,
+    pair_candidates,
+    stream_stats,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def read_js(path: Path) -> dict:
+    """Payload of a data/*.js file: `(window.POLYSAE=...)["key"]=<json>;`."""
+    text = path.read_text("utf-8")
+    return json.loads(text[text.index("]=") + 2:].rstrip().rstrip(";"))
+
+
+# -- a toy tokenizer: bytes 0..255 plus whole words, decoded like a byte-level BPE ---------------
+WORDS = [" the", " star", " coffee", " Starbucks", " shop", " bright", " night", " cup", " of",
+         " caf", " is", " open", " sky", " hot", " a"]
+
+
+class ToyTokenizer:
+    """ids < 256 are raw bytes, 256 + w is WORDS[w]; decode = UTF-8 with replacement."""
+
+    def decode(self, ids):
+        b = b"".join(bytes([i]) if i < 256 else WORDS[i - 256].encode() for i in ids)
+        return b.decode("utf-8", errors="replace")
+
+    def encode_words(self, text_words):
+        out = []
+        for w in text_words:
+            if w in WORDS:
+                out.append(256 + WORDS.index(w))
+            else:
+                out.extend(w.encode())
+        return out
+
+
+def W(word: str) -> int:
+    return 256 + WORDS.index(word)
+
+
+# -- planted SAE -------------------------------------------------------------------------------
+D = F = 8
+STAR, COFFEE, BUCKS, EACUTE = 3, 5, 6, 1
+
+
+def planted_sae() -> SAE:
+    """Identity encoder, TopK(2): latent f fires exactly where x[:, f] > 0, with value x[:, f].
+    Decoder: pair (3, 5) is made the strongest interaction by giving u_3, u_5 the same large
+    quadratic-prefix coordinate."""
+    cfg = SAEConfig(d_in=D, d_sae=F, k=2, sparsifier="topk", decoder="poly", ranks=(8, 4, 4),
+                    dtype="float64")
+    sae = SAE(cfg)
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.eye(D, dtype=torch.float64))
+        sae.b_enc.zero_()
+        sae.b_dec.zero_()
+        # rows of U: 3 and 5 share quadratic-prefix coordinate 2 (0.8 * 0.8); the only other
+        # overlap inside the R2 = 4 prefix is latent 7 with latent 3 on coordinate 0 (0.5 * 0.6)
+        U = torch.zeros(F, F, dtype=torch.float64)
+        for f, c in {0: 4, 1: 5, 2: 6, 4: 7, 6: 3}.items():
+            U[f, c] = 1.0
+        U[STAR, 0] = U[COFFEE, 1] = 0.6
+        U[STAR, 2] = U[COFFEE, 2] = 0.8
+        U[7, 0] = 0.5
+        sae.decoder.U.copy_(U)
+        g = torch.Generator().manual_seed(1)
+        sae.decoder.C1.copy_(torch.randn(D, 8, generator=g, dtype=torch.float64))
+        # orthonormal columns, so ||B_ij|| = ||u_i[:4] * u_j[:4]||
+        sae.decoder.C2.copy_(torch.linalg.qr(torch.randn(D, 4, generator=g,
+                                                         dtype=torch.float64))[0])
+        sae.decoder.C3.copy_(torch.randn(D, 4, generator=g, dtype=torch.float64))
+    sae.eval()
+    return sae
+
+
+def planted_corpus(seed: int = 0):
+    """Docs of words; returns (acts [N, D] float64, token_ids [N], doc_ids [N], texts).
+    x[:, STAR] > 0 on " star", x[:, COFFEE] on " coffee", both on " Starbucks",
+    x[:, EACUTE] on the second byte of "é" (the token that completes the character)."""
+    rng = np.random.default_rng(seed)
+    tok = ToyTokenizer()
+    ids, docs = [], []
+    fillers = [" the", " bright", " night", " sky", " shop", " of", " a", " is", " open", " hot"]
+    for d in range(40):
+        words = [str(rng.choice(fillers)) for _ in range(12)]
+        kind = d % 4
+        if kind == 0:
+            words[6] = " star"
+        elif kind == 1:
+            words[6] = " coffee"
+        elif kind == 2:
+            words[5:7] = [" Starbucks", " coffee"]
+        else:
+            words[5:7] = [" caf", "é"]
+        t = tok.encode_words(words)
+        ids += t
+        docs += [d] * len(t)
+    token_ids = torch.tensor(ids)
+    doc_ids = torch.tensor(docs)
+    n = len(ids)
+    x = torch.full((n, D), -1.0, dtype=torch.float64)
+    vals = torch.from_numpy(rng.uniform(0.5, 5.0, size=(n, 3)))
+    star, coffee, bucks = (token_ids == W(" star")), (token_ids == W(" coffee")), (
+        token_ids == W(" Starbucks"))
+    x[star, STAR] = vals[star, 0]
+    x[coffee, COFFEE] = vals[coffee, 1]
+    x[bucks, STAR] = vals[bucks, 0]
+    x[bucks, COFFEE] = vals[bucks, 1]
+    x[token_ids == 0xA9, EACUTE] = vals[token_ids == 0xA9, 2]
+    return x, token_ids, doc_ids
+
+
+def expected_window(token_ids, doc_ids, row, left, right) -> str:
+    """Reference text of a context window: the byte-level decode of the in-document tokens."""
+    ids = [int(token_ids[r]) for r in range(row - left, row + right + 1)
+           if 0 <= r < len(token_ids) and doc_ids[r] == doc_ids[row]]
+    return ToyTokenizer().decode(ids)
+
+
+# -- unit tests against dense references -----------------------------------------------------------
+def test_top_pool_matches_dense_topk(gen):
+    S, T, N = 6, 5, 400
+    vals = torch.rand(N, S, generator=gen) * (torch.rand(N, S, generator=gen) < 0.3)
+    pool = _TopPool(S, T, 1, 3)
+    for s in range(0, N, 37):  # chunked, uneven
+        chunk = vals[s:s + 37]
+        r, sl = chunk.nonzero(as_tuple=True)
+        pool.offer(sl, chunk[r, sl], r + s,
+                   lambda slots, rows: torch.stack([rows.float(), slots.float(), -rows.float()],
+                                                   1)[:, None])
+    ref_v, ref_r = vals.topk(T, dim=0)
+    for s in range(S):
+        nz = int((ref_v[:, s] > 0).sum())
+        assert torch.equal(pool.v[s, :nz], ref_v[:nz, s])
+        assert torch.equal(pool.r[s, :nz], ref_r[:nz, s])
+        assert torch.isinf(pool.v[s, nz:]).all()
+        # the payload travels with its row
+        assert torch.equal(pool.ctx[s, :nz, 0, 0], ref_r[:nz, s].float())
+        assert torch.all(pool.ctx[s, :nz, 0, 1] == s)
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_pair_candidates_match_dense_pair_atoms(shared):
+    torch.manual_seed(0)
+    sae = SAE(SAEConfig(d_in=12, d_sae=40, k=4, ranks=(12, 6, 6), shared_u=shared,
+                        dtype="float64"))
+    with torch.no_grad():
+        sae.decoder.lambda2.fill_(-0.7)
+    pc = pair_candidates(sae, 25, block=16)  # several blocks, diagonal and off-diagonal
+    i, j = torch.triu_indices(40, 40, 1)
+    with torch.no_grad():
+        ref = 0.7 * sae.decoder.pair_atoms(i, j).norm(dim=-1)
+    v, o = ref.topk(25)
+    torch.testing.assert_close(pc.strength.double(), v, rtol=1e-4, atol=1e-6)
+    assert torch.equal(pc.i, i[o]) and torch.equal(pc.j, j[o])
+    assert bool((pc.i < pc.j).all())
+
+
+def test_linear_sae_has_no_pairs():
+    sae = SAE(SAEConfig(d_in=6, d_sae=10, k=2, decoder="linear"))
+    assert pair_candidates(sae, 10).i.numel() == 0
+
+
+def test_stream_stats_match_dense_encode(gen):
+    torch.manual_seed(0)
+    sae = SAE(SAEConfig(d_in=10, d_sae=32, k=3, ranks=(10, 4, 4), dtype="float64")).eval()
+    x = torch.randn(700, 10, generator=gen, dtype=torch.float64)
+    cfg = BrowseConfig(n_contexts=6, left=3, right=2, chunk_rows=64, hist_bins=12,
+                       hist_lo=-2, hist_hi=1, n_pair_contexts=4)
+    pairs = pair_candidates(sae, 30)
+    st = stream_stats(sae, lambda a, b: x[a:b], 700, pairs, cfg)
+    with torch.no_grad():
+        z = sae.encode(x).float()
+    assert torch.equal(st.count, (z > 0).sum(0))
+    torch.testing.assert_close(st.act_sum, z.double().sum(0), rtol=1e-5, atol=1e-6)
+    # histogram of log10 activation vs numpy, values outside the grid clamped to the edge bins
+    for f in range(32):
+        a = z[:, f][z[:, f] > 0].double().log10().clamp(-2, 1 - 1e-9).numpy()
+        ref, _ = np.histogram(a, bins=12, range=(-2, 1))
+        assert st.hist[f].tolist() == ref.tolist()
+    ref_v, ref_r = z.topk(6, dim=0)
+    for f in range(32):
+        nz = int((ref_v[:, f] > 0).sum())
+        torch.testing.assert_close(st.top_val[f, :nz], ref_v[:nz, f])
+        assert torch.equal(st.top_row[f, :nz], ref_r[:nz, f])
+        for t in range(nz):  # window activations = dense codes on rows row-3 .. row+2
+            r = int(ref_r[t, f])
+            want = torch.stack([z[q, f] if 0 <= q < 700 else torch.tensor(0.0)
+                                for q in range(r - 3, r + 3)])
+            torch.testing.assert_close(st.top_ctx[f, t], want)
+    both = (z[:, pairs.i] > 0) & (z[:, pairs.j] > 0)
+    assert torch.equal(st.pair_co, both.sum(0))
+    prod = (z[:, pairs.i] * z[:, pairs.j]) * both
+    for p in range(pairs.i.numel()):
+        nz = min(4, int(both[:, p].sum()))
+        v, r = prod[:, p].topk(nz)
+        torch.testing.assert_close(st.pair_val[p, :nz], v)
+        assert torch.equal(st.pair_row[p, :nz], r)
+        if nz:
+            torch.testing.assert_close(st.pair_ctx[p, 0, 0, 3], z[r[0], pairs.i[p]])
+            torch.testing.assert_close(st.pair_ctx[p, 0, 1, 3], z[r[0], pairs.j[p]])
+
+
+def test_token_text_split_characters():
+    tok = ToyTokenizer()
+    text = TokenText(tok)
+    # "é" = C3 A9, "日" = E6 97 A5, split over byte tokens; words around them
+    ids = [W(" caf"), 0xC3, 0xA9, W(" is"), 0xE6, 0x97, 0xA5, W(" hot"), -1, W(" a")]
+    pieces = text.span_pieces(ids)
+    assert pieces == [" caf", "", "é", " is", "", "", "日", " hot", "", " a"]
+    assert "".join(pieces[:8]) == tok.decode(ids[:8])
+    assert text.broken(0xC3) and not text.broken(W(" star"))
+
+
+def test_logit_tops_match_dense(gen):
+    dirs = torch.randn(7, 5, generator=gen)
+    W_U = torch.randn(5, 30, generator=gen)
+    up, upv, dn, dnv = _logit_tops(dirs, W_U, 4, block=3)
+    ref = dirs @ W_U
+    v, i = ref.topk(4, dim=1)
+    assert torch.equal(up, i)
+    torch.testing.assert_close(upv, v)
+    v, i = (-ref).topk(4, dim=1)
+    assert torch.equal(dn, i)
+    torch.testing.assert_close(dnv, -v)
+
+
+# -- the written site ------------------------------------------------------------------------------
+CFG = BrowseConfig(n_contexts=8, left=4, right=2, chunk_rows=100, n_pair_contexts=6, shard_size=4,
+                   n_logit_tokens=3, title="planted")
+
+
+def build_planted(out: Path, report=None) -> tuple:
+    sae = planted_sae()
+    x, token_ids, doc_ids = planted_corpus()
+    W_U = torch.zeros(D, 256 + len(WORDS), dtype=torch.float64)
+    W_U[:, W(" Starbucks")] = sae.decoder.pair_atoms(torch.tensor([STAR]),
+                                                     torch.tensor([COFFEE]))[0].detach() * float(
+        sae.decoder.lambda2.detach())  # the pair atom promotes " Starbucks"
+    W_U[:, W(" cup")] = -W_U[:, W(" Starbucks")]
+    build_site_from_arrays(sae, x, out, token_ids=token_ids, doc_ids=doc_ids,
+                           tokenizer=ToyTokenizer(), W_U=W_U, config=CFG, report=report,
+                           meta={"model": "toy"})
+    return sae, x, token_ids, doc_ids
+
+
+REPORT = {"reconstruction": {"fvu": 0.123}, "sparsity": {"dead_fraction": 0.25},
+          "probe": {"value": 0.9, "latents": [STAR, COFFEE]},
+          "firing_score": [float(f) for f in range(F)]}
+
+
+@pytest.fixture(scope="module")
+def planted_site(tmp_path_factory):
+    out = tmp_path_factory.mktemp("site") / "site"
+    build_planted(out, report=REPORT)
+    return out
+
+
+def test_site_data_planted(planted_site):
+    out = planted_site
+    x, token_ids, doc_ids = planted_corpus()
+    for a in ("index.html", "app.js", "style.css", "data/summary.js", "data/pairs.js",
+              "data/vocab.js", "polysae-site.json"):
+        assert (out / a).is_file(), a
+    assert not [p for p in out.parent.iterdir() if ".partial-" in p.name]
+    summ = read_js(out / "data" / "summary.js")
+    vocab = read_js(out / "data" / "vocab.js")
+    z = x.clamp(min=0)
+    ref_density = ((z > 0).sum(0).double() / len(x)).tolist()
+    assert summ["density"] == pytest.approx(ref_density, abs=1e-7)
+    assert summ["d_sae"] == F and summ["n_rows"] == len(x)
+    # latent 3: top contexts are the rows of the largest x[:, 3], text = byte decode of the window
+    sh = read_js(out / "data" / "latents_0000.js")
+    r = STAR - sh["lo"]
+    ref_v, ref_r = z[:, STAR].topk(CFG.n_contexts)
+    assert sh["row"][r] == ref_r.tolist()
+    assert sh["val"][r] == pytest.approx(ref_v.tolist(), abs=1e-4)
+    for t in range(CFG.n_contexts):
+        toks = sh["tok"][r][t]
+        got = "".join(vocab[str(k)] for k in toks if k >= 0)
+        assert got == expected_window(token_ids, doc_ids, ref_r[t].item(), 4, 2)
+        assert sh["q"][r][t][4] == round(100 * ref_v[t].item() / ref_v[0].item())
+    assert summ["top_tok"][STAR][0] in (W(" star"), W(" Starbucks"))
+    # the split-character latent: its peak token completes "é", override pieces spell "café"
+    sh1 = read_js(out / "data" / "latents_0000.js")
+    c = (EACUTE - sh1["lo"]) * CFG.n_contexts
+    pieces = sh1["ov"][str(c)]
+    assert pieces[4] == "é" and pieces[3] == "" and pieces[2] == " caf"
+    # pairs: (3, 5) is the only co-active pair and the strongest candidate
+    pairs = read_js(out / "data" / "pairs.js")
+    assert (pairs["i"], pairs["j"]) == ([STAR], [COFFEE])
+    both = (z[:, STAR] > 0) & (z[:, COFFEE] > 0)
+    assert pairs["co"] == [int(both.sum())]
+    prod = z[:, STAR] * z[:, COFFEE]
+    assert pairs["row"][0] == prod.topk(CFG.n_pair_contexts).indices.tolist()
+    assert pairs["up"][0][0] == W(" Starbucks") and pairs["down"][0][0] == W(" cup")
+    sc = pairs["scatter"]
+    assert len(sc["s"]) == F * (F - 1) // 2 and sc["i"][0] == STAR and sc["j"][0] == COFFEE
+    # report: every metric carries a link; per-latent lists become columns
+    links = {row["name"]: row["link"] for row in summ["report"]}
+    assert links["probe"] == f"#ids/{STAR},{COFFEE}"
+    assert links["sparsity.dead_fraction"] == "#latents/sort=density"
+    assert links["firing_score"] == "#latents/sort=firing_score"
+    assert summ["columns"]["firing_score"] == REPORT["firing_score"]
+    assert all(row["link"] for row in summ["report"])
+
+
+def test_site_overwrite_rules(tmp_path):
+    foreign = tmp_path / "notasite"
+    foreign.mkdir()
+    (foreign / "precious.txt").write_text("keep")
+    with pytest.raises(ValueError, match="not a polysae site"):
+        build_planted(foreign)
+    assert (foreign / "precious.txt").read_text() == "keep"
+    site = tmp_path / "site"
+    build_planted(site)
+    (site / "data" / "stale.js").write_text("old")
+    build_planted(site)  # an existing site is replaced as a whole
+    assert not (site / "data" / "stale.js").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notasite", "site"]
+
+
+def test_bad_inputs_name_the_problem(tmp_path):
+    sae = planted_sae()
+    x, token_ids, doc_ids = planted_corpus()
+    with pytest.raises(ValueError, match="token_ids has shape"):
+        build_site_from_arrays(sae, x, tmp_path / "s", token_ids=token_ids[:-1])
+    with pytest.raises(ValueError, match="W_U has shape"):
+        build_site_from_arrays(sae, x, tmp_path / "s", W_U=torch.zeros(3, 5))
+    with pytest.raises(ValueError, match=r"acts has shape \(490, 5\)"):
+        build_site_from_arrays(sae, x[:, :5], tmp_path / "s")
+    with pytest.raises(ValueError, match="n_contexts"):
+        BrowseConfig(n_contexts=0)
+    assert not (tmp_path / "s").exists()
+
+
+# -- real browser ----------------------------------------------------------------------------------
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMEDRIVER = shutil.which("chromedriver")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class WebDriver:
+    """Minimal W3C WebDriver client over urllib (no selenium dependency)."""
+
+    def __init__(self, profile: Path):
+        self.port = _free_port()
+        self.proc = subprocess.Popen([CHROMEDRIVER, f"--port={self.port}"],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.base = f"http://127.0.0.1:{self.port}"
+        for _ in range(100):
+            try:
+                self._req("GET", "/status")
+                break
+            except OSError:
+                time.sleep(0.1)
+        args = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                "--disable-background-networking", "--disable-component-update",
+                "--disable-sync", "--no-first-run", "--window-size=1280,900",
+                f"--user-data-dir={profile}"]
+        caps = {"capabilities": {"alwaysMatch": {"browserName": "chrome", "goog:chromeOptions": {
+            "binary": CHROMIUM, "args": args}}}}
+        self.sid = self._req("POST", "/session", caps)["sessionId"]
+
+    def _req(self, method: str, path: str, body=None):
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(self.base + path, data=data, method=method,
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=60) as r:
+                doc = json.loads(r.read() or b"{}")
+        except urllib.error.HTTPError as e:
+            raise RuntimeError(f"webdriver {method} {path}: {e.read()[:500]!r}") from e
+        v = doc.get("value", doc)
+        return v
+
+    def cmd(self, method: str, path: str, body=None):
+        return self._req(method, f"/session/{self.sid}{path}", body)
+
+    def get(self, url: str) -> None:
+        self.cmd("POST", "/url", {"url": url})
+
+    def js(self, script: str, *args):
+        return self.cmd("POST", "/execute/sync", {"script": script, "args": list(args)})
+
+    def js_async(self, script: str, *args):
+        return self.cmd("POST", "/execute/async", {"script": script, "args": list(args)})
+
+    def find(self, css: str) -> str:
+        ref = self.cmd("POST", "/element", {"using": "css selector", "value": css})
+        return next(iter(ref.values()))  # the W3C element-reference key
+
+    def wait_ready(self, route: str, timeout: float = 20) -> None:
+        t0 = time.time()
+        while time.time() - t0 < timeout:
+            if self.js("return document.body.getAttribute('data-ready')") == route:
+                return
+            time.sleep(0.05)
+        raise AssertionError(f"page route {route!r} never became ready; body: "
+                             f"{self.js('return document.body.innerText')[:500]}")
+
+    def screenshot(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(base64.b64decode(self.cmd("GET", "/screenshot")))
+
+    def quit(self) -> None:
+        try:
+            self.cmd("DELETE", "")
+        finally:
+            self.proc.terminate()
+            self.proc.wait(timeout=10)
+
+
+class _Quiet(http.server.SimpleHTTPRequestHandler):
+    requested: list[str] = []
+
+    def log_message(self, *a):
+        pass
+
+    def do_GET(self):
+        _Quiet.requested.append(self.path)
+        super().do_GET()
+
+
+@pytest.fixture
+def served(planted_site):
+    handler = functools.partial(_Quiet, directory=str(planted_site))
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    th = threading.Thread(target=httpd.serve_forever, daemon=True)
+    th.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER),
+                    reason="Debian chromium + chromium-driver not installed (scripts/setup.sh "
+                           "installs them)")
+def test_real_browser(served, planted_site):
+    x, token_ids, doc_ids = planted_corpus()
+    z = x.clamp(min=0)
+    profile = Path(tempfile.mkdtemp(prefix="polysae-chromium-"))
+    wd = WebDriver(profile)
+    try:
+        wd.get(served + "/index.html")
+        wd.wait_ready("home")
+        n_rows = wd.js("return document.querySelectorAll('main table tbody tr').length")
+        assert n_rows == F + 1  # all latents + the one pair
+        wd.screenshot(REPO / "test-artifacts" / "browser-main.png")
+        # sortable: clicking "latent" sorts by id descending
+        wd.js("document.querySelector('th[data-key=id]').click()")
+        ids = wd.js("return [...document.querySelectorAll('main table')[0].querySelectorAll("
+                    "'tbody tr')].map(r => +r.dataset.id)")
+        assert ids == sorted(ids, reverse=True) and len(ids) == F
+
+        # latent page: the expected contexts, strongest first, peak token = the planted word
+        wd.get(served + f"/index.html#latent/{STAR}")
+        wd.wait_ready(f"latent/{STAR}")
+        lines = wd.js("return [...document.querySelectorAll('.contexts .ctx')].map(l => "
+                      "[...l.querySelectorAll('.tok')].map(s => s.textContent).join(''))")
+        peaks = wd.js("return [...document.querySelectorAll('.contexts .ctx .peak')]"
+                      ".map(s => s.textContent)")
+        ref_v, ref_r = z[:, STAR].topk(CFG.n_contexts)
+        assert lines == [expected_window(token_ids, doc_ids, int(r), 4, 2) for r in ref_r]
+        assert set(peaks) <= {" star", " Starbucks"} and len(peaks) == CFG.n_contexts
+
+        # split character renders whole
+        wd.get(served + f"/index.html#latent/{EACUTE}")
+        wd.wait_ready(f"latent/{EACUTE}")
+        peaks = wd.js("return [...document.querySelectorAll('.contexts .ctx .peak')]"
+                      ".map(s => s.textContent)")
+        assert peaks and set(peaks) == {"é"}
+        text = wd.js("return document.querySelector('.contexts').innerText")
+        assert "caf" in text and "\ufffd" not in text
+
+        # pair page: contexts where both fire, the promoted token of the pair atom
+        wd.get(served + f"/index.html#pair/{STAR}-{COFFEE}")
+        wd.wait_ready(f"pair/{STAR}-{COFFEE}")
+        both = wd.js("return [...document.querySelectorAll('#pair-contexts .ctx')].map(l => "
+                     "l.querySelector('.peak').textContent)")
+        n_both = int(((z[:, STAR] > 0) & (z[:, COFFEE] > 0)).sum())
+        assert both == [" Starbucks"] * min(n_both, CFG.n_pair_contexts)
+        body = wd.js("return document.querySelector('main').innerText")
+        assert "Starbucks" in body.split("promotes")[1].split("suppresses")[0]
+        assert wd.js("return document.querySelectorAll('.contexts[data-latent]').length") == 2
+
+        # search by token text through the real input box, and by id
+        wd.get(served + "/index.html")
+        wd.wait_ready("home")
+        box = wd.find("#search")
+        wd.cmd("POST", f"/element/{box}/value", {"text": "coffee"})
+        wd.cmd("POST", f"/element/{wd.find('#search-go')}/click", {})
+        wd.wait_ready("search/coffee")
+        hits = wd.js("return [...document.querySelectorAll('#search-results tr[data-id]')]"
+                     ".map(r => +r.dataset.id)")
+        fires = wd.js("return Object.fromEntries([...document.querySelectorAll("
+                      "'#search-results tr[data-id]')].map(r => [r.dataset.id, "
+                      "r.children[1].textContent]))")
+        assert COFFEE in hits and "coffee" in fires[str(COFFEE)]
+        assert "coffee" not in fires.get(str(STAR), "")
+        wd.js("document.getElementById('search').value = '5'")
+        wd.cmd("POST", f"/element/{wd.find('#search-go')}/click", {})
+        wd.wait_ready("latent/5")
+
+        # eval report links lead to the latents
+        wd.get(served + "/index.html#report")
+        wd.wait_ready("report")
+        wd.js("[...document.querySelectorAll('#report a')].find(a => "
+              "a.getAttribute('href').startsWith('#ids/')).click()")
+        wd.wait_ready(f"ids/{STAR},{COFFEE}")
+        shown = wd.js("return [...document.querySelectorAll('main tbody tr')].map(r => "
+                      "+r.dataset.id)")
+        assert sorted(shown) == [STAR, COFFEE]
+
+        # nothing left the machine: every loaded resource is on the loopback server, and the
+        # CSP blocks an attempt to reach out
+        names = wd.js("return performance.getEntriesByType('resource').map(e => e.name)"
+                      ".concat([location.href])")
+        assert names and all(n.startswith(served + "/") for n in names), names
+        blocked = wd.js_async(
+            "const done = arguments[arguments.length - 1];"
+            "document.addEventListener('securitypolicyviolation', e => done(e.blockedURI));"
+            "const i = document.createElement('img'); i.src = 'http://203.0.113.7/x.png';"
+            "document.body.append(i); setTimeout(() => done(null), 3000);")
+        assert blocked and blocked.startswith("http://203.0.113.7")
+    finally:
+        wd.quit()
+        shutil.rmtree(profile, ignore_errors=True)
+    assert all(not p.startswith("http") for p in _Quiet.requested)
