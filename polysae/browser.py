@@ -533,10 +533,6 @@ def build_site_from_rows(sae, read_rows: Callable[[int, int], Tensor], n_rows: i
     if W_U is not None and cfg.n_logit_tokens > 0:
         with torch.no_grad():
             logit = _logit_tops(sae.decoder_directions(), W_U, cfg.n_logit_tokens)
-    top_tok = None
-    if token_ids is not None:
-        top_tok = torch.where(st.top_row >= 0, token_ids[st.top_row.clamp(min=0)],
-                              torch.full_like(st.top_row, -1))
     density = st.count.double() / st.n_rows
     mean = torch.where(st.count > 0, st.act_sum / st.count.clamp(min=1), torch.zeros(()))
     mx = torch.where(torch.isfinite(st.top_val[:, 0]), st.top_val[:, 0], torch.zeros(()))
@@ -560,11 +556,14 @@ def build_site_from_rows(sae, read_rows: Callable[[int, int], Tensor], n_rows: i
             _write(tmp / a, src)
         # latent shards
         n_shards = (F_ + cfg.shard_size - 1) // cfg.shard_size
+        fires: list[list[str]] = []
         for sh in range(n_shards):
             a, b = sh * cfg.shard_size, min(F_, (sh + 1) * cfg.shard_size)
             toks, ok, ov = _contexts(st.top_row[a:b], token_ids, doc_ids, L, R, text)
             note(torch.unique(toks).tolist())
             m = torch.isfinite(st.top_val[a:b])
+            if token_ids is not None:
+                fires += _peak_strings(toks, m, ov, L, vocab if text is not None else None)
             peak = st.top_val[a:b].clamp(min=0).nan_to_num(0, 0, 0)
             lmax = mx[a:b].clamp_min(1e-12)[:, None, None]
             q = torch.round(st.top_ctx[a:b].clamp(min=0) / lmax * 100).clamp(0, 100).long()
@@ -609,17 +608,8 @@ def build_site_from_rows(sae, read_rows: Callable[[int, int], Tensor], n_rows: i
             "has_text": text is not None, "meta": meta or {},
             "config": asdict(cfg), "report": report_rows, "columns": report_cols,
         }
-        if top_tok is not None:
-            tt = []
-            for row in top_tok.tolist():  # distinct peak tokens, most frequent first
-                seen: dict[int, int] = {}
-                for t in row:
-                    if t >= 0:
-                        seen[t] = seen.get(t, 0) + 1
-                tt.append([t for t, _ in sorted(seen.items(), key=lambda kv: -kv[1])][:5])
-            summary["top_tok"] = tt
-            for row in tt:
-                note(row)
+        if token_ids is not None:
+            summary["fires"] = fires
         if logit is not None:
             u, uv, d, dv = logit
             note(u.flatten().tolist())
@@ -633,6 +623,27 @@ def build_site_from_rows(sae, read_rows: Callable[[int, int], Tensor], n_rows: i
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    return out
+
+
+def _peak_strings(toks: Tensor, valid: Tensor, ov: dict, left: int,
+                  vocab: dict | None) -> list[list[str]]:
+    """Per latent of a shard: the distinct texts of its peak tokens, most frequent first (at most
+    5). The span-decoded piece is used where the window holds a split character, so a latent
+    that fires on the byte completing "é" is listed as "é", not as U+FFFD."""
+    out = []
+    T = toks.shape[1]
+    tl = toks[:, :, left].tolist()
+    vl = valid.tolist()
+    for r, (row, ok) in enumerate(zip(tl, vl)):
+        seen: dict[str, int] = {}
+        for t, (tok, good) in enumerate(zip(row, ok)):
+            if not good or tok < 0:
+                continue
+            o = ov.get(r * T + t)
+            txt = o[left] if o is not None else (vocab[tok] if vocab is not None else f"[{tok}]")
+            seen[txt] = seen.get(txt, 0) + 1
+        out.append([k for k, _ in sorted(seen.items(), key=lambda kv: -kv[1])][:5])
     return out
 
 

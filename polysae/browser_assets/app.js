@@ -79,6 +79,9 @@
     return el("div", {class: "toklist " + (cls || "")}, ...(ids || []).map((t, k) =>
       el("span", {text: show(tokText(t)), title: vals ? "logit " + fmt(vals[k]) : ""})));
   }
+  function strList(strs) {
+    return el("div", {class: "toklist"}, ...strs.map((t) => el("span", {text: show(t)})));
+  }
   function latentCols() {
     const cols = [
       {key: "id", label: "latent", get: (i) => i, cell: (i) => latLink(i), num: true},
@@ -86,8 +89,8 @@
       {key: "mean", label: "mean act", get: (i) => S.mean[i], num: true},
       {key: "max", label: "max act", get: (i) => S.max[i], num: true},
     ];
-    if (S.top_tok) cols.push({key: "tok", label: "fires on", get: (i) => (S.top_tok[i] || []).map(tokText).join(" "),
-      cell: (i) => tokList((S.top_tok[i] || []).slice(0, 3))});
+    if (S.fires) cols.push({key: "tok", label: "fires on", get: (i) => (S.fires[i] || []).join(" "),
+      cell: (i) => strList((S.fires[i] || []).slice(0, 3))});
     if (S.up) cols.push({key: "up", label: "promotes", get: (i) => tokText(S.up[i][0]), cell: (i) => tokList(S.up[i].slice(0, 3))});
     for (const [name, arr] of Object.entries(S.columns || {})) cols.push({key: name, label: name, get: (i) => arr[i], num: true});
     return cols;
@@ -241,7 +244,7 @@
     const toks = new Set(Object.keys(V).filter((t) => V[t].trim().toLowerCase().includes(needle)).map(Number));
     const hits = [];
     for (let i = 0; i < S.d_sae; i++) {
-      const fires = (S.top_tok ? S.top_tok[i] : []).filter((t) => toks.has(t));
+      const fires = (S.fires ? S.fires[i] : []).filter((t) => t.trim().toLowerCase().includes(needle));
       const prom = (S.up ? S.up[i] : []).filter((t) => toks.has(t));
       if (fires.length || prom.length) hits.push({i, fires, prom});
     }
@@ -249,7 +252,7 @@
     main.replaceChildren(el("h1", {text: `Search “${q}”`}),
       el("p", {text: `${toks.size} matching tokens, ${hits.length} latents, ${pairHits.length} pairs.`}),
       el("table", {id: "search-results"}, el("tr", {}, el("th", {text: "latent"}), el("th", {text: "fires on"}), el("th", {text: "promotes"})),
-        ...hits.slice(0, 500).map((h) => el("tr", {"data-id": h.i}, el("td", {}, latLink(h.i)), el("td", {}, tokList(h.fires)), el("td", {}, tokList(h.prom))))),
+        ...hits.slice(0, 500).map((h) => el("tr", {"data-id": h.i}, el("td", {}, latLink(h.i)), el("td", {}, strList(h.fires)), el("td", {}, tokList(h.prom))))),
       pairHits.length ? el("h2", {text: "Pairs whose atom promotes it"}) : null,
       pairHits.length ? table(pairCols(), pairHits, {sort: "s"}) : null);
   }
