@@ -1,0 +1,356 @@
+"""Sparse polynomial decoder vs the dense reference (issue 4), forward and forward+backward.
+
+Providers, all run side by side in one process on the same inputs:
+
+- ``ref_dense_fp32``  codes densified to [B, F], then ``codes @ U`` (the paper's code, as shipped);
+- ``ref_dense_bf16``  the same under bf16 autocast;
+- ``torch_sparse``    ``reference.poly_decode_ref``: embedding_bag gather of U rows (its backward is
+                      the index_add/segment reduction of embedding_bag), one merged C GEMM;
+- ``fused_triton``    ``polysae.kernels`` Triton path (CUDA only: interpreter timings mean nothing);
+- ``linear_dense`` / ``linear_sparse`` / ``linear_triton``: a linear TopK decode (W_dec [F, d_in])
+                      the same three ways, to price the polynomial like for like.
+
+Axes on CUDA (issue 4): d_in {768, 2304} x d_sae {16k, 32k, 65k} x k {32, 64, 128} x ranks
+(d, 64, 64) / (d, 128, 128), B = 4096. On CPU the torch providers run at reduced sizes
+(``--cpu-grid``; default B 256, d_in 768, d_sae {4k, 16k}, k {32, 64}) and only ratios matter.
+
+Inputs: TopK of random pre-activations plus a Zipf-like per-latent bias (kernels.md §6 item 5).
+Correctness gate before timing: every provider's x_hat and all gradients (values, U, C1..C3, λ2, λ3,
+b_dec; W_dec for linear) against ``torch_sparse`` in fp32 — max error relative to each tensor's scale
+must stay within 1e-4 (fp32 providers) or 5e-2 (bf16 autocast); a failure aborts with exit code 1.
+Timing: ``triton.testing.do_bench`` on CUDA (L2 flushed, median, ``grad_to_none``); on CPU the median
+of ``--reps`` wall-clock runs after one warm-up. % of roofline uses the H100 model of
+shared/design/roofline.py (reproduced in ``roofline_ms`` below; meaningful on an H100 only).
+
+    .venv/bin/python benchmarks/bench_decoder.py            # CPU: reduced grid, ~2 min
+    .venv/bin/python benchmarks/bench_decoder.py --quick    # one config (CI smoke / GPU sanity)
+    python benchmarks/bench_decoder.py                       # on an H100: the full grid
+
+Writes benchmarks/results/decoder_<device>.json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import itertools
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import polysae.kernels as pk
+from polysae.kernels import reference as ref
+from polysae.sae import atomic_write_text
+
+# --- roofline model (shared/design/roofline.py, H100 constants; decoder part only) -------------
+HBM_BW, L2_BW, P_BF16, P_FP32 = 3.0e12, 6.0e12, 800e12, 60e12
+
+
+def roofline_ms(B, d, F, k, ranks, shared=True):
+    """Lower-bound decoder times (ms) per provider kind, fwd and fwd+bwd: the same formulas as
+    roofline.py's ``decoder_times`` (dense reference at fp32/bf16 peak; sparse design as gather
+    traffic vs L2/HBM plus the merged C GEMM at bf16 peak; linear TopK gather)."""
+    R1, R2, R3 = ranks
+    SR = R1 + R2 + R3
+    RU = R1 if shared else SR
+    RUd = R1 if shared else R1 + R2 + R3 + (R3 if R3 < R2 else 0)
+    ref32 = (2 * B * F * RUd + 2 * B * d * SR) / P_FP32
+    ref16 = (2 * B * F * RUd + 2 * B * d * SR) / P_BF16
+    gather = max(F * RU * 2 / HBM_BW, B * k * RU * 2 / L2_BW)
+    c_fwd = 2 * B * d * SR / P_BF16
+    sp_f = gather + c_fwd
+    sp_fb = (sp_f + 4 * B * d * SR / P_BF16 + max(F * RU * 6 / HBM_BW, B * k * RU * 4 / L2_BW)
+             + 6 * B * SR * 4 / HBM_BW)
+    lin_f = max(F * d * 2 / HBM_BW, B * k * d * 2 / L2_BW)
+    lin_fb = lin_f + max(F * d * 6 / HBM_BW, B * k * d * 4 / L2_BW)
+    lin_dense_f = 2 * B * F * d / P_BF16
+    ms = 1e3
+    return {
+        "ref_dense_fp32": (ref32 * ms, 3 * ref32 * ms),
+        "ref_dense_bf16": (ref16 * ms, 3 * ref16 * ms),
+        "fused_triton": (sp_f * ms, sp_fb * ms),
+        "linear_triton": (lin_f * ms, lin_fb * ms),
+        "linear_dense": (lin_dense_f * ms, 3 * lin_dense_f * ms),
+    }
+
+
+# --- inputs -------------------------------------------------------------------------------------
+def zipf_codes(B, K, F, device, gen, alpha=1.1):
+    """[B, K] positive values and indices from a TopK whose latent frequencies are Zipf-like."""
+    r = torch.arange(1, F + 1, device=device, dtype=torch.float32)
+    bias = (-alpha * torch.log(r))[torch.randperm(F, device=device, generator=gen)]
+    pre = torch.randn(B, F, device=device, generator=gen) + 2.0 * (bias - bias.mean())
+    v, i = pre.topk(K, dim=-1, sorted=False)
+    return v.sigmoid() + 0.05, i
+
+
+def make_params(d, F, ranks, device, gen):
+    r1, r2, r3 = ranks
+    # QR returns column-major Q; the SAE keeps U row-major (retract_ copies into it), so do we.
+    U = torch.linalg.qr(torch.randn(F, r1, device=device, generator=gen))[0].contiguous()
+
+    def c(r):
+        return torch.randn(d, r, device=device, generator=gen) * r ** -0.5
+
+    return {"U": U, "C1": c(r1), "C2": c(r2), "C3": c(r3),
+            "lambda2": torch.tensor(-0.5, device=device), "lambda3": torch.tensor(0.5, device=device),
+            "b_dec": torch.randn(d, device=device, generator=gen) * 0.1,
+            "W_dec": torch.randn(F, d, device=device, generator=gen) * d ** -0.5}
+
+
+# --- providers ----------------------------------------------------------------------------------
+POLY = ("U", "C1", "C2", "C3", "lambda2", "lambda3", "b_dec")
+LIN = ("W_dec", "b_dec")
+
+
+def _dense(values, indices, F):
+    return ref.densify(values, indices, F)
+
+
+def providers(device):
+    """name -> (kind, fn(values, indices, p, F) -> x_hat)."""
+    def poly_dense(v, i, p, F):
+        return ref.poly_decode_dense_ref(_dense(v, i, F), p["U"], p["C1"], p["C2"], p["C3"],
+                                         p["lambda2"], p["lambda3"], p["b_dec"])
+
+    def poly_dense_bf16(v, i, p, F):
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
+            return poly_dense(v, i, p, F)
+
+    def poly_sparse(v, i, p, F):
+        return ref.poly_decode_ref(v, i, p["U"], p["C1"], p["C2"], p["C3"], p["lambda2"],
+                                   p["lambda3"], p["b_dec"])
+
+    out = {
+        "ref_dense_fp32": ("poly", poly_dense),
+        "ref_dense_bf16": ("poly", poly_dense_bf16),
+        "torch_sparse": ("poly", poly_sparse),
+        "linear_dense": ("linear", lambda v, i, p, F: ref.linear_decode_dense_ref(
+            _dense(v, i, F), p["W_dec"], p["b_dec"])),
+        "linear_sparse": ("linear", lambda v, i, p, F: ref.linear_decode_ref(
+            v, i, p["W_dec"], p["b_dec"])),
+    }
+    if device.type == "cuda" and pk._TRITON is not None:
+        from polysae.kernels import triton_ops as tops
+        out["fused_triton"] = ("poly", lambda v, i, p, F: tops.poly_decode(
+            v, i, p["U"], p["C1"], p["C2"], p["C3"], p["lambda2"], p["lambda3"], p["b_dec"]))
+        out["linear_triton"] = ("linear", lambda v, i, p, F: tops.linear_decode(
+            v, i, p["W_dec"], p["b_dec"]))
+    return out
+
+
+GATE_REF = {"poly": "torch_sparse", "linear": "linear_sparse"}
+
+
+def _run_with_grads(fn, v, i, p, names, F, g):
+    v = v.detach().requires_grad_()
+    leaves = {n: p[n].detach().requires_grad_() for n in names}
+    out = fn(v, i, {**p, **leaves}, F)
+    out.backward(g.to(out.dtype))
+    return [out.detach().float(), v.grad.float()] + [leaves[n].grad.float() for n in names]
+
+
+def gate(provs, v, i, p, F, g):
+    """Max scaled error of every provider's output and gradients vs the torch sparse path."""
+    errs = {}
+    for name, (kind, fn) in provs.items():
+        names = POLY if kind == "poly" else LIN
+        got = _run_with_grads(fn, v, i, p, names, F, g)
+        exp = _run_with_grads(provs[GATE_REF[kind]][1], v, i, p, names, F, g)
+        e = max(((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+                for a, b in zip(got, exp))
+        tol = 5e-2 if "bf16" in name else 1e-4
+        errs[name] = e
+        if not e <= tol:
+            raise SystemExit(f"correctness gate FAILED for {name}: scaled error {e:.3g} > {tol:g}")
+    return errs
+
+
+# --- timing -------------------------------------------------------------------------------------
+def timer(device, reps):
+    if device.type == "cuda":
+        import triton.testing
+
+        def bench(fn, grad_to_none=None):
+            return triton.testing.do_bench(fn, grad_to_none=grad_to_none, quantiles=[0.5])
+        return bench
+
+    def bench(fn, grad_to_none=None):
+        fn()  # warm-up (allocator, thread pool)
+        ts = []
+        for _ in range(reps):
+            if grad_to_none:
+                for t in grad_to_none:
+                    t.grad = None
+            t0 = time.perf_counter()
+            fn()
+            ts.append((time.perf_counter() - t0) * 1e3)
+        return statistics.median(ts)
+    return bench
+
+
+def time_provider(bench, fn, kind, v, i, p, F, g):
+    names = POLY if kind == "poly" else LIN
+    vv = v.detach().requires_grad_()
+    leaves = {n: p[n].detach().requires_grad_() for n in names}
+    pp = {**p, **leaves}
+    with torch.no_grad():
+        fwd = bench(lambda: fn(v, i, pp, F))
+    bwd = bench(lambda: fn(vv, i, pp, F).backward(g), grad_to_none=[vv, *leaves.values()])
+    return fwd, bwd
+
+
+# --- main ---------------------------------------------------------------------------------------
+def grid(args, device):
+    if args.quick:
+        return [(args.batch or (4096 if device.type == "cuda" else 256), 768, 16384, 64,
+                 (768, 64, 64))]
+    if device.type == "cuda" and not args.cpu_grid:
+        B = args.batch or 4096
+        return [(B, d, F, k, (d, r, r)) for d, F, k, r in
+                itertools.product((768, 2304), (16384, 32768, 65536), (32, 64, 128), (64, 128))]
+    B = args.batch or 256
+    return [(B, 768, F, k, (768, 64, 64)) for F, k in itertools.product((4096, 16384), (32, 64))]
+
+
+RATIOS = [("ref_dense_fp32", "fused_triton"), ("ref_dense_bf16", "fused_triton"),
+          ("fused_triton", "linear_triton"), ("ref_dense_fp32", "torch_sparse"),
+          ("ref_dense_bf16", "torch_sparse"), ("torch_sparse", "linear_sparse"),
+          ("linear_dense", "linear_sparse")]
+
+
+def device_tag(device):
+    if device.type != "cuda":
+        return "cpu"
+    name = torch.cuda.get_device_name(device).lower()
+    return "".join(c if c.isalnum() else "-" for c in name).strip("-")
+
+
+def environment(device):
+    env = {"device": str(device), "python": platform.python_version(), "torch": torch.__version__,
+           "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+           "platform": platform.platform(), "cpu_threads": torch.get_num_threads()}
+    try:
+        import triton
+        env["triton"] = triton.__version__
+    except ImportError:
+        env["triton"] = None
+    if device.type == "cuda":
+        env["device_name"] = torch.cuda.get_device_name(device)
+        env["cuda"] = torch.version.cuda
+    else:
+        env["device_name"] = platform.processor() or platform.machine()
+    return env
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--quick", action="store_true", help="one config only")
+    ap.add_argument("--cpu-grid", action="store_true", help="reduced grid even on CUDA")
+    ap.add_argument("--batch", type=int, default=None, help="rows B (default 4096 CUDA / 256 CPU)")
+    ap.add_argument("--reps", type=int, default=5, help="CPU timed repetitions (median)")
+    ap.add_argument("--skip", default="", help="comma-separated providers to leave out")
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("bench_decoder: --device cuda but CUDA is not available", file=sys.stderr)
+        return 2
+    torch.backends.cuda.matmul.allow_tf32 = False  # the reference as shipped: full fp32
+    provs = {k: v for k, v in providers(device).items() if k not in args.skip.split(",")}
+    bench = timer(device, args.reps)
+    env = environment(device)
+    print(f"# device {env['device_name']}; torch {env['torch']}; triton {env['triton']}")
+    rows = []
+    for B, d, F, k, ranks in grid(args, device):
+        gen = torch.Generator(device=device).manual_seed(0)
+        v, i = zipf_codes(B, k, F, device, gen)
+        p = make_params(d, F, ranks, device, gen)
+        g = torch.randn(B, d, device=device, generator=gen)
+        errs = gate(provs, v, i, p, F, g)
+        row = {"B": B, "d_in": d, "d_sae": F, "k": k, "ranks": list(ranks), "gate_error": errs,
+               "fwd_ms": {}, "fwd_bwd_ms": {}}
+        for name, (kind, fn) in provs.items():
+            row["fwd_ms"][name], row["fwd_bwd_ms"][name] = time_provider(bench, fn, kind, v, i,
+                                                                         p, F, g)
+        roof = roofline_ms(B, d, F, k, ranks)
+        row["roofline_ms"] = {n: list(t) for n, t in roof.items()}
+        row["pct_of_roofline_fwd_bwd"] = (
+            {n: 100 * roof[n][1] / row["fwd_bwd_ms"][n] for n in roof if n in row["fwd_bwd_ms"]}
+            if device.type == "cuda" else {})
+        row["ratios_fwd_bwd"] = {f"{a}/{b}": row["fwd_bwd_ms"][a] / row["fwd_bwd_ms"][b]
+                                 for a, b in RATIOS if a in provs and b in provs}
+        row["ratios_fwd"] = {f"{a}/{b}": row["fwd_ms"][a] / row["fwd_ms"][b]
+                             for a, b in RATIOS if a in provs and b in provs}
+        rows.append(row)
+        print(f"B={B} d={d} F={F} k={k} ranks={ranks}: fwd+bwd ms "
+              + ", ".join(f"{n} {t:.2f}" for n, t in row["fwd_bwd_ms"].items())
+              + " | " + ", ".join(f"{r} {x:.1f}x" for r, x in row["ratios_fwd_bwd"].items()),
+              flush=True)
+    write_results(Path(args.out), device, env, args, rows, list(provs))
+    return 0
+
+
+TARGETS = ("GPU targets (H100, issue 4): fused vs ref_dense_fp32 fwd+bwd >= 15x at d_in 768, d_sae "
+           "16k, k 64, ranks (768,64,64) (roofline ~21x); >= 50x at d_sae 65k; fused poly / linear "
+           "sparse <= 1.35x.")
+
+
+def write_results(out: Path, device, env, args, rows, names):
+    out.mkdir(parents=True, exist_ok=True)
+    tag = device_tag(device)
+    meta = {"benchmark": "decoder", "env": env, "args": vars(args), "providers": names,
+            "targets": TARGETS, "rows": rows}
+    atomic_write_text(out / f"decoder_{tag}.json", json.dumps(meta, indent=2) + "\n")
+    timing = ("triton.testing.do_bench median (L2 flushed)" if device.type == "cuda" else
+              f"median of {args.reps} wall-clock runs after 1 warm-up, "
+              f"{env['cpu_threads']} torch threads (shared machine: ratios, not absolute ms)")
+    lines = [f"# Sparse polynomial decoder benchmark ({env['date']})", "",
+             f"Device: {env['device_name']} ({env['device']}); torch {env['torch']}, triton "
+             f"{env['triton']}, Python {env['python']}. Timing: {timing}. Zipf-like TopK indices; "
+             "every provider passed the correctness gate (x_hat and all gradients vs torch_sparse) "
+             "before timing.", ""]
+    if device.type != "cuda":
+        lines += ["CPU run: torch providers only, reduced sizes. **GPU numbers (fused Triton, full "
+                  "axes, % of roofline) are pending an H100 run** of this same script.", ""]
+    lines += [TARGETS, "", "## Forward + backward (ms)", ""]
+    lines.append("| B | d_in | d_sae | k | ranks | " + " | ".join(names) + " |")
+    lines.append("|---" * (5 + len(names)) + "|")
+    for r in rows:
+        lines.append(f"| {r['B']} | {r['d_in']} | {r['d_sae']} | {r['k']} | {tuple(r['ranks'])} | "
+                     + " | ".join(f"{r['fwd_bwd_ms'][n]:.3f}" for n in names) + " |")
+    lines += ["", "## Forward only (ms)", ""]
+    lines.append("| B | d_in | d_sae | k | ranks | " + " | ".join(names) + " |")
+    lines.append("|---" * (5 + len(names)) + "|")
+    for r in rows:
+        lines.append(f"| {r['B']} | {r['d_in']} | {r['d_sae']} | {r['k']} | {tuple(r['ranks'])} | "
+                     + " | ".join(f"{r['fwd_ms'][n]:.3f}" for n in names) + " |")
+    ratio_names = list(rows[0]["ratios_fwd_bwd"]) if rows else []
+    lines += ["", "## Ratios, forward + backward (time of first / time of second)", ""]
+    lines.append("| d_in | d_sae | k | ranks | " + " | ".join(ratio_names) + " |")
+    lines.append("|---" * (4 + len(ratio_names)) + "|")
+    for r in rows:
+        lines.append(f"| {r['d_in']} | {r['d_sae']} | {r['k']} | {tuple(r['ranks'])} | "
+                     + " | ".join(f"{r['ratios_fwd_bwd'][n]:.2f}x" for n in ratio_names) + " |")
+    if device.type == "cuda" and rows:
+        pn = list(rows[0]["pct_of_roofline_fwd_bwd"])
+        lines += ["", "## % of the H100 roofline model (fwd+bwd; shared/design/roofline.py)", ""]
+        lines.append("| d_in | d_sae | k | ranks | " + " | ".join(pn) + " |")
+        lines.append("|---" * (4 + len(pn)) + "|")
+        for r in rows:
+            lines.append(f"| {r['d_in']} | {r['d_sae']} | {r['k']} | {tuple(r['ranks'])} | "
+                         + " | ".join(f"{r['pct_of_roofline_fwd_bwd'][n]:.0f}%" for n in pn)
+                         + " |")
+    atomic_write_text(out / f"decoder_{tag}.md", "\n".join(lines) + "\n")
+    print(f"wrote {out / f'decoder_{tag}.json'} and .md")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
