@@ -168,7 +168,9 @@ def _field(cfg: dict[str, Any], *names: str, default: Any = None) -> Any:
 
 
 def _provenance(cfg: dict[str, Any]) -> dict[str, Any]:
-    return {"model": _field(cfg, "model_name"), "hook": _field(cfg, "hook_name"),
+    # SAELens <1 wrote hook_point / hook_point_layer, 1-5 hook_name / hook_layer (top level),
+    # 6 nests them under "metadata"
+    return {"model": _field(cfg, "model_name"), "hook": _field(cfg, "hook_name", "hook_point"),
             "context_size": _field(cfg, "context_size"),
             "dataset": _field(cfg, "dataset_path"), "prepend_bos": _field(cfg, "prepend_bos"),
             "source_cfg": cfg}
@@ -181,12 +183,26 @@ def _check_saelens_common(cfg: dict[str, Any], src: Path) -> None:
         # stored in the folder, so no fixed set of weights reproduces it.
         raise ValueError(f"{src}: normalize_activations={norm!r} is not supported (only 'none'); "
                          "fold the scaling factor into the weights before exporting")
-    if _field(cfg, "hook_head_index") is not None:
-        raise ValueError(f"{src}: hook_head_index={cfg.get('hook_head_index')} (per-head SAEs) "
-                         "is not supported")
+    head = _field(cfg, "hook_head_index", "hook_point_head_index")
+    if head is not None:
+        raise ValueError(f"{src}: hook_head_index={head} (per-head SAEs) is not supported")
     if _field(cfg, "reshape_activations", default="none") not in ("none", None):
         raise ValueError(f"{src}: reshape_activations={cfg['reshape_activations']!r} is not "
                          "supported")
+
+
+def _dims(cfg: dict[str, Any], t: dict[str, Tensor], cfg_path: Path,
+          w_path: Path) -> tuple[int, int]:
+    """(d_in, d_sae) from the config, or from W_enc's shape when an old config omits them."""
+    try:
+        if cfg.get("d_in") is not None and cfg.get("d_sae") is not None:
+            return int(cfg["d_in"]), int(cfg["d_sae"])
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{cfg_path}: d_in and d_sae must be integers ({e})") from e
+    if "W_enc" not in t or t["W_enc"].ndim != 2:
+        raise ValueError(f"{cfg_path}: no d_in/d_sae and {w_path} has no 2-D W_enc")
+    D, F = t["W_enc"].shape
+    return int(D), int(F)
 
 
 def _saelens_arch(cfg: dict[str, Any]) -> tuple[str, int | None]:
@@ -211,10 +227,7 @@ def _from_saelens(d: Path) -> tuple[SAEConfig, dict[str, Tensor], dict[str, Any]
         raise ValueError(f"{cfg_path}: architecture {arch!r} is not supported (SAELens "
                          f"architectures read: {SAELENS_ARCHS}; poly_* is the reference format)")
     t = _read_safetensors(w_path)
-    try:
-        D, F = int(cfg["d_in"]), int(cfg["d_sae"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise ValueError(f"{cfg_path}: d_in and d_sae must be integers ({e})") from e
+    D, F = _dims(cfg, t, cfg_path, w_path)
     W_enc = _need(t, "W_enc", (D, F), w_path)
     W_dec = _need(t, "W_dec", (F, D), w_path)
     b_enc = _need(t, "b_enc", (F,), w_path)
@@ -305,10 +318,8 @@ def _from_reference(d: Path) -> tuple[SAEConfig, dict[str, Tensor], dict[str, An
     if arch not in REFERENCE_ARCHS:
         raise ValueError(f"{cfg_path}: architecture {arch!r} is not a reference PolySAE "
                          f"architecture {REFERENCE_ARCHS}")
-    try:
-        D, F = int(cfg["d_in"]), int(cfg["d_sae"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise ValueError(f"{cfg_path}: d_in and d_sae must be integers ({e})") from e
+    t = _read_safetensors(w_path)
+    D, F = _dims(cfg, t, cfg_path, w_path)
     if cfg.get("poly_ranks") is not None:
         ranks = tuple(int(r) for r in cfg["poly_ranks"])
     else:  # the reference's get_poly_ranks(): one rank for all orders, d_in when unset
@@ -322,7 +333,6 @@ def _from_reference(d: Path) -> tuple[SAEConfig, dict[str, Tensor], dict[str, An
         raise ValueError(f"{cfg_path}: rescale_acts_by_decoder_norm=true is not supported (every "
                          "paper run passes --no_rescale_by_decoder_norm)")
     r1, r2, r3 = ranks
-    t = _read_safetensors(w_path)
     out = {"W_enc": _need(t, "W_enc", (D, F), w_path), "b_enc": _need(t, "b_enc", (F,), w_path),
            "b_dec": _need(t, "b_dec", (D,), w_path), "C1": _need(t, "C1", (D, r1), w_path)}
     if shared:
@@ -370,6 +380,8 @@ def _from_sparsify(d: Path) -> tuple[SAEConfig, dict[str, Tensor], dict[str, Any
         if cfg.get(flag):
             raise ValueError(f"{cfg_path}: {flag}=true is not supported (polysae reads plain "
                              "SAEs: x_hat = topk(relu(enc(x - b_dec))) @ W_dec + b_dec)")
+    if cfg.get("signed"):
+        raise ValueError(f"{cfg_path}: signed=true (signed TopK activations) is not supported")
     if cfg.get("activation", "topk") != "topk":
         raise ValueError(f"{cfg_path}: activation={cfg['activation']!r} is not supported "
                          "(only 'topk')")
@@ -390,8 +402,20 @@ def _from_sparsify(d: Path) -> tuple[SAEConfig, dict[str, Tensor], dict[str, Any
     # values (ties at zero aside, which decode to the same output).
     sae_cfg = SAEConfig(d_in=D, d_sae=F, k=k, sparsifier="topk", decoder="linear",
                         dtype=_dtype_name(W_enc), apply_b_dec_to_input=True)
-    meta = {"model": None, "hook": cfg.get("hookpoint"), "source_cfg": cfg}
+    meta = {"model": None, "hook": _sparsify_hook(d.name), "source_cfg": cfg}
     return sae_cfg, out, meta
+
+
+def _sparsify_hook(folder_name: str) -> str | None:
+    """sparsify names a folder after the HF module it hooks: layers.N (the block's output =
+    blocks.N.hook_resid_post), layers.N.mlp, layers.N.attention."""
+    m = re.fullmatch(r"(?:gpt_neox\.|model\.)?layers\.(\d+)(\.mlp|\.attention|\.self_attn)?",
+                     folder_name)
+    if m is None:
+        return None
+    tail = {None: "hook_resid_post", ".mlp": "hook_mlp_out", ".attention": "hook_attn_out",
+            ".self_attn": "hook_attn_out"}[m.group(2)]
+    return f"blocks.{m.group(1)}.{tail}"
 
 
 # -- Gemma Scope ------------------------------------------------------------------------------
@@ -414,8 +438,9 @@ def _from_gemmascope(d: Path) -> tuple[SAEConfig, dict[str, Tensor], dict[str, A
     # Gemma Scope's JumpReLU encodes x @ W_enc + b_enc with no b_dec subtraction.
     sae_cfg = SAEConfig(d_in=D, d_sae=F, k=min(64, F), sparsifier="jumprelu", decoder="linear",
                         apply_b_dec_to_input=False)
-    m = re.search(r"layer_(\d+)", str(d))
-    hook = f"blocks.{m.group(1)}.hook_resid_post" if m and "res" in str(d) else None
+    # the release name says which site: gemma-scope-2b-pt-res/layer_12/... -> resid_post
+    m = re.search(r"gemma-scope-[^/]*-res/(?:[^/]+/)*?layer_(\d+)/", d.resolve().as_posix() + "/")
+    hook = f"blocks.{m.group(1)}.hook_resid_post" if m else None
     return sae_cfg, out, {"model": None, "hook": hook, "source_cfg": {}}
 
 

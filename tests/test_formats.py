@@ -142,6 +142,13 @@ def test_saelens_batchtopk_threshold_and_old_style_topk(tmp_path, gen):
            "activation_fn_kwargs": {"k": 3}, "hook_name": "blocks.5.hook_resid_post"}
     out = read_checkpoint(_write(tmp_path / "old", old, t2))
     assert out.metadata["hook"] == "blocks.5.hook_resid_post"
+    # SAELens <1: hook_point keys, no architecture, no d_in/d_sae (taken from W_enc)
+    oldest = {"model_name": "gpt2-small", "hook_point": "blocks.8.hook_resid_pre",
+              "hook_point_layer": 8, "hook_point_head_index": None, "dtype": "torch.float32"}
+    out0 = read_checkpoint(_write(tmp_path / "oldest", oldest, t2))
+    assert (out0.metadata["hook"], out0.sae.cfg.sparsifier) == ("blocks.8.hook_resid_pre", "relu")
+    z0 = saelens_encode(x, t2, "standard")
+    torch.testing.assert_close(out0.sae(x), saelens_decode(z0, t2), atol=ATOL, rtol=1e-5)
     z2 = saelens_encode(x, t2, "topk", 3)
     torch.testing.assert_close(out.sae(x), saelens_decode(z2, t2), atol=ATOL, rtol=1e-5)
 
@@ -155,6 +162,8 @@ def test_sparsify_matches_its_equations(tmp_path, gen):
                     {"encoder.weight": enc_w, "encoder.bias": enc_b, "W_dec": W_dec,
                      "b_dec": b_dec}, weights="sae.safetensors")
     assert detect_format(folder) == "sparsify"
+    # sparsify names the folder after the module: layers.3 is block 3's output
+    assert read_checkpoint(folder).metadata["hook"] == "blocks.3.hook_resid_post"
     x = _x(gen)
     # sparsify: top-k of relu(encoder(x - b_dec)); decode = sum of top-k rows of W_dec + b_dec
     pre = F.relu((x - b_dec) @ enc_w.T + enc_b)
@@ -177,6 +186,10 @@ def test_gemmascope_npz_matches_its_equations(tmp_path, gen):
     z = F.relu(pre) * (pre > p["threshold"])
     torch.testing.assert_close(out.sae.encode(x), z, atol=ATOL, rtol=0)
     torch.testing.assert_close(out.sae(x), z @ p["W_dec"] + p["b_dec"], atol=ATOL, rtol=1e-5)
+    named = tmp_path / "gemma-scope-2b-pt-res" / "layer_12" / "width_16k" / "average_l0_82"
+    named.mkdir(parents=True)
+    (named / "params.npz").write_bytes((folder / "params.npz").read_bytes())
+    assert read_checkpoint(named).metadata["hook"] == "blocks.12.hook_resid_post"
 
 
 # -- reference PolySAE -------------------------------------------------------------------------
