@@ -342,6 +342,25 @@ class TokenText:
     def __init__(self, tokenizer):
         self.tok = tokenizer
         self.cache: dict[int, str] = {}
+        self.span_all: bool | None = None
+        """True when solo pieces do not concatenate to the decoded text (SentencePiece-style
+        leading spaces, word-level tokenizers): then every window is span-decoded (slower)."""
+
+    def check_concat(self, windows: list[list[int]]) -> bool:
+        """Decide ``span_all`` from sample windows: do solo pieces join to the decoded span?"""
+        if self.span_all is None:
+            ok = True
+            for ids in windows:
+                ids = [t for t in ids if t >= 0]
+                if ids and not any(self.broken(t) for t in ids):
+                    if "".join(self.piece(t) for t in ids) != self._decode(ids):
+                        ok = False
+                        break
+            self.span_all = not ok
+            if self.span_all:
+                log.info("browser: the tokenizer's single-token pieces do not concatenate to its "
+                         "decoded text; span-decoding every context window")
+        return bool(self.span_all)
 
     def _decode(self, ids: list[int]) -> str:
         return self.tok.decode(ids)
@@ -485,7 +504,11 @@ def _contexts(rows: Tensor, token_ids: Tensor | None, doc_ids: Tensor | None, L:
     if text is not None:
         uniq = torch.unique(toks[toks >= 0]).tolist()
         bad = {t for t in uniq if text.broken(t)}
-        if bad:
+        if text.check_concat(toks[:64].tolist()):
+            for c in range(toks.shape[0]):
+                if bool((toks[c] >= 0).any()):
+                    ov[c] = text.span_pieces(toks[c].tolist())
+        elif bad:
             bad_t = torch.tensor(sorted(bad))
             hit = torch.isin(toks, bad_t).any(1).nonzero().flatten().tolist()
             for c in hit:
@@ -686,6 +709,15 @@ def build_site_from_arrays(sae, acts: Tensor, out_dir: str | os.PathLike, *,
                                 W_U=W_U, report=report, config=config, meta=meta)
 
 
+def residual_space(hook: str | None) -> bool:
+    """Whether a hook's activations live in the residual stream, where ``x @ W_U`` means
+    "tokens promoted" (attention z / MLP hidden / q, k, v do not, even when widths match)."""
+    if hook is None:
+        return True
+    last = hook.split(".")[-1]
+    return "resid" in last or last in ("hook_mlp_out", "hook_attn_out", "hook_embed")
+
+
 def build_site(sae, store, out_dir: str | os.PathLike, model=None, tokenizer=None, *,
                report: dict | str | os.PathLike | None = None,
                config: BrowseConfig | None = None, meta: dict | None = None,
@@ -697,6 +729,11 @@ def build_site(sae, store, out_dir: str | os.PathLike, model=None, tokenizer=Non
     if model is not None and tokenizer is None:
         tokenizer = getattr(model, "tokenizer", None)
     W_U = getattr(model, "W_U", None) if model is not None else None
+    hook = getattr(store, "hook", None)
+    if W_U is not None and not residual_space(hook):
+        log.info("browser: hook %s is not in the residual stream; promoted tokens through W_U "
+                 "are left out", hook)
+        W_U = None
     if W_U is not None and W_U.shape[0] != sae.cfg.d_in:
         log.warning("browser: the model's W_U is [%d, %d] but the SAE reads d_in=%d (not the "
                     "residual stream?); promoted tokens are left out", *W_U.shape, sae.cfg.d_in)

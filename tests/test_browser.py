@@ -567,3 +567,107 @@ def test_real_browser(served, planted_site):
         wd.quit()
         shutil.rmtree(profile, ignore_errors=True)
     assert all(not p.startswith("http") for p in _Quiet.requested)
+
+
+# -- store path and CLI ------------------------------------------------------------------------------
+def _word_tokenizer():
+    """A real fast tokenizer over a tiny word vocabulary, built in memory (no hub). Its
+    single-token pieces lack the spaces its decode inserts, so windows are span-decoded."""
+    from tokenizers import Tokenizer, pre_tokenizers
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    words = "the cat sat on a mat dog ran far away big red sun".split()
+    vocab = {"<bos>": 0, "<eos>": 1, "<pad>": 2, "<unk>": 3,
+             **{w: i + 4 for i, w in enumerate(words)}}
+    tk = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<bos>", eos_token="<eos>",
+                                   pad_token="<pad>", unk_token="<unk>")
+
+
+@pytest.fixture(scope="module")
+def harvested(tmp_path_factory):
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    from polysae.harvest import HarvestConfig, harvest
+
+    tok = _word_tokenizer()
+    torch.manual_seed(0)
+    model = HookedTransformer(HookedTransformerConfig(
+        n_layers=1, d_model=32, n_ctx=16, d_head=8, n_heads=4, d_vocab=len(tok), act_fn="gelu",
+        seed=0)).eval()
+    model.tokenizer = tok  # set after construction: TL's tokenizer set-up wants a hub name
+    root = tmp_path_factory.mktemp("harv")
+    txt = root / "docs.txt"
+    rng = np.random.default_rng(0)
+    words = "the cat sat on a mat dog ran far away big red sun".split()
+    txt.write_text("\n".join(" ".join(rng.choice(words, size=9)) for _ in range(40)) + "\n")
+    out = root / "acts"
+    harvest(HarvestConfig(model="tiny-words", hooks=["blocks.0.hook_resid_post"], dataset=str(txt),
+                          tokens=300, ctx=16, out=str(out), dtype="float32", progress=False,
+                          shard_size=100), model=model)
+    sae = SAE(SAEConfig(d_in=32, d_sae=48, k=3, ranks=(32, 8, 8)))
+    ck = root / "run" / "poly"
+    sae.save(ck, metadata={"hook": "blocks.0.hook_resid_post", "model": "tiny-words"})
+    SAE(SAEConfig(d_in=32, d_sae=40, k=3, decoder="linear")).save(
+        root / "run" / "vanilla", metadata={"hook": "blocks.0.hook_resid_post"})
+    return model, tok, out, ck
+
+
+def test_build_site_from_store_matches_dense_encode(harvested, tmp_path):
+    from polysae.browser import build_site
+    from polysae.sae import load_checkpoint
+    from polysae.store import ActivationStore
+
+    model, tok, acts, ck = harvested
+    sae, _ = load_checkpoint(ck)
+    store = ActivationStore(acts, split="val", shuffle=False)
+    cfg = BrowseConfig(n_contexts=5, left=3, right=1, chunk_rows=50)
+    site = build_site(sae, store, tmp_path / "site", model=model, config=cfg)
+    x = store.read_rows(0, store.n_rows)
+    info = store.tokens()
+    with torch.no_grad():
+        z = sae.encode(x)
+    summ = read_js(site / "data" / "summary.js")
+    assert summ["n_rows"] == store.n_rows
+    assert summ["meta"]["hook"] == "blocks.0.hook_resid_post"
+    # promoted tokens = top of the unit linear atom through the model's W_U
+    with torch.no_grad():
+        ref_up = (sae.decoder_directions() @ model.W_U).topk(cfg.n_logit_tokens, dim=1).indices
+    assert summ["up"] == ref_up.tolist()
+    sh = read_js(site / "data" / "latents_0000.js")
+    f = int((z > 0).sum(0).argmax())
+    v, r = z[:, f].topk(5)
+    assert sh["row"][f] == r.tolist()
+    for t in range(5):  # span-decoded pieces join to the tokenizer's decode of the window
+        row = int(r[t])
+        ids = [int(info.token_ids[q]) for q in range(row - 3, row + 2)
+               if 0 <= q < store.n_rows and info.doc_ids[q] == info.doc_ids[row]]
+        pieces = sh["ov"][str(f * 5 + t)]
+        assert "".join(pieces) == tok.decode(ids)
+
+
+def test_cli_browse(harvested, tmp_path):
+    from polysae.__main__ import main
+
+    _, _, acts, ck = harvested
+    out = tmp_path / "site"
+    assert main(["browse", "--sae", str(ck.parent), "--acts", str(acts), "--out", str(out),
+                 "--no-model", "--contexts", "4", "--pairs", "10"]) == 0
+    assert (out / "poly" / "index.html").is_file() and (out / "index.html").is_file()
+    assert 'href="vanilla/index.html"' in (out / "index.html").read_text()
+    summ = read_js(out / "poly" / "data" / "summary.js")
+    assert summ["config"]["n_contexts"] == 4 and "up" not in summ
+    assert read_js(out / "poly" / "data" / "pairs.js")["scatter"]["s"]
+    vanilla = read_js(out / "vanilla" / "data" / "summary.js")
+    assert vanilla["d_sae"] == 40 and read_js(out / "vanilla" / "data" / "pairs.js")["i"] == []
+    single = tmp_path / "single"  # a checkpoint folder itself: the site goes straight into --out
+    assert main(["browse", "--sae", str(ck), "--acts", str(acts), "--out", str(single),
+                 "--no-model"]) == 0
+    assert read_js(single / "data" / "summary.js")["d_sae"] == 48
+    assert main(["browse", "--sae", str(tmp_path / "nope"), "--acts", str(acts), "--out",
+                 str(out)]) == 2
+    assert main(["browse", "--sae", str(ck), "--acts", str(tmp_path), "--out",
+                 str(tmp_path / "s2"), "--no-model"]) == 2
+    assert not (tmp_path / "s2").exists()

@@ -1,0 +1,135 @@
+"""``polysae browse``: build the static feature browser of an SAE over harvested activations."""
+
+from __future__ import annotations
+
+import argparse
+import html
+import logging
+import os
+from pathlib import Path
+
+from polysae.cli import CLIError
+
+HELP = "build a static HTML feature browser (latents, interactions) from a run and activations"
+log = logging.getLogger("polysae.browse")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--sae", required=True, metavar="RUN",
+                   help="a checkpoint folder, or a run folder holding one per SAE (RUN/<name>/); "
+                        "one site is built per SAE")
+    p.add_argument("--acts", required=True, metavar="DIR", help="harvest folder (polysae harvest)")
+    p.add_argument("--out", required=True, metavar="SITE", help="output folder for the site")
+    p.add_argument("--hook", help="hook to read (default: the SAE's recorded hook, else the "
+                                  "harvest's only hook)")
+    p.add_argument("--split", default="val", choices=("val", "all", "train"),
+                   help="store split to browse (default: the held-out val shards; a one-shard "
+                        "harvest has none, then all rows are used with a warning)")
+    p.add_argument("--model", help="model for token text and the unembedding (default: the one "
+                                   "named in the harvest manifest)")
+    p.add_argument("--no-model", action="store_true",
+                   help="do not load a model: contexts show token ids, no promoted tokens")
+    p.add_argument("--report", metavar="JSON", help="eval report to link metrics to latents "
+                                                    "(default: report.json beside the SAE if any)")
+    p.add_argument("--contexts", type=int, default=20, help="top contexts per latent (20)")
+    p.add_argument("--pairs", type=int, default=200, help="interaction pairs shown (200)")
+    p.add_argument("--pair-candidates", type=int, default=2000,
+                   help="strongest pairs scored for co-activation (2000)")
+    p.add_argument("--left", type=int, default=8, help="context tokens before the peak (8)")
+    p.add_argument("--right", type=int, default=4, help="context tokens after the peak (4)")
+    p.add_argument("--chunk-rows", type=int, default=2048, help="rows encoded per step (2048)")
+    p.add_argument("--device", default="cpu", help="device for the SAE and model (cpu)")
+
+
+def _checkpoints(run: Path) -> list[tuple[str, Path]]:
+    if (run / "config.json").is_file():
+        return [(run.name, run)]
+    if not run.is_dir():
+        raise CLIError(f"--sae {run}: no such folder")
+    subs = sorted(p for p in run.iterdir() if (p / "config.json").is_file())
+    if not subs:
+        raise CLIError(f"--sae {run}: neither a checkpoint (config.json + sae.safetensors) nor a "
+                       "run folder holding checkpoints")
+    return [(p.name, p) for p in subs]
+
+
+def _store(acts: Path, hook: str | None, split: str, device: str):
+    from polysae.store import ActivationStore
+
+    if not (acts / "manifest.json").is_file():
+        raise CLIError(f"--acts {acts}: not a harvest folder (no manifest.json)")
+    try:
+        return ActivationStore(acts, hook, split=split, shuffle=False, device="cpu")
+    except ValueError as e:
+        if split == "val" and "no rows" in str(e):
+            log.warning("%s has no held-out (val) shards; browsing all rows, which may include "
+                        "the training rows", acts)
+            return ActivationStore(acts, hook, split="all", shuffle=False, device="cpu")
+        raise CLIError(f"--acts {acts}: {e}") from e
+
+
+def main(args: argparse.Namespace) -> int:
+    from polysae.browser import BrowseConfig, build_site
+    from polysae.sae import load_checkpoint
+
+    run, acts, out = Path(args.sae), Path(args.acts), Path(args.out)
+    try:
+        cfg = BrowseConfig(n_contexts=args.contexts, n_pairs=args.pairs,
+                           pair_candidates=args.pair_candidates, left=args.left,
+                           right=args.right, chunk_rows=args.chunk_rows)
+    except ValueError as e:
+        raise CLIError(str(e)) from e
+    cks = _checkpoints(run)
+    model = None
+    loaded_name = None
+    built = []
+    for name, ck in cks:
+        sae, meta = load_checkpoint(ck, device=args.device)
+        hook = args.hook or meta.get("hook")
+        store = _store(acts, hook, args.split, args.device)
+        if store.d_in != sae.cfg.d_in:
+            raise CLIError(f"--sae {ck} reads d_in={sae.cfg.d_in} but --acts {acts} hook "
+                           f"{store.hook!r} holds d_in={store.d_in}; pass the matching --hook")
+        if not args.no_model and model is None:
+            mname = args.model or store.manifest.get("model")
+            if not mname:
+                raise CLIError(f"--acts {acts}: the manifest names no model; pass --model or "
+                               "--no-model")
+            from polysae.models import load_model
+
+            try:
+                model = load_model(mname, device=args.device).model
+            except (ValueError, OSError) as e:
+                raise CLIError(f"cannot load model {mname!r} ({e}); pass --model or "
+                               "--no-model") from e
+            loaded_name = mname
+        report = args.report
+        if report is None:
+            for cand in (ck / "report.json", run / "report.json"):
+                if cand.is_file():
+                    report = cand
+                    break
+        if report is not None and not Path(report).is_file():
+            raise CLIError(f"--report {report}: no such file")
+        dest = out if len(cks) == 1 else out / name
+        cfg.title = f"polysae browser: {name} @ {store.hook}"
+        m = {"sae": str(ck), "model": loaded_name or store.manifest.get("model"),
+             "tokens_trained": meta.get("tokens_trained"), "split": store.split}
+        build_site(sae, store, dest, model=model, report=report, config=cfg, meta=m,
+                   progress=True)
+        built.append((name, dest))
+        print(f"browser for {name}: {dest / 'index.html'}")
+    if len(built) > 1:
+        links = "\n".join(f'<li><a href="{html.escape(n)}/index.html">{html.escape(n)}</a></li>'
+                          for n, _ in built)
+        page = ("<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\">\n<meta http-equiv="
+                "\"Content-Security-Policy\" content=\"default-src 'self'\">\n<title>polysae "
+                f"browsers</title></head>\n<body><h1>polysae browsers</h1><ul>\n{links}\n</ul>"
+                "</body></html>\n")
+        tmp = out / ".index.html.tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(page)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, out / "index.html")
+    return 0
