@@ -91,6 +91,11 @@ def detect_format(folder: str | os.PathLike) -> str:
         return "sparsify"
     if "params.npz" in names:
         return "gemmascope"
+    inner = sorted(p.name for p in d.iterdir() if p.is_dir() and not p.name.startswith(".")
+                   and ({"config.json", "cfg.json", "params.npz"} & {q.name for q in p.iterdir()}))
+    if inner:  # e.g. a `polysae train` run folder holding RUN/poly and RUN/vanilla
+        raise ValueError(f"{d} holds several checkpoints, not one: "
+                         f"{', '.join(str(d / n) for n in inner[:8])}; pass one of them")
     raise ValueError(
         f"{d}: not a checkpoint folder polysae can read (found {sorted(names)[:12]}); expected "
         "config.json+sae.safetensors (polysae), cfg.json+sae_weights.safetensors (SAELens or "

@@ -328,6 +328,7 @@ def _fetch_locked(src: Source, files: Sequence[str] | None, sha256: dict[str, st
         got = _probe_layout(get, label)
     # weights first, configs last, marker at the very end: a crash in between leaves no marker
     final.mkdir(parents=True, exist_ok=True)
+    (final / MARKER).unlink(missing_ok=True)  # a forced re-download invalidates the old copy first
     order = sorted(got, key=lambda n: n.endswith(".json"))
     record = {}
     for name in order:

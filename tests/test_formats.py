@@ -380,6 +380,12 @@ def test_bad_inputs_name_the_file(tmp_path, gen):
                     {"encoder.weight": torch.zeros(FL, D)}, weights="sae.safetensors")
     with pytest.raises(ValueError, match="skip_connection"):
         read_checkpoint(folder)
+    run = tmp_path / "run"
+    for name in ("poly", "vanilla"):
+        _trained_like(SAEConfig(d_in=D, d_sae=FL, k=K, ranks=(D, 4, 4)), gen).save(run / name)
+    with pytest.raises(ValueError, match="several checkpoints.*poly"):
+        polysae.load(run)
+    assert polysae.load(run / "vanilla").cfg.d_sae == FL
     with pytest.raises(FileNotFoundError, match="registry name"):
         polysae.load(tmp_path / "nothing-here")
 
