@@ -34,6 +34,7 @@ import math
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
@@ -520,14 +521,24 @@ def build_site_from_rows(sae, read_rows: Callable[[int, int], Tensor], n_rows: i
                          out_dir: str | os.PathLike, *, token_ids: Tensor | None = None,
                          doc_ids: Tensor | None = None, tokenizer=None, W_U: Tensor | None = None,
                          report: dict | None = None, config: BrowseConfig | None = None,
-                         meta: dict | None = None, progress: bool = False) -> Path:
+                         meta: dict | None = None, progress: bool = False,
+                         timings: dict | None = None) -> Path:
     """Build the site from a row reader; see the module docstring. Returns ``out_dir``.
 
     ``token_ids`` / ``doc_ids`` [n_rows] int64 align with the rows (contexts stay inside one
     document); ``tokenizer`` (``.decode(list[int]) -> str``) turns them into text; ``W_U``
     [d_in, vocab] gives the promoted / suppressed tokens. The site is written to a temporary
-    folder beside ``out_dir`` and renamed into place at the end."""
+    folder beside ``out_dir`` and renamed into place at the end. ``timings``, when given, receives
+    the seconds spent in each stage (pairs, pass, logits, write)."""
     cfg = config or BrowseConfig()
+    clock = [time.perf_counter()]
+
+    def lap(name: str) -> None:
+        now = time.perf_counter()
+        if timings is not None:
+            timings[name] = timings.get(name, 0.0) + now - clock[0]
+        clock[0] = now
+
     out = Path(out_dir)
     if n_rows < 1:
         raise ValueError(f"browser: no activation rows to browse (n_rows={n_rows})")
@@ -540,7 +551,9 @@ def build_site_from_rows(sae, read_rows: Callable[[int, int], Tensor], n_rows: i
     _check_out(out)
     F_ = sae.cfg.d_sae
     pairs = pair_candidates(sae, cfg.pair_candidates) if cfg.n_pairs > 0 else None
+    lap("pairs")
     st = stream_stats(sae, read_rows, n_rows, pairs, cfg, progress=progress)
+    lap("pass")
     text = TokenText(tokenizer) if tokenizer is not None and token_ids is not None else None
     vocab: dict[int, str] = {}
     L, R = cfg.left, cfg.right
@@ -556,6 +569,7 @@ def build_site_from_rows(sae, read_rows: Callable[[int, int], Tensor], n_rows: i
     if W_U is not None and cfg.n_logit_tokens > 0:
         with torch.no_grad():
             logit = _logit_tops(sae.decoder_directions(), W_U, cfg.n_logit_tokens)
+    lap("logits")
     density = st.count.double() / st.n_rows
     mean = torch.where(st.count > 0, st.act_sum / st.count.clamp(min=1), torch.zeros(()))
     mx = torch.where(torch.isfinite(st.top_val[:, 0]), st.top_val[:, 0], torch.zeros(()))
@@ -643,6 +657,7 @@ def build_site_from_rows(sae, read_rows: Callable[[int, int], Tensor], n_rows: i
         _write(tmp / SITE_MARKER, json.dumps({"format": 1, "d_sae": F_, "n_rows": st.n_rows,
                                               "meta": meta or {}}, indent=1))
         _swap_into_place(tmp, out)
+        lap("write")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -721,7 +736,7 @@ def residual_space(hook: str | None) -> bool:
 def build_site(sae, store, out_dir: str | os.PathLike, model=None, tokenizer=None, *,
                report: dict | str | os.PathLike | None = None,
                config: BrowseConfig | None = None, meta: dict | None = None,
-               progress: bool = False) -> Path:
+               progress: bool = False, timings: dict | None = None) -> Path:
     """Build the browser for ``sae`` over an :class:`~polysae.store.ActivationStore` (use the
     held-out split, ``split="val"``). ``model`` (a HookedTransformer or anything with ``W_U`` and
     ``tokenizer``) supplies the unembedding and the tokenizer; ``tokenizer`` overrides it.
@@ -758,4 +773,4 @@ def build_site(sae, store, out_dir: str | os.PathLike, model=None, tokenizer=Non
     return build_site_from_rows(
         sae, lambda a, b: store.read_rows(a, b).float(), int(store.n_rows), out_dir,
         token_ids=token_ids, doc_ids=doc_ids, tokenizer=tokenizer, W_U=W_U, report=report,
-        config=config, meta=m, progress=progress)
+        config=config, meta=m, progress=progress, timings=timings)

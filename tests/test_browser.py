@@ -523,6 +523,7 @@ def test_real_browser(served, planted_site):
         body = wd.js("return document.querySelector('main').innerText")
         assert "Starbucks" in body.split("promotes")[1].split("suppresses")[0]
         assert wd.js("return document.querySelectorAll('.contexts[data-latent]').length") == 2
+        wd.screenshot(REPO / "test-artifacts" / "browser-pair.png")
 
         # search by token text through the real input box, and by id
         wd.get(served + "/index.html")
@@ -563,6 +564,11 @@ def test_real_browser(served, planted_site):
             "const i = document.createElement('img'); i.src = 'http://203.0.113.7/x.png';"
             "document.body.append(i); setTimeout(() => done(null), 3000);")
         assert blocked and blocked.startswith("http://203.0.113.7")
+        # no server needed: the same pages work from file:// (data are <script>s, not fetch())
+        wd.get((planted_site / "index.html").as_uri() + f"#latent/{STAR}")
+        wd.wait_ready(f"latent/{STAR}")
+        assert wd.js("return document.querySelectorAll('.contexts .ctx').length") == \
+            CFG.n_contexts
     finally:
         wd.quit()
         shutil.rmtree(profile, ignore_errors=True)
