@@ -223,16 +223,34 @@ def _saelens_arch(cfg: dict[str, Any]) -> tuple[str, int | None]:
 
 
 # -- SAELens ----------------------------------------------------------------------------------
-def _from_saelens(d: Path) -> tuple[SAEConfig, dict[str, Tensor], dict[str, Any]]:
+class _SAELensLayout(NamedTuple):
+    cfg: dict[str, Any]
+    cfg_path: Path
+    w_path: Path
+    arch: str
+    k: int | None
+    tensors: dict[str, Tensor]
+    D: int
+    F: int
+
+
+def _read_saelens_layout(d: Path, archs: tuple[str, ...]) -> _SAELensLayout:
+    """cfg.json + sae_weights.safetensors, shared by SAELens and the reference (its fork)."""
     cfg_path, w_path = d / "cfg.json", d / "sae_weights.safetensors"
     cfg = _read_json(cfg_path)
     _check_saelens_common(cfg, cfg_path)
     arch, k = _saelens_arch(cfg)
-    if arch not in SAELENS_ARCHS:
-        raise ValueError(f"{cfg_path}: architecture {arch!r} is not supported (SAELens "
-                         f"architectures read: {SAELENS_ARCHS}; poly_* is the reference format)")
+    if arch not in archs:
+        raise ValueError(f"{cfg_path}: architecture {arch!r} is not supported here (reads "
+                         f"{archs}; SAELens: {SAELENS_ARCHS}, reference PolySAE: "
+                         f"{REFERENCE_ARCHS})")
     t = _read_safetensors(w_path)
     D, F = _dims(cfg, t, cfg_path, w_path)
+    return _SAELensLayout(cfg, cfg_path, w_path, arch, k, t, D, F)
+
+
+def _from_saelens(d: Path) -> tuple[SAEConfig, dict[str, Tensor], dict[str, Any]]:
+    cfg, cfg_path, w_path, arch, k, t, D, F = _read_saelens_layout(d, SAELENS_ARCHS)
     W_enc = _need(t, "W_enc", (D, F), w_path)
     W_dec = _need(t, "W_dec", (F, D), w_path)
     b_enc = _need(t, "b_enc", (F,), w_path)
@@ -316,15 +334,7 @@ def _restore_polysae_fields(cfg: dict[str, Any], sae_cfg: SAEConfig) -> SAEConfi
 
 # -- reference PolySAE ------------------------------------------------------------------------
 def _from_reference(d: Path) -> tuple[SAEConfig, dict[str, Tensor], dict[str, Any]]:
-    cfg_path, w_path = d / "cfg.json", d / "sae_weights.safetensors"
-    cfg = _read_json(cfg_path)
-    _check_saelens_common(cfg, cfg_path)
-    arch, k = _saelens_arch(cfg)
-    if arch not in REFERENCE_ARCHS:
-        raise ValueError(f"{cfg_path}: architecture {arch!r} is not a reference PolySAE "
-                         f"architecture {REFERENCE_ARCHS}")
-    t = _read_safetensors(w_path)
-    D, F = _dims(cfg, t, cfg_path, w_path)
+    cfg, cfg_path, w_path, arch, k, t, D, F = _read_saelens_layout(d, REFERENCE_ARCHS)
     if cfg.get("poly_ranks") is not None:
         ranks = tuple(int(r) for r in cfg["poly_ranks"])
     else:  # the reference's get_poly_ranks(): one rank for all orders, d_in when unset
