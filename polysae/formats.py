@@ -2,7 +2,8 @@
 
 Layouts read (``detect_format`` looks only at file names and ``cfg.json``'s keys):
 
-- ``polysae``: ``config.json`` + ``sae.safetensors`` (polysae's own; :func:`polysae.sae.load_checkpoint`).
+- ``polysae``: ``config.json`` + ``sae.safetensors`` (polysae's own;
+  :func:`polysae.sae.load_checkpoint`).
 - ``saelens``: ``cfg.json`` + ``sae_weights.safetensors`` with ``architecture`` in standard / topk /
   batchtopk / jumprelu (SAELens 3-6, old top-level ``hook_name`` or new ``metadata`` block).
   Tensors ``W_enc`` [D, F], ``b_enc`` [F], ``W_dec`` [F, D], ``b_dec`` [D], ``threshold`` [F]
@@ -11,8 +12,8 @@ Layouts read (``detect_format`` looks only at file names and ``cfg.json``'s keys
   ``architecture`` poly_topk / poly_batchtopk / poly_jumprelu / poly_matryoshka, fields
   ``poly_rank`` / ``poly_ranks`` / ``poly_order`` / ``shared_u``, tensors ``U_shared`` (shared) or
   ``U1``/``U2``/``U3`` (separate), ``C1``..``C3``, ``lambda2``, ``lambda3`` and an unused ``W_dec``.
-  In shared mode the reference also stores zero placeholder buffers ``U1``..``U3`` (and zero ``C_k``,
-  ``lambda_k`` above ``poly_order``); they are ignored here.
+  In shared mode the reference also stores zero placeholder buffers ``U1``..``U3`` (and zero
+  ``C_k``, ``lambda_k`` above ``poly_order``); they are ignored here.
 - ``sparsify``: EleutherAI sparsify, ``cfg.json`` + ``sae.safetensors`` with ``encoder.weight``
   [F, D], ``encoder.bias``, ``W_dec`` [F, D], ``b_dec``; TopK on ReLU'd pre-activations.
 - ``gemmascope``: Gemma Scope ``params.npz`` (``W_enc``, ``W_dec``, ``b_enc``, ``b_dec``,
@@ -70,7 +71,8 @@ class ImportedSAE(NamedTuple):
     """The model in eval mode."""
     metadata: dict[str, Any]
     """Provenance the source recorded: ``model``, ``hook``, ``format`` and, where known,
-    ``context_size``, ``dataset``, ``prepend_bos`` and the source's own config under ``source_cfg``."""
+    ``context_size``, ``dataset``, ``prepend_bos`` and the source's own config under
+    ``source_cfg``."""
     format: str
     """The detected layout (one of :data:`FORMATS`)."""
 
@@ -447,7 +449,8 @@ def _from_gemmascope(d: Path) -> tuple[SAEConfig, dict[str, Tensor], dict[str, A
         raise ValueError(f"{path}: array 'W_enc' is missing (has {sorted(arrays)})")
     D, F = arrays["W_enc"].shape
     out = {"W_enc": arrays["W_enc"], "b_enc": _need(arrays, "b_enc", (F,), path),
-           "W_dec": _need(arrays, "W_dec", (F, D), path), "b_dec": _need(arrays, "b_dec", (D,), path),
+           "W_dec": _need(arrays, "W_dec", (F, D), path),
+           "b_dec": _need(arrays, "b_dec", (D,), path),
            "threshold": _need(arrays, "threshold", (F,), path).clamp_min(0)}
     out = {k: v.float() for k, v in out.items()}
     # Gemma Scope's JumpReLU encodes x @ W_enc + b_enc with no b_dec subtraction.
