@@ -410,6 +410,8 @@ def _get_url(url: str, dest: Path, sha: str | None, timeout: float, missing_ok: 
     except (socket.timeout, TimeoutError) as e:
         raise DownloadError(f"{label}: GET {url} timed out after {timeout:g}s") from e
     except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
+        if isinstance(getattr(e, "reason", None), TimeoutError):  # timed out while connecting
+            raise DownloadError(f"{label}: GET {url} timed out after {timeout:g}s") from e
         raise DownloadError(f"{label}: GET {url} failed ({e})") from e
     with resp:
         if resp.status == 206 and have:
