@@ -310,3 +310,50 @@ def test_cli_list_and_download(tmp_path, server, cache, capsys):
         server.files[f"ckpt/{name}"] = body
     assert cli_main(["download", f"{server.url}/files/ckpt"]) == 0
     assert str(cache) in capsys.readouterr().out
+
+
+def test_registry_entries_load_through_their_converters(tmp_path, server, cache, monkeypatch):
+    """One real entry per format, served (with tiny random weights in that release's layout) at
+    its real repo path by the fake Hub: registry name -> download -> converter -> SAE."""
+    import io
+
+    import numpy as np
+    from safetensors.torch import save as st_save
+
+    g = torch.Generator().manual_seed(1)
+    d, f = 6, 10
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    jb = pretrained.REGISTRY["gpt2-small-res-jb-L8"]
+    gs = pretrained.REGISTRY["gemma-scope-2b-pt-res-L12-16k"]
+    sp = pretrained.REGISTRY["pythia-160m-32k-L6"]
+    layouts = {  # keyed by name: entries hold a sha256 dict, so they are not hashable
+        jb.name: {"cfg.json": json.dumps({"model_name": "gpt2-small", "hook_point": jb.hook,
+                                     "d_in": d, "d_sae": f}).encode(),
+             "sae_weights.safetensors": st_save({"W_enc": r(d, f), "b_enc": r(f),
+                                                 "W_dec": r(f, d), "b_dec": r(d)})},
+        sp.name: {"cfg.json": json.dumps({"expansion_factor": 2, "normalize_decoder": True,
+                                     "num_latents": f, "k": 3, "signed": False,
+                                     "d_in": d}).encode(),
+             "sae.safetensors": st_save({"encoder.weight": r(f, d), "encoder.bias": r(f),
+                                         "W_dec": r(f, d), "b_dec": r(d)})},
+    }
+    buf = io.BytesIO()
+    np.savez(buf, W_enc=r(d, f).numpy(), W_dec=r(f, d).numpy(), b_enc=r(f).numpy(),
+             b_dec=r(d).numpy(), threshold=r(f).abs().numpy())
+    layouts[gs.name] = {"params.npz": buf.getvalue()}
+    for name_, files in layouts.items():
+        e = pretrained.REGISTRY[name_]
+        assert set(files) == set(e.files)
+        for name, body in files.items():
+            server.files[f"hub/{e.repo}/{e.path}/{name}"] = body
+    monkeypatch.setenv("HF_ENDPOINT", server.url)
+    from polysae.loader import load_with_metadata
+
+    for name_ in layouts:
+        e = pretrained.REGISTRY[name_]
+        out = load_with_metadata(e.name)
+        assert out.format == e.format and out.metadata["hook"] == e.hook
+        assert (out.sae.cfg.d_in, out.sae.cfg.d_sae) == (d, f)
+        assert out.sae.cfg.sparsifier == {"relu": "relu", "jumprelu": "jumprelu",
+                                          "topk": "topk"}[e.architecture]
+        assert torch.isfinite(out.sae(torch.randn(4, d))).all()
