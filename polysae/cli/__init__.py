@@ -23,7 +23,6 @@ COMMANDS = (
     "list",
     "download",
     "export",
-    "demo",
 )
 
 
