@@ -19,14 +19,15 @@ Correctness gate before timing: every provider's x_hat and all gradients (values
 b_dec; W_dec for linear) against ``torch_sparse`` in fp32 — max error relative to each tensor's scale
 must stay within 1e-4 (fp32 providers) or 5e-2 (bf16 autocast); a failure aborts with exit code 1.
 Timing: ``triton.testing.do_bench`` on CUDA (L2 flushed, median, ``grad_to_none``); on CPU the median
-of ``--reps`` wall-clock runs after one warm-up. % of roofline uses the H100 model of
+of ``--reps`` wall-clock runs after two warm-ups. % of roofline uses the H100 model of
 shared/design/roofline.py (reproduced in ``roofline_ms`` below; meaningful on an H100 only).
 
     .venv/bin/python benchmarks/bench_decoder.py            # CPU: reduced grid, ~2 min
     .venv/bin/python benchmarks/bench_decoder.py --quick    # one config (CI smoke / GPU sanity)
     python benchmarks/bench_decoder.py                       # on an H100: the full grid
 
-Writes benchmarks/results/decoder_<device>.json and .md.
+Axes can be overridden (``--d-in 768 --d-sae 16384 65536`` ...) to split a GPU sweep across runs;
+the results file then holds only that part. Writes benchmarks/results/decoder_<device>.json and .md.
 """
 
 from __future__ import annotations
@@ -173,37 +174,43 @@ def gate(provs, v, i, p, F, g):
 
 
 # --- timing -------------------------------------------------------------------------------------
-def timer(device, reps):
-    if device.type == "cuda":
-        import triton.testing
-
-        def bench(fn, grad_to_none=None):
-            return triton.testing.do_bench(fn, grad_to_none=grad_to_none, quantiles=[0.5])
-        return bench
-
-    def bench(fn, grad_to_none=None):
-        fn()  # warm-up (allocator, thread pool)
-        ts = []
-        for _ in range(reps):
-            if grad_to_none:
-                for t in grad_to_none:
-                    t.grad = None
-            t0 = time.perf_counter()
-            fn()
-            ts.append((time.perf_counter() - t0) * 1e3)
-        return statistics.median(ts)
-    return bench
-
-
-def time_provider(bench, fn, kind, v, i, p, F, g):
+def closures(fn, kind, v, i, p, F, g):
+    """(forward-only callable, forward+backward callable, tensors whose .grad to reset)."""
     names = POLY if kind == "poly" else LIN
     vv = v.detach().requires_grad_()
     leaves = {n: p[n].detach().requires_grad_() for n in names}
     pp = {**p, **leaves}
-    with torch.no_grad():
-        fwd = bench(lambda: fn(v, i, pp, F))
-    bwd = bench(lambda: fn(vv, i, pp, F).backward(g), grad_to_none=[vv, *leaves.values()])
-    return fwd, bwd
+
+    def fwd():
+        with torch.no_grad():
+            return fn(v, i, pp, F)
+
+    def fwd_bwd():
+        fn(vv, i, pp, F).backward(g)
+    return fwd, fwd_bwd, [vv, *leaves.values()]
+
+
+def time_all(device, provs, v, i, p, F, g, reps):
+    """{name: (fwd ms, fwd+bwd ms)}. CUDA: do_bench per provider. CPU: providers interleaved rep by
+    rep (round robin) after two warm-ups each, median; on a shared machine this spreads background
+    load over all providers alike, so the ratios stay meaningful even when absolute ms drift."""
+    cl = {n: closures(fn, kind, v, i, p, F, g) for n, (kind, fn) in provs.items()}
+    if device.type == "cuda":
+        import triton.testing
+        return {n: (triton.testing.do_bench(f, quantiles=[0.5]),
+                    triton.testing.do_bench(fb, grad_to_none=gs, quantiles=[0.5]))
+                for n, (f, fb, gs) in cl.items()}
+    ts = {n: ([], []) for n in cl}
+    for rep in range(reps + 2):  # the first two rounds warm up: first touches cost 5-50x
+        for n, (f, fb, gs) in cl.items():
+            for j, call in enumerate((f, fb)):
+                for t in gs:
+                    t.grad = None
+                t0 = time.perf_counter()
+                call()
+                if rep >= 2:
+                    ts[n][j].append((time.perf_counter() - t0) * 1e3)
+    return {n: (statistics.median(a), statistics.median(b)) for n, (a, b) in ts.items()}
 
 
 # --- main ---------------------------------------------------------------------------------------
@@ -211,12 +218,13 @@ def grid(args, device):
     if args.quick:
         return [(args.batch or (4096 if device.type == "cuda" else 256), 768, 16384, 64,
                  (768, 64, 64))]
-    if device.type == "cuda" and not args.cpu_grid:
-        B = args.batch or 4096
-        return [(B, d, F, k, (d, r, r)) for d, F, k, r in
-                itertools.product((768, 2304), (16384, 32768, 65536), (32, 64, 128), (64, 128))]
-    B = args.batch or 256
-    return [(B, 768, F, k, (768, 64, 64)) for F, k in itertools.product((4096, 16384), (32, 64))]
+    full = device.type == "cuda" and not args.cpu_grid
+    B = args.batch or (4096 if full else 256)
+    d_ins = args.d_in or ((768, 2304) if full else (768,))
+    d_saes = args.d_sae or ((16384, 32768, 65536) if full else (4096, 16384))
+    ks = args.k or ((32, 64, 128) if full else (32, 64))
+    rs = args.r or ((64, 128) if full else (64,))
+    return [(B, d, F, k, (d, r, r)) for d, F, k, r in itertools.product(d_ins, d_saes, ks, rs)]
 
 
 RATIOS = [("ref_dense_fp32", "fused_triton"), ("ref_dense_bf16", "fused_triton"),
@@ -255,17 +263,20 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="one config only")
     ap.add_argument("--cpu-grid", action="store_true", help="reduced grid even on CUDA")
     ap.add_argument("--batch", type=int, default=None, help="rows B (default 4096 CUDA / 256 CPU)")
+    ints = dict(type=int, nargs="+", default=None)
+    ap.add_argument("--d-in", **ints, help="override the d_in axis (e.g. to split a GPU run)")
+    ap.add_argument("--d-sae", **ints, help="override the d_sae axis")
+    ap.add_argument("--k", **ints, help="override the k axis")
+    ap.add_argument("--r", **ints, help="override R2 = R3 (ranks are (d_in, r, r))")
     ap.add_argument("--reps", type=int, default=5, help="CPU timed repetitions (median)")
     ap.add_argument("--skip", default="", help="comma-separated providers to leave out")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = ap.parse_args(argv)
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print("bench_decoder: --device cuda but CUDA is not available", file=sys.stderr)
+    device = resolve_device(args.device, "bench_decoder")
+    if device is None:
         return 2
     torch.backends.cuda.matmul.allow_tf32 = False  # the reference as shipped: full fp32
     provs = {k: v for k, v in providers(device).items() if k not in args.skip.split(",")}
-    bench = timer(device, args.reps)
     env = environment(device)
     print(f"# device {env['device_name']}; torch {env['torch']}; triton {env['triton']}")
     rows = []
@@ -277,9 +288,8 @@ def main(argv=None) -> int:
         errs = gate(provs, v, i, p, F, g)
         row = {"B": B, "d_in": d, "d_sae": F, "k": k, "ranks": list(ranks), "gate_error": errs,
                "fwd_ms": {}, "fwd_bwd_ms": {}}
-        for name, (kind, fn) in provs.items():
-            row["fwd_ms"][name], row["fwd_bwd_ms"][name] = time_provider(bench, fn, kind, v, i,
-                                                                         p, F, g)
+        for name, (fwd, fb) in time_all(device, provs, v, i, p, F, g, args.reps).items():
+            row["fwd_ms"][name], row["fwd_bwd_ms"][name] = fwd, fb
         roof = roofline_ms(B, d, F, k, ranks)
         row["roofline_ms"] = {n: list(t) for n, t in roof.items()}
         row["pct_of_roofline_fwd_bwd"] = (
@@ -303,6 +313,23 @@ TARGETS = ("GPU targets (H100, issue 4): fused vs ref_dense_fp32 fwd+bwd >= 15x 
            "sparse <= 1.35x.")
 
 
+def md_table(rows, columns, cell):
+    """Markdown table: one line per config (B, d_in, d_sae, k, ranks), one column per name."""
+    head = ["| B | d_in | d_sae | k | ranks | " + " | ".join(columns) + " |",
+            "|---" * (5 + len(columns)) + "|"]
+    return head + [f"| {r['B']} | {r['d_in']} | {r['d_sae']} | {r['k']} | {tuple(r['ranks'])} | "
+                   + " | ".join(cell(r, n) for n in columns) + " |" for r in rows]
+
+
+def resolve_device(name: str, prog: str) -> torch.device | None:
+    """The requested device, or None (after a message on stderr) when CUDA is asked but absent."""
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print(f"{prog}: --device cuda but CUDA is not available", file=sys.stderr)
+        return None
+    return device
+
+
 def write_results(out: Path, device, env, args, rows, names):
     out.mkdir(parents=True, exist_ok=True)
     tag = device_tag(device)
@@ -310,7 +337,7 @@ def write_results(out: Path, device, env, args, rows, names):
             "targets": TARGETS, "rows": rows}
     atomic_write_text(out / f"decoder_{tag}.json", json.dumps(meta, indent=2) + "\n")
     timing = ("triton.testing.do_bench median (L2 flushed)" if device.type == "cuda" else
-              f"median of {args.reps} wall-clock runs after 1 warm-up, "
+              f"median of {args.reps} wall-clock runs after 2 warm-ups, providers interleaved, "
               f"{env['cpu_threads']} torch threads (shared machine: ratios, not absolute ms)")
     lines = [f"# Sparse polynomial decoder benchmark ({env['date']})", "",
              f"Device: {env['device_name']} ({env['device']}); torch {env['torch']}, triton "
@@ -320,34 +347,17 @@ def write_results(out: Path, device, env, args, rows, names):
     if device.type != "cuda":
         lines += ["CPU run: torch providers only, reduced sizes. **GPU numbers (fused Triton, full "
                   "axes, % of roofline) are pending an H100 run** of this same script.", ""]
-    lines += [TARGETS, "", "## Forward + backward (ms)", ""]
-    lines.append("| B | d_in | d_sae | k | ranks | " + " | ".join(names) + " |")
-    lines.append("|---" * (5 + len(names)) + "|")
-    for r in rows:
-        lines.append(f"| {r['B']} | {r['d_in']} | {r['d_sae']} | {r['k']} | {tuple(r['ranks'])} | "
-                     + " | ".join(f"{r['fwd_bwd_ms'][n]:.3f}" for n in names) + " |")
-    lines += ["", "## Forward only (ms)", ""]
-    lines.append("| B | d_in | d_sae | k | ranks | " + " | ".join(names) + " |")
-    lines.append("|---" * (5 + len(names)) + "|")
-    for r in rows:
-        lines.append(f"| {r['B']} | {r['d_in']} | {r['d_sae']} | {r['k']} | {tuple(r['ranks'])} | "
-                     + " | ".join(f"{r['fwd_ms'][n]:.3f}" for n in names) + " |")
     ratio_names = list(rows[0]["ratios_fwd_bwd"]) if rows else []
+    lines += [TARGETS, "", "## Forward + backward (ms)", ""]
+    lines += md_table(rows, names, lambda r, n: f"{r['fwd_bwd_ms'][n]:.3f}")
+    lines += ["", "## Forward only (ms)", ""]
+    lines += md_table(rows, names, lambda r, n: f"{r['fwd_ms'][n]:.3f}")
     lines += ["", "## Ratios, forward + backward (time of first / time of second)", ""]
-    lines.append("| d_in | d_sae | k | ranks | " + " | ".join(ratio_names) + " |")
-    lines.append("|---" * (4 + len(ratio_names)) + "|")
-    for r in rows:
-        lines.append(f"| {r['d_in']} | {r['d_sae']} | {r['k']} | {tuple(r['ranks'])} | "
-                     + " | ".join(f"{r['ratios_fwd_bwd'][n]:.2f}x" for n in ratio_names) + " |")
+    lines += md_table(rows, ratio_names, lambda r, n: f"{r['ratios_fwd_bwd'][n]:.2f}x")
     if device.type == "cuda" and rows:
         pn = list(rows[0]["pct_of_roofline_fwd_bwd"])
         lines += ["", "## % of the H100 roofline model (fwd+bwd; shared/design/roofline.py)", ""]
-        lines.append("| d_in | d_sae | k | ranks | " + " | ".join(pn) + " |")
-        lines.append("|---" * (4 + len(pn)) + "|")
-        for r in rows:
-            lines.append(f"| {r['d_in']} | {r['d_sae']} | {r['k']} | {tuple(r['ranks'])} | "
-                         + " | ".join(f"{r['pct_of_roofline_fwd_bwd'][n]:.0f}%" for n in pn)
-                         + " |")
+        lines += md_table(rows, pn, lambda r, n: f"{r['pct_of_roofline_fwd_bwd'][n]:.0f}%")
     atomic_write_text(out / f"decoder_{tag}.md", "\n".join(lines) + "\n")
     print(f"wrote {out / f'decoder_{tag}.json'} and .md")
 

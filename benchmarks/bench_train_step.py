@@ -36,7 +36,7 @@ from polysae.kernels.reference import densify
 from polysae.sae import atomic_write_text
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_decoder import device_tag, environment  # noqa: E402
+from bench_decoder import device_tag, environment, resolve_device  # noqa: E402
 
 STAGES = ("encode", "topk", "decode", "loss", "backward", "clip", "adam", "retraction")
 
@@ -102,9 +102,8 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=None, help="untimed steps (default 5 / 1)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = ap.parse_args(argv)
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print("bench_train_step: --device cuda but CUDA is not available", file=sys.stderr)
+    device = resolve_device(args.device, "bench_train_step")
+    if device is None:
         return 2
     gpu = device.type == "cuda"
     steps = args.steps or (20 if gpu else 3)
