@@ -9,8 +9,8 @@ Poly forward (one kernel + one GEMM):
   2. x_hat = bias + H @ [C1 C2 C3]^T as ONE cuBLAS GEMM over the concatenated ranks.
 Poly backward:
   1. db = sum of dX; d[C1 C2 C3] = dX^T H; dH = dX [C1 C2 C3] (cuBLAS);
-  2. chain rule through the polynomial terms -> dA1 (dA2, dA3) and dlambda2/dlambda3 (small
-     elementwise torch ops on [N, R] fp32; kernels.md §3 counts them as "small elementwise");
+  2. ``_poly_chain_bwd_kernel`` (poly_chain.py): chain rule through the polynomial terms -> fp32
+     dA1 (dA2, dA3) and per-program dlambda2/dlambda3 partials, in one elementwise pass;
   3. dvalues: ``_gather_dot_kernel`` (SDDMM against the same gathered rows);
   4. dU (dU2, dU3): one stable sort of the N*K indices (``ReverseIndex``), then the feature-major
      ``_segment_reduce_kernel`` (deterministic, the default) or token-major fp32 atomics.
@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from . import sparse_gather as sg
+from .poly_chain import poly_chain_backward
 from .reference import linear_decode_ref, poly_decode_ref
 
 DETERMINISTIC = True
@@ -95,7 +96,6 @@ class PolyDecodeFn(torch.autograd.Function):
         out = torch.addmm(bias, H, C.t())
         ctx.save_for_backward(values, indices, U, U2, U3, C, H, A2, A3, lambda2, lambda3)
         ctx.dims = (order, r1, r2, r3)
-        ctx.has = (C2 is not None, C3 is not None)
         return out
 
     @staticmethod
@@ -112,39 +112,12 @@ class PolyDecodeFn(torch.autograd.Function):
         need_a = need[0] or need[2] or need[9] or need[10] or need[6] or need[7]
         if not need_a:
             return (None, None, None, dC1, dC2, dC3, None, None, d_bias, None, None)
-        # Chain rule through the polynomial terms in fp32 (method.md §1.4). h2 and h3 are recomputed
-        # from A rather than read from H, which holds them pre-multiplied by lambda.
-        dH = gx.mm(C).float()
-        a1 = H[:, :r1].float()
-        dA1 = dH[:, :r1].clone()
-        dA2 = dA3 = None
-        dl2 = dl3 = None
-        l2 = lambda2.float() if lambda2 is not None else None
-        l3 = lambda3.float() if lambda3 is not None else None
-        if order >= 2:
-            dh2 = dH[:, r1:r1 + r2]
-            b1 = a1[:, :r2]
-            if U2 is None:  # h2 = b1^2
-                dl2 = (dh2 * b1 * b1).sum()
-                dA1[:, :r2] += 2.0 * l2 * dh2 * b1
-            else:           # h2 = b1 * a2
-                a2 = A2.float()
-                dl2 = (dh2 * b1 * a2).sum()
-                dA1[:, :r2] += l2 * dh2 * a2
-                dA2 = l2 * dh2 * b1
-        if order >= 3:
-            dh3 = dH[:, r1 + r2:r1 + r2 + r3]
-            c1 = a1[:, :r3]
-            if U2 is None:  # h3 = c1^3
-                dl3 = (dh3 * c1 * c1 * c1).sum()
-                dA1[:, :r3] += 3.0 * l3 * dh3 * c1 * c1
-            else:           # h3 = c1 * c2 * a3
-                c2, a3 = A2[:, :r3].float(), A3.float()
-                dl3 = (dh3 * c1 * c2 * a3).sum()
-                t = l3 * dh3
-                dA1[:, :r3] += t * c2 * a3
-                dA2[:, :r3] += t * c1 * a3
-                dA3 = t * c1 * c2
+        # Chain rule through the polynomial terms (method.md §1.4), fused in one Triton pass that
+        # reads dH and the saved projections (h2, h3 are recomputed from A: H holds them already
+        # multiplied by lambda) and writes fp32 dA plus deterministic dlambda partials.
+        dH = gx.mm(C)
+        dA1, dA2, dA3, dl2, dl3 = poly_chain_backward(dH, H, A2, A3, lambda2, lambda3, r1, r2,
+                                                      r3, order)
         grads_a = [g for g in (dA1, dA2, dA3) if g is not None]
         mats = [m for m in (U, U2, U3) if m is not None][:len(grads_a)]
         d_values = sg.gather_dot(grads_a, mats, indices).to(values.dtype) if need[0] else None
