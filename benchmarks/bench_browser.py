@@ -115,8 +115,20 @@ def phase(name: str, work: Path) -> dict:
         out["site_files"] = sum(1 for p in site.rglob("*") if p.is_file())
     out["seconds"] = round(time.perf_counter() - t0, 2)
     out["setup_seconds"] = round(t0 - t_start, 2)
-    out["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    out["peak_rss_mb"] = _peak_rss_mb()
     return out
+
+
+def _peak_rss_mb() -> float:
+    """This process's own high-water RSS. ru_maxrss is not it on Linux: a child starts with its
+    parent's high-water mark (kept across fork + execve), so read VmHWM of the new mm."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
 def _cpu() -> str:

@@ -432,17 +432,48 @@ def _logit_tops(directions: Tensor, W_U: Tensor, n: int, block: int = 512) -> tu
     return torch.cat(ups), torch.cat(upv), torch.cat(dns), torch.cat(dnv)
 
 
+def _select_report(report: dict, sae) -> tuple[dict, str | None]:
+    """From a polysae eval report (``metrics.json``: ``{"saes": {name: {...}}, ...}``) keep the
+    block of the SAE this site shows: the one whose ``info`` matches its decoder and width (the
+    report compares several SAEs; only one is browsed here). Other reports pass through."""
+    saes = report.get("saes") if isinstance(report, dict) else None
+    if not isinstance(saes, dict):
+        return report, None
+    match = [n for n, b in saes.items() if isinstance(b, dict) and isinstance(b.get("info"), dict)
+             and b["info"].get("decoder") == sae.cfg.decoder
+             and b["info"].get("d_sae") == sae.cfg.d_sae and b["info"].get("d_in") == sae.cfg.d_in]
+    if len(match) != 1:
+        return report, None
+    top = {k: v for k, v in report.items() if k != "saes" and isinstance(v, (int, float, dict))}
+    top.pop("config", None)
+    top.update({k: v for k, v in saes[match[0]].items() if k != "info"})
+    return top, match[0]
+
+
+_SKIP_KEYS = {"info", "config", "contexts", "definition", "path", "date"}
+
+
 def _report_entries(report: dict | None, d_sae: int) -> tuple[list[dict], dict[str, list]]:
     """Eval report -> (metric rows with a link each, per-latent columns for the latents table).
 
     Convention: a metric whose value is a list of length d_sae becomes a sortable column and links
-    to the table sorted by it; a dict holding a "latents" list of ids links to those latents; any
-    other metric links to the latents table sorted by the column it is about (density for
-    dead/dense/L0/sparsity metrics, interaction strength for pair metrics, else max activation)."""
+    to the table sorted by it; a dict holding a "latents" list of ids links to those latents; a
+    dict with integer "i" and "j" (a listed pair) links to the pair page; any other numeric metric
+    links to the latents table sorted by the column it is about (density for
+    dead/dense/L0/sparsity metrics, the interaction table for pair metrics, else max activation).
+    Text fields, configuration and rendered contexts are not metrics and are left out."""
     rows: list[dict] = []
     cols: dict[str, list] = {}
     if not report:
         return rows, cols
+
+    def about(name: str) -> str:
+        low = name.lower()
+        if any(w in low for w in ("pair", "interaction", "lambda", "strength", "cooccur")):
+            return "#pairs"
+        if any(w in low for w in ("dead", "dense", "density", "l0", "sparsity", "fire")):
+            return "#latents/sort=density"
+        return "#latents/sort=max"
 
     def walk(prefix: str, obj: Any) -> None:
         if isinstance(obj, dict):
@@ -451,23 +482,30 @@ def _report_entries(report: dict | None, d_sae: int) -> tuple[list[dict], dict[s
                 val = obj.get("value", obj.get("score", ""))
                 rows.append({"name": prefix, "value": _fmt(val),
                              "link": "#ids/" + ",".join(map(str, ids))})
+            if isinstance(obj.get("i"), int) and isinstance(obj.get("j"), int):
+                i, j = sorted((obj["i"], obj["j"]))
+                val = obj.get("strength", obj.get("count", ""))
+                rows.append({"name": prefix, "value": _fmt(val), "link": f"#pair/{i}-{j}"})
+                return
             for k, v in obj.items():
-                if k != "latents":
+                if k != "latents" and k not in _SKIP_KEYS:
                     walk(f"{prefix}.{k}" if prefix else str(k), v)
-        elif isinstance(obj, list) and len(obj) == d_sae and all(
-                isinstance(v, (int, float)) for v in obj):
-            cols[prefix] = [v if isinstance(v, int) or math.isfinite(v) else None for v in obj]
-            rows.append({"name": prefix, "value": f"per-latent ({d_sae})",
-                         "link": "#latents/sort=" + prefix})
-        elif isinstance(obj, (int, float, str, bool)) and prefix:
-            low = prefix.lower()
-            if any(w in low for w in ("pair", "interaction", "lambda")):
-                link = "#pairs"
-            elif any(w in low for w in ("dead", "dense", "density", "l0", "sparsity", "fire")):
-                link = "#latents/sort=density"
+        elif isinstance(obj, list) and obj and all(isinstance(v, (int, float)) and
+                                                   not isinstance(v, bool) for v in obj):
+            if len(obj) == d_sae:
+                cols[prefix] = [v if isinstance(v, int) or math.isfinite(v) else None
+                                for v in obj]
+                rows.append({"name": prefix, "value": f"per-latent ({d_sae})",
+                             "link": "#latents/sort=" + prefix})
             else:
-                link = "#latents/sort=max"
-            rows.append({"name": prefix, "value": _fmt(obj), "link": link})
+                rows.append({"name": prefix, "value": f"[{len(obj)} values]",
+                             "link": about(prefix)})
+        elif isinstance(obj, list):
+            for n, v in enumerate(obj):
+                if isinstance(v, (dict, list)):
+                    walk(f"{prefix}[{n}]", v)
+        elif isinstance(obj, (int, float)) and not isinstance(obj, bool) and prefix:
+            rows.append({"name": prefix, "value": _fmt(obj), "link": about(prefix)})
 
     walk("", report)
     return rows, cols
@@ -582,6 +620,9 @@ def build_site_from_rows(sae, read_rows: Callable[[int, int], Tensor], n_rows: i
         sel = active[:cfg.n_pairs]  # candidates are strongest-first already
         pair_out["scatter"] = {"s": _r(pairs.strength, 5), "co": st.pair_co.tolist(),
                                "i": pairs.i.tolist(), "j": pairs.j.tolist()}
+    report_name = None
+    if report:
+        report, report_name = _select_report(report, sae)
     report_rows, report_cols = _report_entries(report, F_)
 
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
@@ -644,6 +685,7 @@ def build_site_from_rows(sae, read_rows: Callable[[int, int], Tensor], n_rows: i
             "density": _r(density, 7), "mean": _r(mean), "max": _r(mx),
             "has_text": text is not None, "meta": meta or {},
             "config": asdict(cfg), "report": report_rows, "columns": report_cols,
+            "report_sae": report_name,
         }
         if token_ids is not None:
             summary["fires"] = fires

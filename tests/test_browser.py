@@ -277,9 +277,18 @@ def build_planted(out: Path, report=None) -> tuple:
     return sae, x, token_ids, doc_ids
 
 
-REPORT = {"reconstruction": {"fvu": 0.123}, "sparsity": {"dead_fraction": 0.25},
-          "probe": {"value": 0.9, "latents": [STAR, COFFEE]},
-          "firing_score": [float(f) for f in range(F)]}
+# shaped like polysae.evaluate's metrics.json: one block per SAE, the browsed one picked by info
+REPORT = {"schema_version": 1, "date": "2026-01-01", "model": "toy",
+          "saes": {
+              "vanilla": {"info": {"decoder": "linear", "d_sae": F, "d_in": D},
+                          "reconstruction": {"fvu": 0.5}},
+              "poly": {"info": {"decoder": "poly", "d_sae": F, "d_in": D},
+                       "reconstruction": {"fvu": 0.123, "dead_fraction": 0.25},
+                       "probe": {"value": 0.9, "latents": [STAR, COFFEE]},
+                       "interactions": {"r_strength_count": 0.4, "top_pairs": [
+                           {"i": COFFEE, "j": STAR, "strength": 0.32, "count": 10,
+                            "contexts": ["..."]}]},
+                       "firing_score": [float(f) for f in range(F)]}}}
 
 
 @pytest.fixture(scope="module")
@@ -332,11 +341,17 @@ def test_site_data_planted(planted_site):
     assert len(sc["s"]) == F * (F - 1) // 2 and sc["i"][0] == STAR and sc["j"][0] == COFFEE
     # report: every metric carries a link; per-latent lists become columns
     links = {row["name"]: row["link"] for row in summ["report"]}
-    assert links["probe"] == f"#ids/{STAR},{COFFEE}"
-    assert links["sparsity.dead_fraction"] == "#latents/sort=density"
-    assert links["firing_score"] == "#latents/sort=firing_score"
-    assert summ["columns"]["firing_score"] == REPORT["firing_score"]
-    assert all(row["link"] for row in summ["report"])
+    assert summ["report_sae"] == "poly"
+    assert links == {
+        "schema_version": "#latents/sort=max",
+        "reconstruction.fvu": "#latents/sort=max",
+        "reconstruction.dead_fraction": "#latents/sort=density",
+        "probe": f"#ids/{STAR},{COFFEE}", "probe.value": "#latents/sort=max",
+        "interactions.r_strength_count": "#pairs",
+        "interactions.top_pairs[0]": f"#pair/{STAR}-{COFFEE}",
+        "firing_score": "#latents/sort=firing_score"}
+    assert dict((r["name"], r["value"]) for r in summ["report"])["reconstruction.fvu"] == "0.123"
+    assert summ["columns"]["firing_score"] == REPORT["saes"]["poly"]["firing_score"]
 
 
 def test_site_overwrite_rules(tmp_path):
