@@ -93,17 +93,21 @@ class PolyDecodeFn(torch.autograd.Function):
         H, A2, A3 = sg.gather_poly(values, indices, U, U2, U3, r2, r3, order, lambda2, lambda3)
         Cs = [C for C in (C1, C2, C3) if C is not None]
         C = torch.cat(Cs, dim=1) if len(Cs) > 1 else C1
-        out = torch.addmm(bias, H, C.t())
+        # The op computes in the parameters' dtype whatever the caller's autocast state: under
+        # autocast the GEMM would otherwise return bf16 while the backward's operands stay fp32.
+        with torch.autocast(U.device.type, enabled=False):
+            out = torch.addmm(bias, H, C.t())
         ctx.save_for_backward(values, indices, U, U2, U3, C, H, A2, A3, lambda2, lambda3)
         ctx.dims = (order, r1, r2, r3)
         return out
 
     @staticmethod
+    @torch.autocast("cuda", enabled=False)
     def backward(ctx, gx):
         values, indices, U, U2, U3, C, H, A2, A3, lambda2, lambda3 = ctx.saved_tensors
         order, r1, r2, r3 = ctx.dims
         need = ctx.needs_input_grad
-        gx = gx.contiguous()
+        gx = gx.contiguous().to(C.dtype)
         d_bias = gx.sum(0) if need[8] else None
         dC1 = dC2 = dC3 = None
         if need[3] or need[4] or need[5]:
@@ -147,7 +151,7 @@ class LinearDecodeFn(torch.autograd.Function):
     def backward(ctx, gx):
         values, indices, W = ctx.saved_tensors
         need = ctx.needs_input_grad
-        gx = gx.contiguous()
+        gx = gx.contiguous().to(W.dtype)
         d_values = sg.gather_dot([gx], [W], indices).to(values.dtype) if need[0] else None
         dW = None
         if need[2]:

@@ -367,3 +367,19 @@ def test_dispatch_env_and_missing_triton():
     blocked = "import sys; sys.modules['triton'] = None\n"
     assert _backend_in_subprocess({"TRITON_INTERPRET": "1", "POLYSAE_DISABLE_TRITON": ""},
                                   prelude=blocked) == "torch"
+
+
+@isolated
+def test_poly_decode_under_autocast_computes_in_parameter_dtype():
+    """Under bf16 autocast the op still computes (and returns) in the fp32 parameters' dtype, so
+    its forward and backward agree with the fp32 reference instead of mixing dtypes."""
+    leaves, idx = make_inputs("odd", 3, True, torch.float32)
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        out = poly_call(tops.poly_decode)(leaves, idx)
+    assert out.dtype == torch.float32
+    g = torch.randn_like(out)
+    out.backward(g)
+    out_r, grads_r = reference_grads(poly_call(ref.poly_decode_ref), leaves, idx, g)
+    assert_scaled_close(out.detach(), out_r, TOL[torch.float32], "x_hat")
+    for name, gr in grads_r.items():
+        assert_scaled_close(leaves[name].grad, gr, TOL[torch.float32], f"d{name}")
