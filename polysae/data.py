@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 BOS_POLICIES = ("chunk", "doc", "none")
-_TOKENIZE_GROUP = 64  # documents per tokenizer call: large enough to batch, small enough to stop early
+_TOKENIZE_GROUP = 64  # documents per tokenizer call: enough to batch, few enough to stop early
 
 
 class Chunks(NamedTuple):
@@ -91,7 +91,8 @@ def iter_texts(name: str, *, text_column: str | None = None, max_docs: int | Non
                seed: int = 0, split: str = "train") -> Iterator[str]:
     """Document texts of a dataset, in a deterministic order."""
     p = Path(name)
-    if name in _bundled_corpora() or (p.suffix.lower() in (".txt", ".jsonl", ".csv") and p.exists()):
+    local = p.suffix.lower() in (".txt", ".jsonl", ".csv") and p.exists()
+    if name in _bundled_corpora() or local:
         from polysae.corpora import load_corpus
 
         kw = {"text_column": text_column} if text_column else {}
@@ -114,8 +115,8 @@ def iter_texts(name: str, *, text_column: str | None = None, max_docs: int | Non
     try:
         ds = datasets.load_dataset(name, split=split, streaming=True)
     except Exception as e:  # noqa: BLE001 - hub errors come in many types; report them as one
-        raise ValueError(f"dataset {name!r} is not a bundled corpus ({', '.join(_bundled_corpora())})"
-                         f", a local .txt/.jsonl/.csv/.npy file, or a reachable Hugging Face "
+        raise ValueError(f"dataset {name!r} is not a bundled corpus "
+                         f"({', '.join(_bundled_corpora())}), a local .txt/.jsonl/.csv/.npy file, or a reachable Hugging Face "
                          f"dataset ({type(e).__name__}: {e})") from None
     col = text_column or "text"
     for i, row in enumerate(ds):
@@ -213,8 +214,10 @@ def _text_chunks(texts: Iterator[str], tokenizer: Any, ctx: int, n_chunks: int,
         _extend(group, doc_index, tokenizer, sp, bos, tok_buf, doc_buf)
         drain()
     if not chunks_t:
-        return Chunks(torch.zeros(0, ctx, dtype=torch.int64), torch.zeros(0, ctx, dtype=torch.int64))
-    return Chunks(torch.tensor(chunks_t, dtype=torch.int64), torch.tensor(chunks_d, dtype=torch.int64))
+        empty = torch.zeros(0, ctx, dtype=torch.int64)
+        return Chunks(empty, empty.clone())
+    return Chunks(torch.tensor(chunks_t, dtype=torch.int64),
+                  torch.tensor(chunks_d, dtype=torch.int64))
 
 
 def _extend(group: list[str], doc_index: int, tokenizer: Any, sp: SpecialTokens, bos: str,

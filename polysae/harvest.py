@@ -57,7 +57,7 @@ class HarvestConfig:
     model: str = "smollm2-135m"
     """Model name (see :func:`polysae.models.load_model`)."""
     hooks: list[str] = field(default_factory=list)
-    """Hook points to record in the same forward; empty = ``blocks.<n_layers//2>.hook_resid_post``."""
+    """Hook points recorded in one forward; empty = ``blocks.<n_layers//2>.hook_resid_post``."""
     dataset: str = "bbc"
     """Bundled corpus, local .txt/.jsonl/.csv/.npy file, or Hugging Face dataset name."""
     tokens: int = 100_000

@@ -133,7 +133,8 @@ def _bert_to_hooked(path: Path, tokenizer: Any, dtype: torch.dtype, device: str)
     missing, unexpected = enc.load_state_dict(convert_bert_weights(mlm, cfg), strict=False)
     bad = [k for k in missing if not k.endswith(("mask", "IGNORE"))]
     if bad or unexpected:
-        raise ValueError(f"{path}: BERT conversion mismatch: missing {bad}, unexpected {unexpected}")
+        raise ValueError(f"{path}: BERT conversion mismatch: missing {bad}, "
+                         f"unexpected {unexpected}")
     return _place(enc, device, dtype)
 
 
@@ -145,7 +146,8 @@ def _load_smollm2(dtype: torch.dtype, device: str):
 
     root = cache_dir() / "models" / "smollm2-135m"
     root.mkdir(parents=True, exist_ok=True)
-    weights, cfg_file, tok_dir = root / "hooked.safetensors", root / "hf_config.json", root / "tokenizer"
+    weights, cfg_file = root / "hooked.safetensors", root / "hf_config.json"
+    tok_dir = root / "tokenizer"
     with FileLock(str(root / ".lock")):
         stamp = _read_json(cfg_file)
         if stamp is None or stamp.get("cache_version") != _CACHE_VERSION or not weights.exists():
@@ -379,7 +381,8 @@ def capture(model: Any, tokens: torch.Tensor, hooks: list[str],
 
         kwargs: dict[str, Any] = {"return_type": None}
         if attention_mask is not None:
-            kwargs["one_zero_attention_mask" if _is_encoder(m) else "attention_mask"] = attention_mask
+            key = "one_zero_attention_mask" if _is_encoder(m) else "attention_mask"
+            kwargs[key] = attention_mask
         try:
             m.run_with_hooks(tokens, fwd_hooks=[(h, fn) for h in hooks], **kwargs)
         except _StopForward:

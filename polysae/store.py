@@ -169,7 +169,8 @@ class ActivationStore:
                         len(self.manifest["shards"]))
         self.hook, self.batch_size, self.split, self.seed = hook, batch_size, split, seed
         self.device, self.dtype, self.shuffle = torch.device(device), dtype, shuffle
-        self.rank, self.world_size, self.verify, self.drop_last = rank, world_size, verify, drop_last
+        self.rank, self.world_size = rank, world_size
+        self.verify, self.drop_last = verify, drop_last
         self.d_in = int(self.manifest["d_in"][hook])
         all_shards = self.manifest["shards"]
         self._entries = [all_shards[i] for i in split_shards(len(all_shards), split, val_fraction)]

@@ -38,7 +38,8 @@ def word_tokenizer():
     from transformers import PreTrainedTokenizerFast
 
     words = "the cat sat on a mat dog ran far away big red sun".split()
-    vocab = {"<bos>": 0, "<eos>": 1, "<pad>": 2, "<unk>": 3, **{w: i + 4 for i, w in enumerate(words)}}
+    vocab = {"<bos>": 0, "<eos>": 1, "<pad>": 2, "<unk>": 3,
+             **{w: i + 4 for i, w in enumerate(words)}}
     tk = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.Whitespace()
     return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<bos>", eos_token="<eos>",
@@ -107,7 +108,8 @@ def test_bos_policies_and_exclude_special(tmp_path):
     tok = word_tokenizer()
     txt = tmp_path / "docs.txt"
     txt.write_text("the cat sat\nthe dog ran far away\nbig red sun\n")
-    ids = {w: tok.convert_tokens_to_ids(w) for w in "the cat sat dog ran far away big red sun".split()}
+    words = "the cat sat dog ran far away big red sun".split()
+    ids = {w: tok.convert_tokens_to_ids(w) for w in words}
     B, E = 0, 1
     stream = [ids["the"], ids["cat"], ids["sat"], E, ids["the"], ids["dog"], ids["ran"], ids["far"],
               ids["away"], E, ids["big"], ids["red"], ids["sun"], E]
@@ -205,7 +207,7 @@ def test_bad_inputs_name_the_problem(model, npy, tmp_path):
     with pytest.raises(ValueError, match="rows are 16 tokens long but --ctx is 8"):
         harvest(cfg_for(npy, tmp_path / "d", ctx=8), model=model)
     with pytest.raises(ValueError,
-                       match=r"hook 'blocks.0.attn.hook_pattern' gives \(1, 4, 8, 8\), not \[batch"):
+                       match=r"'blocks.0.attn.hook_pattern' gives \(1, 4, 8, 8\), not \[batch"):
         harvest(cfg_for(npy, tmp_path / "e", hooks=["blocks.0.attn.hook_pattern"]), model=model)
     assert not (tmp_path / "a" / "manifest.json").exists()
 
@@ -243,7 +245,8 @@ def _tiny_hf(tmp_path: Path, kind: str) -> Path:
                                           num_hidden_layers=2, num_attention_heads=4,
                                           num_key_value_heads=2, max_position_embeddings=64))
     else:
-        hf = GPT2LMHeadModel(GPT2Config(vocab_size=300, n_embd=64, n_layer=2, n_head=4, n_positions=64))
+        hf = GPT2LMHeadModel(GPT2Config(vocab_size=300, n_embd=64, n_layer=2, n_head=4,
+                                        n_positions=64))
     path = tmp_path / kind
     hf.save_pretrained(path)
     return path

@@ -103,7 +103,8 @@ def test_train_val_split_by_shard(folder):
     assert split_shards(100, "val", 0.1) == split_shards(100, "val", 0.1) and \
         len(split_shards(100, "val", 0.1)) == 10
     all_rows = as_counter(store(folder).read_rows(0, 300))
-    assert as_counter(tr.read_rows(0, tr.n_rows)) + as_counter(va.read_rows(0, va.n_rows)) == all_rows
+    parts = as_counter(tr.read_rows(0, tr.n_rows)) + as_counter(va.read_rows(0, va.n_rows))
+    assert parts == all_rows
     assert as_counter(torch.cat(list(va))) == as_counter(va.read_rows(0, va.n_rows))
     with pytest.raises(ValueError, match="at least 2 shards"):
         split_shards(1, "val")

@@ -9,7 +9,8 @@ HELP = "list the hook points of a model"
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2-135m",
-                   help="model name or local folder, as for `polysae harvest` (default smollm2-135m)")
+                   help="model name or local folder, as for `polysae harvest` "
+                        "(default smollm2-135m)")
     p.add_argument("--filter", default=None, metavar="TEXT",
                    help="only hooks whose name contains TEXT (e.g. resid_post)")
 

@@ -1,0 +1,153 @@
+"""Harvest throughput on the bundled SmolLM2-135M, measured side by side in one run.
+
+Three paths over the same token batches (BBC text, ``--batch`` contexts of ``--ctx`` tokens):
+
+- ``bare``: ``model(tokens, stop_at_layer=L+1)`` in inference mode: the forward alone, stopped after
+  the hooked layer, nothing kept; the ceiling for any harvester.
+- ``harvest``: ``polysae.harvest`` end to end into a fresh folder (capture, dtype cast, shards
+  written by the background thread, manifest), its loop time.
+- ``run_with_cache``: TransformerLens ``run_with_cache(tokens, names_filter=hook)``, a full forward
+  (what a user would write without polysae; the names filter makes it cheaper than the default).
+
+Repeats are interleaved (bare, harvest, run_with_cache, bare, ...) so load drift on a shared CPU
+hits all three alike; the ratios reported are medians over repeats of per-repeat ratios.
+Goals (issue 3): harvest / bare >= 0.90 and harvest / run_with_cache >= 2.5.
+
+    .venv/bin/python benchmarks/bench_harvest.py [--batches 4 --batch 16 --ctx 128 --layer 15]
+Writes benchmarks/results/harvest_<device>.json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--batches", type=int, default=4, help="forward batches per measurement")
+    ap.add_argument("--batch", type=int, default=16, help="contexts per batch")
+    ap.add_argument("--ctx", type=int, default=128)
+    ap.add_argument("--layer", type=int, default=15, help="hooked layer (resid_post)")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--model-dtype", default="float32", choices=("float32", "bfloat16"))
+    ap.add_argument("--store-dtype", default="float16")
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    import transformer_lens
+
+    from polysae import __version__, data, models
+    from polysae.harvest import HarvestConfig, harvest
+
+    dtype = getattr(torch, args.model_dtype)
+    t = time.perf_counter()
+    lm = models.load_model("smollm2-135m", device=args.device, dtype=dtype)
+    load_s = time.perf_counter() - t
+    hook = f"blocks.{args.layer}.hook_resid_post"
+    n_ctx = args.batches * args.batch
+    chunks = data.build_chunks("bbc", lm.tokenizer, args.ctx, n_ctx)
+    batches = [b.to(args.device) for b in chunks.tokens.split(args.batch)]
+    n_tok = chunks.tokens.numel()
+    dev = torch.device(args.device)
+
+    def sync():
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+
+    def bare() -> float:
+        sync()
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            for b in batches:
+                lm.model(b, stop_at_layer=args.layer + 1)
+        sync()
+        return n_tok / (time.perf_counter() - t0)
+
+    def rwc() -> float:
+        sync()
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            for b in batches:
+                _, cache = lm.model.run_with_cache(b, names_filter=hook)
+                cache[hook].to("cpu", torch.float16)
+        sync()
+        return n_tok / (time.perf_counter() - t0)
+
+    def harv(tmp: Path, i: int) -> float:
+        r = harvest(HarvestConfig(model="smollm2-135m", hooks=[hook], dataset="bbc",
+                                  tokens=n_tok, ctx=args.ctx, out=str(tmp / f"h{i}"),
+                                  batch_size=args.batch, shard_size=4 * args.batch * args.ctx,
+                                  dtype=args.store_dtype, model_dtype=args.model_dtype,
+                                  device=args.device, progress=False), model=lm)
+        assert r.n_rows == n_tok
+        return r.tokens_per_s
+
+    bare()  # warm-up (allocator, thread pool)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(args.repeats):
+            b, h, c = bare(), harv(Path(tmp), i), rwc()
+            rows.append({"bare": b, "harvest": h, "run_with_cache": c})
+            print(f"repeat {i}: bare {b:,.0f} tok/s, harvest {h:,.0f}, run_with_cache {c:,.0f}",
+                  file=sys.stderr)
+    med = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
+    ratio_bare = statistics.median(r["harvest"] / r["bare"] for r in rows)
+    ratio_rwc = statistics.median(r["harvest"] / r["run_with_cache"] for r in rows)
+    device = torch.cuda.get_device_name() if dev.type == "cuda" else cpu_name()
+    result = {
+        "benchmark": "harvest", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+        "device": device, "device_type": dev.type, "threads": args.threads,
+        "versions": {"polysae": __version__, "torch": torch.__version__,
+                     "transformer_lens": getattr(transformer_lens, "__version__", "3.x"),
+                     "python": platform.python_version()},
+        "model": "smollm2-135m", "model_dtype": args.model_dtype, "store_dtype": args.store_dtype,
+        "hook": hook, "batch": args.batch, "ctx": args.ctx, "tokens_per_measurement": n_tok,
+        "repeats": rows, "median_tok_s": med, "model_load_s": load_s,
+        "harvest_over_bare": ratio_bare, "harvest_over_run_with_cache": ratio_rwc,
+        "goals": {"harvest_over_bare": 0.90, "harvest_over_run_with_cache": 2.5},
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"harvest_{dev.type}" + ("" if args.model_dtype == "float32" else f"_{args.model_dtype}")
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+    md = [f"# Harvest throughput: SmolLM2-135M, {hook}, {args.model_dtype} model, "
+          f"{args.store_dtype} storage",
+          "", f"{device}, {args.threads} threads; torch {torch.__version__}; "
+          f"{result['date'][:19]}Z; {args.batch}x{args.ctx} tokens per batch, {n_tok} tokens per "
+          f"measurement, median of {args.repeats} interleaved repeats.", "",
+          "| path | tokens/s | harvest / path | goal |", "|---|---|---|---|",
+          f"| bare forward, stop after layer {args.layer} | {med['bare']:,.0f} | "
+          f"{ratio_bare:.2f} | >= 0.90 |",
+          f"| polysae harvest (to disk) | {med['harvest']:,.0f} | 1.00 | |",
+          f"| TL run_with_cache, full forward | {med['run_with_cache']:,.0f} | {ratio_rwc:.2f} | "
+          f">= 2.5 |", ""]
+    (out / f"{stem}.md").write_text("\n".join(md))
+    print("\n".join(md))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
