@@ -4,6 +4,8 @@ Public ops (same signatures as their ``reference.*_ref`` specs):
 
 - ``poly_decode(values, indices, U, C1, C2, C3, lambda2, lambda3, bias, U2=None, U3=None)``
 - ``linear_decode(values, indices, W_dec, bias)``
+- ``topk_encode(x, W_enc, b_enc, k)`` -> (values, indices, pre): the TopK encoder with a backward
+  that touches only the k selected latents per row (unless ``pre`` itself receives a gradient)
 
 ``BACKEND`` names the active path, resolved once at import: ``"triton"`` when triton imports and
 CUDA is present or ``TRITON_INTERPRET=1`` is set, and ``POLYSAE_DISABLE_TRITON`` is not set;
@@ -22,7 +24,7 @@ import os
 
 import torch
 
-from .reference import linear_decode_ref, poly_decode_ref
+from .reference import linear_decode_ref, poly_decode_ref, topk_encode_ref
 
 log = logging.getLogger("polysae.kernels")
 
@@ -79,4 +81,11 @@ def linear_decode(values, indices, W_dec, bias):
     return linear_decode_ref(values, indices, W_dec, bias)
 
 
-__all__ = ["BACKEND", "set_backend", "set_deterministic", "poly_decode", "linear_decode"]
+def topk_encode(x, W_enc, b_enc, k):
+    if BACKEND == "triton":
+        return _TRITON.topk_encode(x, W_enc, b_enc, k)
+    return topk_encode_ref(x, W_enc, b_enc, k)
+
+
+__all__ = ["BACKEND", "set_backend", "set_deterministic", "poly_decode", "linear_decode",
+           "topk_encode"]

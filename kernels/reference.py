@@ -111,3 +111,11 @@ def linear_decode_dense_ref(codes: Tensor, W_dec: Tensor, bias: Tensor) -> Tenso
 
 def _rank(C: Tensor | None) -> int:
     return 0 if C is None else C.shape[1]
+
+
+def topk_encode_ref(x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int):
+    """TopK encoder: pre = x W_enc + b_enc [N, F]; (relu(top-k values) [N, K], indices [N, K], pre).
+    Plain autograd: the backward scatters into a dense [N, F] gradient (the reference's cost)."""
+    pre = torch.addmm(b_enc, x, W_enc)
+    v, i = pre.topk(k, dim=-1, sorted=False)
+    return F.relu(v), i, pre

@@ -256,7 +256,8 @@ class ReverseIndex:
 def _segment_reduce_kernel(
     g_ptr, g_stride,                  # dA [N, R]
     rows_ptr, vals_ptr, offs_ptr,     # ReverseIndex: [P], [P], [F + 1]
-    out_ptr,                          # dW [F, R] (written in full: no memset needed)
+    out_ptr, out_s0, out_s1,          # dW [F, R] by strides (written in full: no memset needed);
+                                      # (1, F) strides write straight into a [R, F] matrix (W_enc)
     R,
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
@@ -282,7 +283,8 @@ def _segment_reduce_kernel(
         g = tl.load(g_ptr + r[:, None] * g_stride + cols[None, :],
                     mask=live[:, None] & cmask[None, :], other=0.0).to(tl.float32)
         acc += tl.sum(v[:, None] * g, axis=0)
-    tl.store(out_ptr + f.to(tl.int64) * R + cols, acc.to(out_ptr.dtype.element_ty), mask=cmask)
+    tl.store(out_ptr + f.to(tl.int64) * out_s0 + cols.to(tl.int64) * out_s1,
+             acc.to(out_ptr.dtype.element_ty), mask=cmask)
 
 
 @triton.jit
@@ -314,21 +316,23 @@ def _scatter_atomic_kernel(
 
 
 def scatter_weight_grad(grad, rev: ReverseIndex | None, values, indices, n_latents: int, dtype,
-                        deterministic: bool = True):
+                        deterministic: bool = True, out: torch.Tensor | None = None):
     """dW [F, R] in ``dtype`` from dA [N, R]: feature-major over ``rev`` (deterministic) or
     token-major fp32 atomics (``deterministic=False``; fp32 buffers only: bf16 atomics are not
-    portable and lose precision)."""
+    portable and lose precision). ``out`` (deterministic path only) may be any [F, R] view, e.g.
+    the transpose of a [R, F] gradient buffer."""
     N, R = grad.shape
     if grad.stride(1) != 1:
         grad = grad.contiguous()
     bc = _block_r(R)
     if deterministic:
-        out = torch.empty(n_latents, R, device=grad.device, dtype=dtype)
+        if out is None:
+            out = torch.empty(n_latents, R, device=grad.device, dtype=dtype)
         if n_latents == 0:
             return out
         _segment_reduce_kernel[(n_latents, triton.cdiv(R, bc))](
-            grad, grad.stride(0), rev.rows, rev.vals, rev.offsets, out, R,
-            BLOCK_P=BLOCK_P, BLOCK_C=bc, num_warps=4)
+            grad, grad.stride(0), rev.rows, rev.vals, rev.offsets, out, out.stride(0),
+            out.stride(1), R, BLOCK_P=BLOCK_P, BLOCK_C=bc, num_warps=4)
         return out
     out = torch.zeros(n_latents, R, device=grad.device, dtype=torch.float32)
     if N:

@@ -24,8 +24,9 @@ import torch
 from torch import Tensor
 
 from . import sparse_gather as sg
+from .encoder import TopKEncodeFn
 from .poly_chain import poly_chain_backward
-from .reference import linear_decode_ref, poly_decode_ref
+from .reference import linear_decode_ref, poly_decode_ref, topk_encode_ref
 
 DETERMINISTIC = True
 """Weight gradients via the sorted reverse index (bitwise reproducible). ``False`` selects the
@@ -181,3 +182,15 @@ def linear_decode(values, indices, W_dec, bias):
     if bias.shape != (W_dec.shape[1],):
         raise ValueError(f"linear_decode: bias {tuple(bias.shape)} must be [d_in={W_dec.shape[1]}]")
     return LinearDecodeFn.apply(values, indices.long(), W_dec, bias)
+
+
+def topk_encode(x, W_enc, b_enc, k: int):
+    """TopK encoder with a k-sparse backward; equivalent to ``reference.topk_encode_ref``."""
+    if not supports(x, W_enc):
+        return topk_encode_ref(x, W_enc, b_enc, k)
+    if x.ndim != 2 or x.shape[1] != W_enc.shape[0] or b_enc.shape != (W_enc.shape[1],):
+        raise ValueError(f"topk_encode: x {tuple(x.shape)}, W_enc {tuple(W_enc.shape)}, b_enc "
+                         f"{tuple(b_enc.shape)} must be [N, D], [D, F], [F]")
+    if not 1 <= k <= W_enc.shape[1]:
+        raise ValueError(f"topk_encode: k={k} must lie in [1, d_sae={W_enc.shape[1]}]")
+    return TopKEncodeFn.apply(x, W_enc, b_enc, k)

@@ -383,3 +383,40 @@ def test_poly_decode_under_autocast_computes_in_parameter_dtype():
     assert_scaled_close(out.detach(), out_r, TOL[torch.float32], "x_hat")
     for name, gr in grads_r.items():
         assert_scaled_close(leaves[name].grad, gr, TOL[torch.float32], f"d{name}")
+
+
+# ------------------------------------------------------------------------------------------------
+# TopK encoder with a k-sparse backward
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("use_pre", [False, True], ids=["sparse-bwd", "with-pre-grad"])
+@pytest.mark.parametrize("x_grad", [False, True], ids=["x-const", "x-grad"])
+@isolated
+def test_topk_encode_matches_reference(use_pre, x_grad):
+    """values/indices/pre equal the reference; dW_enc, db_enc (and dx) match float64 autograd of
+    ``topk_encode_ref``, both on the k-sparse path and when pre also gets a (dense) gradient."""
+    g = torch.Generator().manual_seed(7)
+    N, D, F, K = 37, 23, 45, 5
+    x = torch.randn(N, D, generator=g).to(DEVICE)
+    W = (torch.randn(D, F, generator=g) * 0.3).to(DEVICE)
+    b = (torch.randn(F, generator=g) * 0.1).to(DEVICE)
+    G = torch.randn(N, K, generator=g).to(DEVICE)
+    Gp = torch.randn(N, F, generator=g).to(DEVICE)
+
+    def run(fn, dtype):
+        xx = x.to(dtype, copy=True).requires_grad_(x_grad)
+        WW = W.to(dtype, copy=True).requires_grad_()
+        bb = b.to(dtype, copy=True).requires_grad_()
+        v, i, pre = fn(xx, WW, bb, K)
+        loss = (v * G.to(dtype)).sum() + ((pre * Gp.to(dtype)).sum() if use_pre else 0)
+        loss.backward()
+        return v.detach(), i, pre.detach(), WW.grad, bb.grad, (xx.grad if x_grad else None)
+
+    got = run(tops.topk_encode, torch.float32)
+    exp = run(ref.topk_encode_ref, torch.float64)
+    assert torch.equal(got[1], exp[1]), "different top-k selection"
+    for a, e, what in zip(got[:1] + got[2:], exp[:1] + exp[2:], ("values", "pre", "dW_enc",
+                                                                  "db_enc", "dx")):
+        if e is None:
+            assert a is None
+            continue
+        assert_scaled_close(a, e, TOL[torch.float32], what)
