@@ -448,6 +448,9 @@ class WebDriver:
         t0 = time.time()
         while time.time() - t0 < timeout:
             if self.js("return document.body.getAttribute('data-ready')") == route:
+                err = self.js("const e = document.querySelector('.error'); "
+                              "return e && e.textContent")
+                assert not err, f"page {route!r} failed: {err}"
                 return
             time.sleep(0.05)
         raise AssertionError(f"page route {route!r} never became ready; body: "
@@ -487,7 +490,6 @@ def served(planted_site):
     httpd.server_close()
 
 
-@pytest.mark.slow
 @pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER),
                     reason="Debian chromium + chromium-driver not installed (scripts/setup.sh "
                            "installs them)")
@@ -539,6 +541,16 @@ def test_real_browser(served, planted_site):
         assert "Starbucks" in body.split("promotes")[1].split("suppresses")[0]
         assert wd.js("return document.querySelectorAll('.contexts[data-latent]').length") == 2
         wd.screenshot(REPO / "test-artifacts" / "browser-pair.png")
+
+        # interaction-vs-co-occurrence scatter: every candidate pair, the listed one highlighted
+        wd.get(served + "/index.html#pairs")
+        wd.wait_ready("pairs")
+        assert wd.js("return document.querySelectorAll('#scatter circle').length") == \
+            F * (F - 1) // 2
+        assert wd.js("return document.querySelectorAll('#scatter circle.shown').length") == 1
+        wd.get(served + "/index.html#latent/0")  # a latent that never fires
+        wd.wait_ready("latent/0")
+        assert "never fired" in wd.js("return document.querySelector('main').innerText")
 
         # search by token text through the real input box, and by id
         wd.get(served + "/index.html")
