@@ -27,6 +27,16 @@ from polysae.train import (TensorSource, TrainConfig, Trainer, TrainingDiverged,
                            train)
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """These SAEs are tiny: OpenMP threads only add synchronisation (embedding_bag with 2 threads
+    on a busy 2-core CI box was measured 200x slower than with 1)."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
 def planted(n: int, d: int = 16, f: int = 32, p: float = 0.08, seed: int = 0,
             offset: float = 0.3) -> torch.Tensor:
     """x = sum of sparse non-negative features on random unit directions (+ a constant)."""
