@@ -7,7 +7,8 @@ line, outside the step total. Decode paths, run side by side on the same SAE wei
 
 - ``dense_ref``     codes densified to [B, F], ``codes @ U`` (the paper's code as shipped);
 - ``torch_sparse``  ``polysae.kernels`` torch path (embedding_bag gather);
-- ``triton``        the fused Triton path (CUDA only).
+- ``triton``        the fused Triton decode plus ``topk_encode`` (k-sparse encoder backward; its
+                    top-k time is reported inside "encode"); CUDA only.
 
 Every stage is bracketed by a device synchronisation so the per-stage split is exact; the step total
 is the sum of stages (the syncs cost a few microseconds each on a GPU). Medians over ``--steps``
@@ -59,16 +60,23 @@ class Laps:
 
 def train_step(sae: SAE, opt, x, path: str, device) -> dict[str, float]:
     cfg = sae.cfg
+    if path != "dense_ref":
+        pk.set_backend("triton" if path == "triton" else "torch")
     laps = Laps(device)
-    pre = sae.pre_acts(x)
-    laps.lap("encode")
-    v, i = pre.topk(cfg.k, dim=-1, sorted=False)
-    v = F.relu(v)
-    laps.lap("topk")
+    if path == "triton":  # encoder GEMM + top-k in one op whose backward is k-sparse
+        x_in = x - sae.b_dec if cfg.apply_b_dec_to_input else x
+        v, i, _ = pk.topk_encode(x_in, sae.W_enc, sae.b_enc, cfg.k)
+        laps.lap("encode")
+        laps.lap("topk")  # included in "encode" on this path
+    else:
+        pre = sae.pre_acts(x)
+        laps.lap("encode")
+        v, i = pre.topk(cfg.k, dim=-1, sorted=False)
+        v = F.relu(v)
+        laps.lap("topk")
     if path == "dense_ref":
         x_hat = sae.decoder.decode_dense(densify(v, i, cfg.d_sae), sae.b_dec)
     else:
-        pk.set_backend("triton" if path == "triton" else "torch")
         x_hat = sae.decode_sparse(v, i)
     laps.lap("decode")
     loss = (x_hat - x).pow(2).sum(-1).mean()
@@ -149,7 +157,6 @@ def main(argv=None) -> int:
         base = "triton" if "triton" in paths else "torch_sparse"
         row["step_ratio_dense_ref_over_" + base] = row["step_ms"]["dense_ref"] / row["step_ms"][base]
         results.append(row)
-    pk.set_backend(pk.BACKEND)
     write(Path(args.out), device, env, results, paths, steps, warmup)
     return 0
 
