@@ -163,6 +163,12 @@ def harvest(cfg: HarvestConfig, model: Any = None) -> HarvestResult:
     chunks = data.build_chunks(cfg.dataset, lm.tokenizer, cfg.ctx,
                                data.chunks_needed(cfg.tokens, cfg.ctx), kind=lm.kind, bos=cfg.bos,
                                text_column=cfg.text_column, seed=cfg.seed)
+    digest = hashlib.sha256(chunks.tokens.numpy().tobytes()).hexdigest()
+    if existing is not None and existing.get("tokens_sha256") != digest:
+        # Same flags but different text (an edited file, another tokenizer): resuming would
+        # splice two datasets into one harvest.
+        raise HarvestError(f"{out} was harvested from different tokens than --dataset "
+                           f"{cfg.dataset} gives now (file or tokenizer changed); use a new --out")
     special = data.special_tokens(lm.tokenizer, lm.kind).all_ids if cfg.exclude_special else ()
     if cfg.exclude_special and not special:
         log.warning("--exclude-special: the model has no tokenizer, so no special ids are known")
@@ -174,7 +180,8 @@ def harvest(cfg: HarvestConfig, model: Any = None) -> HarvestResult:
         probe = models.capture(lm, chunks.tokens[:1, : min(cfg.ctx, 8)].to(dev), hooks)
     d_in = {h: int(a.shape[-1]) for h, a in probe.items()}
 
-    manifest = existing or _new_manifest(cfg, lm, identity, d_in, chunks)
+    manifest = existing or dict(_new_manifest(cfg, lm, identity, d_in, chunks),
+                                tokens_sha256=digest)
     done_rows = manifest["n_rows"]
     start_batch, skip = 0, 0
     if manifest["shards"]:
@@ -458,3 +465,16 @@ class _ShardWriter(threading.Thread):
                     self.q.get_nowait()
                 except queue.Empty:
                     break
+
+
+class _CallableModule(type(sys)):
+    """``polysae.harvest`` is both this module and, through the package's lazy names, the
+    ``harvest`` function. Once the module is imported, Python binds the *module* as the package
+    attribute, shadowing the lazy function; making the module callable keeps
+    ``polysae.harvest(cfg)`` working either way."""
+
+    def __call__(self, cfg: HarvestConfig, model: Any = None) -> HarvestResult:
+        return harvest(cfg, model)
+
+
+sys.modules[__name__].__class__ = _CallableModule

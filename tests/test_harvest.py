@@ -186,6 +186,17 @@ def test_rerun_complete_and_incompatible_folders(model, npy, tmp_path):
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
     with pytest.raises(HarvestError, match=r"incompatible harvest \(ctx: folder has 16, asked 8"):
         harvest(cfg_for(npy, out, tokens=160, ctx=8), model=model)
+    # Same flags, but the dataset file changed under an unfinished harvest: refuse to splice.
+    own = tmp_path / "own.npy"
+    np.save(own, np.load(npy))
+    partial = tmp_path / "partial"
+    harvest(cfg_for(own, partial, tokens=160), model=model)
+    man = json.loads((partial / "manifest.json").read_text())
+    man["complete"] = False
+    (partial / "manifest.json").write_text(json.dumps(man))
+    np.save(own, np.load(npy)[::-1].copy())
+    with pytest.raises(HarvestError, match="harvested from different tokens"):
+        harvest(cfg_for(own, partial, tokens=160), model=model)
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("mine")
