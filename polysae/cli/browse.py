@@ -29,8 +29,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                    "named in the harvest manifest)")
     p.add_argument("--no-model", action="store_true",
                    help="do not load a model: contexts show token ids, no promoted tokens")
-    p.add_argument("--report", metavar="JSON", help="eval report to link metrics to latents "
-                                                    "(default: report.json beside the SAE if any)")
+    p.add_argument("--report", metavar="JSON",
+                   help="eval report (polysae eval's metrics.json) to link metrics to latents "
+                        "(default: report.json beside the SAE, or RUN/../report/metrics.json "
+                        "as `polysae run` lays it out, if present)")
     p.add_argument("--contexts", type=int, default=20, help="top contexts per latent (20)")
     p.add_argument("--pairs", type=int, default=200, help="interaction pairs shown (200)")
     p.add_argument("--pair-candidates", type=int, default=2000,
@@ -105,7 +107,9 @@ def main(args: argparse.Namespace) -> int:
             loaded_name = mname
         report = args.report
         if report is None:
-            for cand in (ck / "report.json", run / "report.json"):
+            # `polysae run` layout: out/train/<name>/ beside out/report/metrics.json
+            for cand in (ck / "report.json", run / "report.json", run / "metrics.json",
+                         run.parent / "report" / "metrics.json"):
                 if cand.is_file():
                     report = cand
                     break
