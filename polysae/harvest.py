@@ -201,12 +201,15 @@ def harvest(cfg: HarvestConfig, model: Any = None) -> HarvestResult:
         raise HarvestError(f"not enough disk space at {out}: the harvest needs about {_gb(need)}, "
                            f"{_gb(free)} free; free space, lower --tokens or use a smaller --dtype")
 
+    for stale in out.glob(f".{MANIFEST}.tmp*"):  # a manifest write cut short by a kill
+        stale.unlink()
+    if existing is None:
+        # The manifest goes first, so a folder killed right after this is recognised as ours.
+        _write_manifest(out, manifest)
     for d in [TOKENS_DIR, *(hook_dir(h) for h in hooks)]:
         (out / d).mkdir(exist_ok=True)
         for stale in (out / d).glob(".*.tmp*"):  # leftovers of a killed writer
             stale.unlink()
-    if existing is None:
-        _write_manifest(out, manifest)
 
     writer = _ShardWriter(out, manifest)
     writer.start()
@@ -360,7 +363,9 @@ def _read_manifest(out: Path) -> dict | None:
 def _refuse_foreign_folder(out: Path, manifest: dict | None) -> None:
     if out.exists() and not out.is_dir():
         raise HarvestError(f"--out {out} exists and is not a folder")
-    if manifest is None and out.is_dir() and any(out.iterdir()):
+    ours = f".{MANIFEST}.tmp"  # only a first manifest write cut short leaves this behind
+    if manifest is None and out.is_dir() and any(not p.name.startswith(ours)
+                                                 for p in out.iterdir()):
         raise HarvestError(f"--out {out} is not empty and holds no polysae harvest "
                            f"({MANIFEST} missing); use an empty or new folder")
 

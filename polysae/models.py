@@ -263,8 +263,12 @@ def load_model(name: str = DEFAULT_MODEL, device: str | torch.device = "cpu",
                 f"unknown model {name!r}: expected one of {', '.join(BUNDLED)}, a "
                 f"TransformerLens official model name (e.g. gpt2, pythia-70m-deduped), or a local "
                 f"Hugging Face model folder") from None
-        model = HookedTransformer.from_pretrained_no_processing(official, device=device,
-                                                                dtype=dtype)
+        try:
+            model = HookedTransformer.from_pretrained_no_processing(official, device=device,
+                                                                    dtype=dtype)
+        except OSError as e:
+            raise ValueError(f"could not load TransformerLens model {official!r}: it needs a "
+                             f"reachable model hub or a warm Hugging Face cache ({e})") from None
         return LoadedModel(model.eval(), model.tokenizer, name, "decoder")
 
 
