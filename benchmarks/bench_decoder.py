@@ -16,10 +16,11 @@ Axes on CUDA (issue 4): d_in {768, 2304} x d_sae {16k, 32k, 65k} x k {32, 64, 12
 
 Inputs: TopK of random pre-activations plus a Zipf-like per-latent bias (kernels.md §6 item 5).
 Correctness gate before timing: every provider's x_hat and all gradients (values, U, C1..C3, λ2, λ3,
-b_dec; W_dec for linear) against ``torch_sparse`` in fp32 — max error relative to each tensor's scale
-must stay within 1e-4 (fp32 providers) or 0.15 (bf16 autocast); a failure aborts with exit code 1.
-Timing: ``triton.testing.do_bench`` on CUDA (L2 flushed, median, ``grad_to_none``); on CPU the median
-of ``--reps`` wall-clock runs after two warm-ups. % of roofline uses the H100 model of
+b_dec; W_dec for linear) against ``torch_sparse`` in fp32 — max error relative to each tensor's
+scale must stay within 1e-4 (fp32 providers) or 0.15 (bf16 autocast); a failure aborts with exit
+code 1.
+Timing: ``triton.testing.do_bench`` on CUDA (L2 flushed, median, ``grad_to_none``); on CPU the
+median of ``--reps`` wall-clock runs after two warm-ups. % of roofline uses the H100 model of
 shared/design/roofline.py (reproduced in ``roofline_ms`` below; meaningful on an H100 only).
 
     .venv/bin/python benchmarks/bench_decoder.py            # CPU: reduced grid, ~2 min
@@ -100,7 +101,8 @@ def make_params(d, F, ranks, device, gen):
         return torch.randn(d, r, device=device, generator=gen) * r ** -0.5
 
     return {"U": U, "C1": c(r1), "C2": c(r2), "C3": c(r3),
-            "lambda2": torch.tensor(-0.5, device=device), "lambda3": torch.tensor(0.5, device=device),
+            "lambda2": torch.tensor(-0.5, device=device),
+            "lambda3": torch.tensor(0.5, device=device),
             "b_dec": torch.randn(d, device=device, generator=gen) * 0.1,
             "W_dec": torch.randn(F, d, device=device, generator=gen) * d ** -0.5}
 
@@ -246,7 +248,9 @@ def device_tag(device):
 def environment(device):
     env = {"device": str(device), "python": platform.python_version(), "torch": torch.__version__,
            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-           "platform": platform.platform(), "cpu_threads": torch.get_num_threads()}
+           "platform": platform.platform(), "cpu_threads": torch.get_num_threads(),
+           # other jobs on a shared machine skew wall-clock times: record how busy it was
+           "load_average_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
     try:
         import triton
         env["triton"] = triton.__version__
@@ -341,7 +345,8 @@ def write_results(out: Path, device, env, args, rows, names):
     atomic_write_text(out / f"decoder_{tag}.json", json.dumps(meta, indent=2) + "\n")
     timing = ("triton.testing.do_bench median (L2 flushed)" if device.type == "cuda" else
               f"median of {args.reps} wall-clock runs after 2 warm-ups, providers interleaved, "
-              f"{env['cpu_threads']} torch threads (shared machine: ratios, not absolute ms)")
+              f"{env['cpu_threads']} torch threads, 1-min load average "
+              f"{env['load_average_1m']:.1f} at start (shared machine: ratios, not absolute ms)")
     lines = [f"# Sparse polynomial decoder benchmark ({env['date']})", "",
              f"Device: {env['device_name']} ({env['device']}); torch {env['torch']}, triton "
              f"{env['triton']}, Python {env['python']}. Timing: {timing}. Zipf-like TopK indices; "

@@ -12,9 +12,10 @@ line, outside the step total. Decode paths, run side by side on the same SAE wei
 
 Every stage is bracketed by a device synchronisation so the per-stage split is exact; the step total
 is the sum of stages (the syncs cost a few microseconds each on a GPU). Medians over ``--steps``
-after ``--warmup`` steps, the paths interleaved step by step. Configs: on CUDA the GPT-2 and Gemma-2-2B paper configs at B = 4096; on
-CPU a reduced GPT-2-width config (B 256, d_sae 8192) where only ratios and the shape of the
-breakdown mean anything. Writes benchmarks/results/train_step_<device>.json and .md.
+after ``--warmup`` steps, the paths interleaved step by step. Configs: on CUDA the GPT-2 and
+Gemma-2-2B paper configs at B = 4096; on CPU a reduced GPT-2-width config (B 256, d_sae 8192)
+where only ratios and the shape of the breakdown mean anything. Writes
+benchmarks/results/train_step_<device>.json and .md.
 
     .venv/bin/python benchmarks/bench_train_step.py [--steps 3] [--warmup 1]
 """
@@ -155,7 +156,8 @@ def main(argv=None) -> int:
                 laps.append(lp.ms["qr"])
         row["retraction_householder_qr_ms"] = statistics.median(laps)
         base = "triton" if "triton" in paths else "torch_sparse"
-        row["step_ratio_dense_ref_over_" + base] = row["step_ms"]["dense_ref"] / row["step_ms"][base]
+        ratio = row["step_ms"]["dense_ref"] / row["step_ms"][base]
+        row["step_ratio_dense_ref_over_" + base] = ratio
         results.append(row)
     write(Path(args.out), device, env, results, paths, steps, warmup)
     return 0
@@ -169,7 +171,8 @@ def write(out: Path, device, env, results, paths, steps, warmup):
     atomic_write_text(out / f"train_step_{tag}.json", json.dumps(meta, indent=2) + "\n")
     lines = [f"# PolySAE training step, per-stage breakdown ({env['date']})", "",
              f"Device: {env['device_name']} ({env['device']}); torch {env['torch']}, triton "
-             f"{env['triton']}, Python {env['python']}, {env['cpu_threads']} CPU threads. Median of "
+             f"{env['triton']}, Python {env['python']}, {env['cpu_threads']} CPU threads, "
+             f"1-min load average {env['load_average_1m']:.1f} at start. Median of "
              f"{steps} steps after {warmup} warm-up; a device sync brackets every stage; Adam "
              "lr 1e-4, clip 1.0, retraction = CholeskyQR2 (`retract_(fast=True)`).", ""]
     if device.type != "cuda":

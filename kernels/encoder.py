@@ -1,13 +1,13 @@
 """TopK encoder whose backward touches only the k selected latents per row.
 
-Equivalent to ``reference.topk_encode_ref`` (same forward: the dense encoder GEMM and ``torch.topk``;
-that GEMM is the one dense matmul a sparse SAE step keeps). Its backward differs in cost: the
-reference scatters dvalues into a dense [N, F] gradient and runs two dense GEMMs (x^T dpre and
-dpre W_enc^T); here
+Equivalent to ``reference.topk_encode_ref`` (same forward: the dense encoder GEMM and
+``torch.topk``; that GEMM is the one dense matmul a sparse SAE step keeps). Its backward differs in
+cost: the reference scatters dvalues into a dense [N, F] gradient and runs two dense GEMMs
+(x^T dpre and dpre W_enc^T); here
 
 - dW_enc [D, F]: the feature-major ``_segment_reduce_kernel`` over x's rows, driven by the sorted
-  reverse index of the active (row, latent) pairs, written straight into the [D, F] layout by strides
-  (deterministic, no atomics);
+  reverse index of the active (row, latent) pairs, written straight into the [D, F] layout by
+  strides (deterministic, no atomics);
 - db_enc [F]: the same reduction of a column of ones (a per-latent segment sum, deterministic);
 - dx [N, D] (only when x requires grad): the gather kernel over the rows of W_enc^T.
 

@@ -1,4 +1,4 @@
-"""Triton kernel for the chain rule through the polynomial terms (the poly decoder's backward epilogue).
+"""Triton kernel for the chain rule through the polynomial terms (the poly backward's epilogue).
 
 Given dH = dX [C1 C2 C3] (the gradient of H = [a1, l2*h2, l3*h3]) and the saved projections, it
 writes dA1 (dA2, dA3 in separate-U mode) and per-program partial sums of dlambda2 / dlambda3 in one
@@ -48,7 +48,8 @@ def _poly_chain_bwd_kernel(
     m2 = rmask[:, None] & (cols < R2)[None, :]
     m3 = rmask[:, None] & (cols < R3)[None, :]
     dh = dh_ptr + rows[:, None] * dh_stride + cols[None, :]
-    a1 = tl.load(h_ptr + rows[:, None] * h_stride + cols[None, :], mask=m1, other=0.0).to(tl.float32)
+    a1 = tl.load(h_ptr + rows[:, None] * h_stride + cols[None, :], mask=m1,
+                 other=0.0).to(tl.float32)
     da1 = tl.load(dh, mask=m1, other=0.0).to(tl.float32)
     da2 = tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32)
     dl2 = 0.0

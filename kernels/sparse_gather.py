@@ -1,4 +1,4 @@
-"""Triton kernels for k-sparse decoding: gather forward, SDDMM value gradient, weight-gradient scatter.
+"""Triton kernels for k-sparse decoding: gather forward, SDDMM value gradient, weight scatter.
 
 Equivalent to ``reference.sparse_project_ref`` (and, with the fused polynomial epilogue, to the
 projection + ``poly_terms_ref`` half of ``reference.poly_decode_ref``). Anatomy (architecture.md
@@ -32,7 +32,7 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "") == "1"
 
 # Block sizes. On a GPU: 32 rows x 128 columns of fp32 accumulators per program (x3 in three-U mode)
 # stays in registers with 4 warps; these are the flex-sae/sparsify ranges (kernels.md §4.3 item 4).
-# Not autotuned: multi-config autotune needs a GPU benchmarker, and the grid is set by N and R anyway.
+# Not autotuned: multi-config autotune needs a GPU benchmarker; the grid is set by N and R anyway.
 # TODO(gpu): sweep BLOCK_N in {16, 32, 64} x BLOCK_R in {64, 128, 256} on an H100 and pin the best.
 BLOCK_N = 32
 BLOCK_R = 128
@@ -48,8 +48,8 @@ def check_indices(indices: torch.Tensor, n_latents: int, what: str = "indices") 
     """Refuse indices outside [0, F) before any kernel reads through them.
 
     On CPU (the interpreter) this is an exact check raising ValueError. On CUDA a host check would
-    force a sync every step, so a device-side assert is queued instead (it fails the next sync with a
-    clear message rather than reading arbitrary memory)."""
+    force a sync every step, so a device-side assert is queued instead (it fails the next sync
+    with a clear message rather than reading arbitrary memory)."""
     if indices.numel() == 0:
         return
     if indices.device.type == "cuda":
@@ -116,8 +116,8 @@ def _gather_fwd_kernel(
     out_t = h_ptr.dtype.element_ty
     base = h_ptr + rows64[:, None] * HW + cols[None, :]
     tl.store(base, acc1.to(out_t), mask=rmask[:, None] & m1[None, :])
-    # Polynomial epilogue, in fp32 registers: the cheap part of the decoder, fused so that A is never
-    # re-read from memory. lambda is folded in here so the combine step is a single GEMM.
+    # Polynomial epilogue, in fp32 registers: the cheap part of the decoder, fused so that A is
+    # never re-read from memory. lambda is folded in here so the combine step is a single GEMM.
     if ORDER >= 2:
         lam2 = tl.load(lam2_ptr).to(tl.float32)
         if SHARED:
@@ -190,10 +190,10 @@ def _gather_dot_kernel(
     N, K, R,
     ACCUMULATE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    # Program mapping: one program per block of BLOCK_N rows; it walks the K slots and, per slot, the
-    # R columns in BLOCK_C chunks. Each output element has one owner and a fixed summation order, so
-    # the result is deterministic. Traffic: the same N*K*R gathered reads as the forward, plus the dA
-    # tile re-read per slot (from L1/L2: it is the program's own BLOCK_N x R slab).
+    # Program mapping: one program per block of BLOCK_N rows; it walks the K slots and, per slot,
+    # the R columns in BLOCK_C chunks. Each output element has one owner and a fixed summation
+    # order, so the result is deterministic. Traffic: the same N*K*R gathered reads as the forward,
+    # plus the dA tile re-read per slot (from L1/L2: it is the program's own BLOCK_N x R slab).
     pid = tl.program_id(0)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = rows < N
@@ -238,7 +238,8 @@ class ReverseIndex:
     every matrix (U, U2, U3) that the same indices gathered from.
 
     ``rows[p]``/``vals[p]`` list the pairs sorted by latent (a stable sort keeps row order inside a
-    segment, so each segment's summation order is fixed); latent f owns ``offsets[f]:offsets[f+1]``."""
+    segment, so each segment's summation order is fixed); latent f owns
+    ``offsets[f]:offsets[f+1]``."""
 
     def __init__(self, values: torch.Tensor, indices: torch.Tensor, n_latents: int):
         N, K = indices.shape
@@ -263,9 +264,9 @@ def _segment_reduce_kernel(
 ):
     # Program mapping: one program per (latent f, block of BLOCK_C columns): feature-major, so every
     # output element has exactly one writer and a fixed summation order -> bitwise deterministic,
-    # no atomics. It walks f's segment of the sorted pairs BLOCK_P at a time, gathering those rows of
-    # dA. Traffic: N*K*R reads of dA (gathered rows), one F*R write. Latents that never fired get an
-    # empty loop and a zero row. Hot latents (Zipf head) run longer loops: the straggler cost
+    # no atomics. It walks f's segment of the sorted pairs BLOCK_P at a time, gathering those rows
+    # of dA. Traffic: N*K*R reads of dA (gathered rows), one F*R write. Latents that never fired
+    # get an empty loop and a zero row. Hot latents (Zipf head) run longer loops: the straggler cost
     # kernels.md §4.3 item 3 describes; split heavy segments if a GPU profile shows it matters.
     f = tl.program_id(0)
     pid_c = tl.program_id(1)

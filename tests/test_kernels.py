@@ -1,8 +1,9 @@
 """Triton decode kernels vs their plain-torch references, forward and every gradient.
 
 Runs on CPU under the Triton interpreter (``TRITON_INTERPRET=1``, set by conftest before the kernels
-import); on a CUDA machine the same tests run the compiled kernels. Reference: float64 torch autograd
-through ``reference.poly_decode_ref`` / ``linear_decode_ref`` on the same (dtype-rounded) inputs.
+import); on a CUDA machine the same tests run the compiled kernels. Reference: float64 torch
+autograd through ``reference.poly_decode_ref`` / ``linear_decode_ref`` on the same (dtype-rounded)
+inputs.
 
 Shapes are tiny and deliberately odd (kernels.md §4.2 / issue 4): d_in not a power of two, d_sae not
 a multiple of any block, k = 1, rows whose values are all zero, one latent active in more rows than
@@ -89,9 +90,9 @@ CASES = {
 def make_inputs(case, order, shared, dtype, seed=0):
     """Poly decode inputs in ``dtype`` (leaves, requiring grad) + int64 indices.
 
-    Row 1 is all zeros (a row with no active latent); one slot of row 0 is a padding zero that points
-    at latent 0 (so latent 0 also gets a zero-value pair); row 2 has a negative value (AuxK passes
-    raw pre-activations). Scales keep fp16 cubic terms far from overflow."""
+    Row 1 is all zeros (a row with no active latent); one slot of row 0 is a padding zero that
+    points at latent 0 (so latent 0 also gets a zero-value pair); row 2 has a negative value (AuxK
+    passes raw pre-activations). Scales keep fp16 cubic terms far from overflow."""
     N, K, F, D, (r1, r2, r3) = CASES[case]
     g = torch.Generator().manual_seed(seed)
     v = torch.rand(N, K, generator=g) + 0.1
@@ -116,7 +117,8 @@ def make_inputs(case, order, shared, dtype, seed=0):
              bias=rnd(D),
              U2=rnd(F, r2, scale=r2 ** -0.5) if (not shared and order >= 2) else None,
              U3=rnd(F, r3, scale=r3 ** -0.5) if (not shared and order >= 3) else None)
-    leaves = {k: (None if x is None else x.to(DEVICE, dtype).requires_grad_()) for k, x in t.items()}
+    leaves = {k: (None if x is None else x.to(DEVICE, dtype).requires_grad_())
+              for k, x in t.items()}
     return leaves, idx.to(DEVICE)
 
 
@@ -124,7 +126,7 @@ ARGS = ("values", "U", "C1", "C2", "C3", "lambda2", "lambda3", "bias", "U2", "U3
 
 
 def reference_grads(fn, leaves, idx, grad_out):
-    """float64 reference: the same (already dtype-rounded) inputs upcast, autograd through ``fn``."""
+    """float64 reference: the same (dtype-rounded) inputs upcast, autograd through ``fn``."""
     ref_leaves = {k: (None if x is None else x.detach().double().requires_grad_())
                   for k, x in leaves.items()}
     out = fn(ref_leaves, idx)
@@ -230,7 +232,8 @@ def test_atomic_weight_gradient_matches_sorted(shared):
     """The token-major atomic scatter (deterministic=False) gives the same dU as the sorted path."""
     leaves, idx = make_inputs("hot_latent", 3, shared, torch.float32)
     fn = poly_call(tops.poly_decode)
-    g = torch.randn(idx.shape[0], CASES["hot_latent"][3], generator=torch.Generator().manual_seed(2))
+    g = torch.randn(idx.shape[0], CASES["hot_latent"][3],
+                    generator=torch.Generator().manual_seed(2))
     _, sorted_grads = kernel_grads(fn, leaves, idx, g)
     sorted_grads = {k: v.clone() for k, v in sorted_grads.items()}
     for x in leaves.values():
@@ -270,7 +273,7 @@ def test_linear_decode_matches_reference(case, dtype):
 # ------------------------------------------------------------------------------------------------
 @isolated
 def test_reverse_index_segments():
-    """Every latent's segment lists exactly the (row, value) pairs that point at it, rows ascending."""
+    """Each latent's segment lists exactly the (row, value) pairs pointing at it, rows ascending."""
     g = torch.Generator().manual_seed(5)
     idx = torch.randint(0, 11, (17, 4), generator=g)
     vals = torch.randn(17, 4, generator=g)
@@ -363,7 +366,8 @@ def test_dispatch_env_and_missing_triton():
     """TRITON_INTERPRET=1 selects triton (this process); POLYSAE_DISABLE_TRITON=1 forces torch;
     with triton unimportable, polysae still imports and falls back to torch."""
     assert pk._TRITON is not None
-    assert _backend_in_subprocess({"TRITON_INTERPRET": "1", "POLYSAE_DISABLE_TRITON": "1"}) == "torch"
+    off = {"TRITON_INTERPRET": "1", "POLYSAE_DISABLE_TRITON": "1"}
+    assert _backend_in_subprocess(off) == "torch"
     blocked = "import sys; sys.modules['triton'] = None\n"
     assert _backend_in_subprocess({"TRITON_INTERPRET": "1", "POLYSAE_DISABLE_TRITON": ""},
                                   prelude=blocked) == "torch"
