@@ -187,7 +187,8 @@ class _TopPool:
 # -- interaction strengths ----------------------------------------------------------------------
 @torch.no_grad()
 def pair_candidates(sae, n: int, block: int = 2048) -> PairCandidates:
-    """The ``n`` pairs i < j with the largest |lambda2| * ||B_ij|| (B_ij = C2 (u_i[:R2] * u'_j)).
+    """The ``n`` pairs i < j with the largest |lambda2| * ||B_ij|| (B_ij = C2 (u_i[:R2] * u_j[:R2]);
+    with a separate U2 the symmetrised (B_ij + B_ji) / 2, as polysae.interactions defines it).
 
     ||B_ij||^2 = sum_ab G_ab u_ia u_ib u'_ja u'_jb with G = C2^T C2, i.e. p_i^T diag(g) p'_j with
     p_i = vec(u_i u_i^T): one GEMM per block of latents instead of F^2 D-vectors. With a shared U
@@ -205,27 +206,40 @@ def pair_candidates(sae, n: int, block: int = 2048) -> PairCandidates:
         a, b = torch.triu_indices(r2, r2)
         g = G[a, b] * torch.where(a == b, 1.0, 2.0)
 
-        def feats(M: Tensor) -> Tensor:
+        def right(rows: Tensor) -> Tensor:
+            M = U[rows]
             return M[:, a] * M[:, b]
-        left, right = (lambda M: feats(M) * g), feats
+
+        def left(rows: Tensor) -> Tensor:
+            return right(rows) * g
     else:
+        # separate U2: the pair's output direction is the symmetrised (B_ij + B_ji) / 2 (what
+        # polysae.interactions.pair_strength reports). With a = U[:, :R2], b = U2[:, :R2]:
+        # ||C2 (a_i*b_j + a_j*b_i) / 2||^2 = (P_a[i] g P_b[j] + P_b[i] g P_a[j]
+        #                                    + 2 M[i] g M'[j]) / 4,
+        # P_x[i] = vec(x_i x_i^T), M[i] = vec(a_i b_i^T), M'[j] = vec(b_j a_j^T).
         g = G.reshape(-1)
 
-        def left(M: Tensor) -> Tensor:
-            return (M[:, :, None] * M[:, None, :]).reshape(M.shape[0], -1) * g
+        def outer(x: Tensor, y: Tensor) -> Tensor:
+            return (x[:, :, None] * y[:, None, :]).reshape(x.shape[0], -1)
 
-        def right(M: Tensor) -> Tensor:
-            return (M[:, :, None] * M[:, None, :]).reshape(M.shape[0], -1)
+        def left(rows: Tensor) -> Tensor:
+            a, b = U[rows], U2[rows]
+            return torch.cat([outer(a, a) * g, outer(b, b) * g, 2 * outer(a, b) * g], 1) / 4
+
+        def right(rows: Tensor) -> Tensor:
+            a, b = U[rows], U2[rows]
+            return torch.cat([outer(b, b), outer(a, a), outer(b, a)], 1)
     F_ = U.shape[0]
     best_v = torch.zeros(0)
     best_i = torch.zeros(0, dtype=torch.int64)
     best_j = torch.zeros(0, dtype=torch.int64)
     for s in range(0, F_, block):
         e = min(F_, s + block)
-        P = left(U[s:e])
+        P = left(torch.arange(s, e))
         for t in range(s, F_, block):
             f = min(F_, t + block)
-            S = P @ right(U2[t:f]).T  # [bs, bt] squared norms
+            S = P @ right(torch.arange(t, f)).T  # [bs, bt] squared norms
             ii = torch.arange(s, e)[:, None]
             jj = torch.arange(t, f)[None, :]
             S = S.masked_fill(jj <= ii, float("-inf"))
@@ -670,6 +684,8 @@ def build_site_from_rows(sae, read_rows: Callable[[int, int], Tensor], n_rows: i
                 with torch.no_grad():
                     lam = float(sae.decoder.lambda2.detach())
                     atoms = lam * sae.decoder.pair_atoms(ii, jj)
+                    if getattr(sae.decoder, "U2", None) is not None:  # symmetrised, as above
+                        atoms = 0.5 * (atoms + lam * sae.decoder.pair_atoms(jj, ii))
                 u, uv, d, dv = _logit_tops(atoms, W_U, cfg.n_logit_tokens)
                 note(u.flatten().tolist())
                 note(d.flatten().tolist())
