@@ -25,6 +25,7 @@ shared/design/roofline.py (reproduced in ``roofline_ms`` below; meaningful on an
 
     .venv/bin/python benchmarks/bench_decoder.py            # CPU: reduced grid, ~2 min
     .venv/bin/python benchmarks/bench_decoder.py --quick    # one config (CI smoke / GPU sanity)
+    .venv/bin/python benchmarks/bench_decoder.py --dry-run  # gate only, Triton via the interpreter
     python benchmarks/bench_decoder.py                       # on an H100: the full grid
 
 Axes can be overridden (``--d-in 768 --d-sae 16384 65536`` ...) to split a GPU sweep across runs;
@@ -46,9 +47,13 @@ from pathlib import Path
 
 import torch
 
-import polysae.kernels as pk
-from polysae.kernels import reference as ref
-from polysae.sae import atomic_write_text
+if __name__ == "__main__" and "--dry-run" in sys.argv:
+    # The dispatch is decided when polysae.kernels is imported: ask for the interpreter first.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import polysae.kernels as pk  # noqa: E402
+from polysae.kernels import reference as ref  # noqa: E402
+from polysae.sae import atomic_write_text  # noqa: E402
 
 # --- roofline model (shared/design/roofline.py, H100 constants; decoder part only) -------------
 HBM_BW, L2_BW, P_BF16, P_FP32 = 3.0e12, 6.0e12, 800e12, 60e12
@@ -116,8 +121,9 @@ def _dense(values, indices, F):
     return ref.densify(values, indices, F)
 
 
-def providers(device):
-    """name -> (kind, fn(values, indices, p, F) -> x_hat)."""
+def providers(device, triton_ok: bool | None = None):
+    """name -> (kind, fn(values, indices, p, F) -> x_hat). Triton providers join on CUDA (or when
+    ``triton_ok``: the interpreter, for ``--dry-run``)."""
     def poly_dense(v, i, p, F):
         return ref.poly_decode_dense_ref(_dense(v, i, F), p["U"], p["C1"], p["C2"], p["C3"],
                                          p["lambda2"], p["lambda3"], p["b_dec"])
@@ -139,7 +145,9 @@ def providers(device):
         "linear_sparse": ("linear", lambda v, i, p, F: ref.linear_decode_ref(
             v, i, p["W_dec"], p["b_dec"])),
     }
-    if device.type == "cuda" and pk._TRITON is not None:
+    if triton_ok is None:
+        triton_ok = device.type == "cuda"
+    if triton_ok and pk._TRITON is not None:
         from polysae.kernels import triton_ops as tops
         out["fused_triton"] = ("poly", lambda v, i, p, F: tops.poly_decode(
             v, i, p["U"], p["C1"], p["C2"], p["C3"], p["lambda2"], p["lambda3"], p["b_dec"]))
@@ -278,11 +286,16 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=5, help="CPU timed repetitions (median)")
     ap.add_argument("--skip", default="", help="comma-separated providers to leave out")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    ap.add_argument("--dry-run", action="store_true",
+                    help="no timing: run the correctness gate of every provider, Triton included "
+                         "(interpreter on CPU), on a tiny shape, and write nothing")
     args = ap.parse_args(argv)
     device = resolve_device(args.device, "bench_decoder")
     if device is None:
         return 2
     torch.backends.cuda.matmul.allow_tf32 = False  # the reference as shipped: full fp32
+    if args.dry_run:
+        return dry_run(device)
     provs = {k: v for k, v in providers(device).items() if k not in args.skip.split(",")}
     env = environment(device)
     print(f"# device {env['device_name']}; torch {env['torch']}; triton {env['triton']}")
@@ -312,6 +325,19 @@ def main(argv=None) -> int:
               + " | " + ", ".join(f"{r} {x:.1f}x" for r, x in row["ratios_fwd_bwd"].items()),
               flush=True)
     write_results(Path(args.out), device, env, args, rows, list(provs))
+    return 0
+
+
+def dry_run(device) -> int:
+    """Gate every provider (Triton too, under the interpreter on CPU) on a tiny odd shape."""
+    provs = providers(device, triton_ok=pk._TRITON is not None)
+    gen = torch.Generator(device=device).manual_seed(0)
+    B, d, F, k, ranks = 19, 24, 67, 5, (20, 6, 5)
+    v, i = zipf_codes(B, k, F, device, gen)
+    p = make_params(d, F, ranks, device, gen)
+    g = torch.randn(B, d, device=device, generator=gen)
+    errs = gate(provs, v, i, p, F, g)
+    print("dry run, correctness gate passed: " + ", ".join(f"{n} {e:.1e}" for n, e in errs.items()))
     return 0
 
 
