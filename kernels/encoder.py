@@ -49,7 +49,6 @@ class TopKEncodeFn(torch.autograd.Function):
             return (g.mm(W.t()) if need_x else None, x.t().mm(g) if need_w else None,
                     g.sum(0) if need_b else None, None)
         dv = dv.contiguous()
-        sg.check_indices(idx, Fl)
         rev = sg.ReverseIndex(dv, idx, Fl)
         dW = db = dx = None
         if need_w:
