@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from polysae import kernels
 from polysae.config import SAEConfig
 from polysae.decoders import make_decoder
 
@@ -198,12 +199,14 @@ class SAE(nn.Module):
     def encode_sparse(self, x: Tensor) -> SparseCodes:
         """[..., D] -> SparseCodes with values/indices [N, K] and pre_acts [N, F] (N = rows)."""
         x, _ = self._flatten(x)
-        pre = self.pre_acts(x)
         cfg = self.cfg
         sp = cfg.sparsifier
         if sp == "topk":
-            v, i = pre.topk(cfg.k, dim=-1, sorted=False)
-            return SparseCodes(F.relu(v), i, pre)
+            # Same maths as pre_acts + topk + relu; on the Triton path its backward touches only the
+            # k selected latents (a dense fallback when pre itself gets a gradient, e.g. AuxK).
+            x_in = x - self.b_dec if cfg.apply_b_dec_to_input else x
+            return SparseCodes(*kernels.topk_encode(x_in, self.W_enc, self.b_enc, cfg.k))
+        pre = self.pre_acts(x)
         if sp == "relu":
             return SparseCodes(*_pack(F.relu(pre)), pre)
         if sp == "jumprelu":
