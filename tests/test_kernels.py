@@ -319,12 +319,14 @@ def test_float64_is_served_by_the_torch_path():
 # ------------------------------------------------------------------------------------------------
 # polysae.SAE uses the op transparently
 # ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("aux", [True, False], ids=["auxk", "no-auxk"])
 @pytest.mark.parametrize("decoder,shared", [("poly", True), ("poly", False), ("linear", True)],
                          ids=["poly-sharedU", "poly-separateU", "linear"])
 @isolated
-def test_sae_loss_gradients_same_on_both_backends(decoder, shared):
-    """Full SAE loss (TopK + AuxK with negative pre-activations) through the Triton path equals
-    the torch path, for every parameter's gradient."""
+def test_sae_loss_gradients_same_on_both_backends(decoder, shared, aux):
+    """Full SAE loss through the Triton path equals the torch path, for every parameter's
+    gradient: with AuxK (negative pre-activations decoded; the encoder backward goes dense) and
+    without (the k-sparse encoder backward, b_dec reaching it through x - b_dec)."""
     from polysae import SAE, SAEConfig
     torch.manual_seed(0)
     cfg = SAEConfig(d_in=23, d_sae=45, k=4, decoder=decoder, ranks=(20, 6, 5), shared_u=shared,
@@ -339,8 +341,8 @@ def test_sae_loss_gradients_same_on_both_backends(decoder, shared):
     for backend in ("torch", "triton"):
         pk.set_backend(backend)
         sae.zero_grad()
-        out = sae.loss(x, dead_mask=dead)
-        assert out.aux.item() > 0
+        out = sae.loss(x, dead_mask=dead if aux else None)
+        assert (out.aux.item() > 0) == aux
         out.loss.backward()
         grads[backend] = (out.loss.detach(), {n: p.grad.clone() for n, p in sae.named_parameters()
                                               if p.grad is not None})
