@@ -133,8 +133,10 @@ def test_weight_gradient_bitwise_reproducible():
             assert torch.equal(runs[0][k], r[k]), f"d{k} differs between runs"
 
 
-def test_sae_training_step_matches_torch_path():
-    """A polysae.SAE loss + backward on CUDA: Triton and torch paths agree for every parameter."""
+@pytest.mark.parametrize("aux", [True, False], ids=["auxk", "no-auxk"])
+def test_sae_training_step_matches_torch_path(aux):
+    """A polysae.SAE loss + backward on CUDA: Triton and torch paths agree for every parameter
+    (without AuxK the encoder backward is the k-sparse one)."""
     from polysae import SAE, SAEConfig
     torch.manual_seed(0)
     sae = SAE(SAEConfig(d_in=768, d_sae=16384, k=64, decoder="poly"), device=DEV)
@@ -144,7 +146,7 @@ def test_sae_training_step_matches_torch_path():
     for backend in ("torch", "triton"):
         pk.set_backend(backend)
         sae.zero_grad()
-        loss = sae.loss(x, dead_mask=dead).loss
+        loss = sae.loss(x, dead_mask=dead if aux else None).loss
         loss.backward()
         out[backend] = {n: p.grad.clone() for n, p in sae.named_parameters() if p.grad is not None}
     for n, gt in out["torch"].items():
