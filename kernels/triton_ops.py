@@ -1,6 +1,7 @@
-"""Triton implementations of the public decode ops: ``poly_decode`` and ``linear_decode``.
+"""Triton implementations of the public ops: ``poly_decode``, ``linear_decode``, ``topk_encode``.
 
-Same signatures and semantics as ``reference.poly_decode_ref`` / ``reference.linear_decode_ref``;
+Same signatures and semantics as ``reference.poly_decode_ref`` / ``linear_decode_ref`` /
+``topk_encode_ref`` (the encoder's backward is described in ``encoder.py``);
 imported by ``polysae.kernels`` only when Triton is usable (CUDA present or ``TRITON_INTERPRET=1``).
 
 Poly forward (one kernel + one GEMM):
