@@ -283,3 +283,13 @@ def test_local_hf_folders_llama_converts_gpt2_plain_hooks(tmp_path):
             ref = hf(toks, output_hidden_states=True).hidden_states[layer]
         got = ActivationStore(out, split="all").read_rows(0, 36)
         torch.testing.assert_close(got, ref.reshape(36, -1), atol=1e-4, rtol=1e-4)
+
+
+def test_hooks_cli_lists_names(tmp_path, capsys):
+    from polysae.__main__ import main
+
+    path = _tiny_hf(tmp_path, "llama")
+    assert main(["hooks", "--model", str(path), "--filter", "resid_post"]) == 0
+    assert capsys.readouterr().out.split() == ["blocks.0.hook_resid_post",
+                                               "blocks.1.hook_resid_post"]
+    assert main(["hooks", "--model", str(path), "--filter", "nothing-like-this"]) == 2
