@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 
 import numpy as np
 import pytest
@@ -332,3 +333,71 @@ def planted_interaction(n: int, seed: int, gain: float = 3.0):
     amp = (0.5 + torch.rand(n, 16, generator=g2)) * fire
     x = amp @ dirs + gain * (amp[:, 0] * amp[:, 1])[:, None] * e
     return x, fire[:, 0] & fire[:, 1]
+
+
+# -- CLI --------------------------------------------------------------------------------------------
+HOOK = "blocks.0.hook_resid_post"
+
+
+@pytest.fixture(scope="module")
+def acts(tmp_path_factory):
+    """A tiny harvested store: 1-layer random HookedTransformer, 40 contexts of 16 tokens."""
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    from polysae.harvest import HarvestConfig, harvest
+
+    torch.manual_seed(0)
+    model = HookedTransformer(HookedTransformerConfig(
+        n_layers=1, d_model=32, n_ctx=32, d_head=8, n_heads=4, d_vocab=300, act_fn="gelu")).eval()
+    d = tmp_path_factory.mktemp("acts")
+    tok = torch.randint(0, 300, (40, 16), generator=torch.Generator().manual_seed(1))
+    np.save(d / "t.npy", tok.numpy())
+    harvest(HarvestConfig(model="tiny", hooks=[HOOK], dataset=str(d / "t.npy"), tokens=640,
+                          ctx=16, out=str(d / "acts"), batch_size=8, shard_size=200,
+                          dtype="float32", progress=False), model=model)
+    return d / "acts"
+
+
+def cli(*argv) -> int:
+    from polysae.__main__ import main
+
+    return main([str(a) for a in argv])
+
+
+def test_cli_trains_vanilla_and_poly_and_resumes(acts, tmp_path, capsys):
+    run = tmp_path / "run"
+    common = ["--acts", acts, "--hook", HOOK, "--decoders", "linear", "poly", "--d-sae", 64,
+              "--k", 4, "--ranks", 32, 8, 8, "--steps", 6, "--batch-size", 32, "--lr", 3e-3,
+              "--checkpoint-every", 3, "--log-every", 1, "--no-progress", "--device", "cpu"]
+    assert cli("train", *common, "--out", run) == 0
+    finals = {}
+    for name, dec in (("vanilla", "linear"), ("poly", "poly")):
+        sae = polysae.load(run / name)
+        assert sae.cfg.decoder == dec and sae.cfg.d_in == 32 and sae.cfg.d_sae == 64
+        meta = json.loads((run / name / "config.json").read_text())["metadata"]
+        assert meta["hook"] == HOOK and meta["tokens_trained"] == 6 * 32
+        assert len((run / name / "metrics.jsonl").read_text().splitlines()) == 6
+        finals[name] = sae.tensors()
+        # roll back to the step-3 checkpoint, as if the run had been killed after it
+        os.replace(run / name / "trainer_state.prev.pt", run / name / "trainer_state.pt")
+    assert cli("train", "--out", run, "--resume", "--no-progress") == 0
+    for name, want in finals.items():
+        got = polysae.load(run / name).tensors()
+        for k in want:
+            assert torch.equal(got[k], want[k]), (name, k)
+    # reusing a finished run folder without --resume is refused
+    assert cli("train", *common, "--out", run) == 2
+    assert "already holds a training run" in capsys.readouterr().err
+
+
+def test_cli_errors_name_the_problem(acts, tmp_path, capsys):
+    assert cli("train", "--out", tmp_path / "r") == 2
+    assert "--acts is required" in capsys.readouterr().err
+    assert cli("train", "--acts", acts, "--hook", "blocks.9.hook_nope", "--out",
+               tmp_path / "r") == 1
+    assert "blocks.9.hook_nope" in capsys.readouterr().err
+    assert cli("train", "--out", tmp_path / "nothing", "--resume") == 2
+    assert "run.json" in capsys.readouterr().err
+    assert cli("train", "--acts", acts, "--ranks", 64, 8, 8, "--d-sae", 32, "--k", 4, "--out",
+               tmp_path / "r2", "--no-progress") == 2
+    assert "R1=64" in capsys.readouterr().err
