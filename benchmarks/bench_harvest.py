@@ -13,8 +13,9 @@ Repeats are interleaved (bare, harvest, run_with_cache, bare, ...) so load drift
 hits all three alike; the ratios reported are medians over repeats of per-repeat ratios. Two
 clocks: wall time (what a user waits) and process CPU time (the work done; on a machine shared
 with other jobs wall-clock ratios are mostly noise while CPU-time ratios stay stable; use
-``--threads 1`` there so no spinning OpenMP thread inflates CPU time). For harvest the CPU time
-covers the whole call, set-up (tokenizing, probe forward, disk check) included.
+``--threads 1`` there so no spinning OpenMP thread inflates CPU time). For harvest both clocks
+cover its forward/write loop (``HarvestResult.seconds`` / ``cpu_seconds``, the writer thread's CPU
+included), not the one-off set-up (tokenizing, probe forward, disk check).
 Goals (issue 3): harvest / bare >= 0.90 and harvest / run_with_cache >= 2.5.
 
     .venv/bin/python benchmarks/bench_harvest.py [--batches 4 --batch 16 --ctx 128 --layer 15]
@@ -101,14 +102,13 @@ def main() -> int:
         return n_tok / (time.perf_counter() - t0), n_tok / (time.process_time() - c0)
 
     def harv(tmp: Path, i: int) -> tuple[float, float]:
-        c0 = time.process_time()
         r = harvest(HarvestConfig(model="smollm2-135m", hooks=[hook], dataset="bbc",
                                   tokens=n_tok, ctx=args.ctx, out=str(tmp / f"h{i}"),
                                   batch_size=args.batch, shard_size=4 * args.batch * args.ctx,
                                   dtype=args.store_dtype, model_dtype=args.model_dtype,
                                   device=args.device, progress=False), model=lm)
         assert r.n_rows == n_tok
-        return r.tokens_per_s, n_tok / (time.process_time() - c0)
+        return r.tokens_per_s, n_tok / r.cpu_seconds
 
     bare()  # warm-up (allocator, thread pool)
     rows = []
@@ -148,7 +148,10 @@ def main() -> int:
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"harvest_{dev.type}" + ("" if args.model_dtype == "float32" else f"_{args.model_dtype}")
+    # The ratio to a full forward depends on depth (a layer-L harvest skips layers L+1.. and the
+    # LM head), so results are kept per hooked layer.
+    stem = f"harvest_{dev.type}_L{args.layer}" + (
+        "" if args.model_dtype == "float32" else f"_{args.model_dtype}")
     (out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
     md = [f"# Harvest throughput: SmolLM2-135M, {hook}, {args.model_dtype} model, "
           f"{args.store_dtype} storage",

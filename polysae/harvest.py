@@ -102,6 +102,8 @@ class HarvestResult(NamedTuple):
     """Wall time of this call's forward/write loop (0 when the folder was already complete)."""
     tokens_per_s: float
     """Tokens forwarded per second by this call."""
+    cpu_seconds: float = 0.0
+    """Process CPU time of the same loop (all threads, the writer's included)."""
 
 
 class HarvestError(ValueError):
@@ -218,7 +220,7 @@ def harvest(cfg: HarvestConfig, model: Any = None) -> HarvestResult:
     buffered = 0
     shard_index = len(manifest["shards"])
     positions = torch.arange(cfg.ctx, dtype=torch.int32)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     fed = 0
     try:
         for b in range(start_batch, n_batches):
@@ -258,12 +260,12 @@ def harvest(cfg: HarvestConfig, model: Any = None) -> HarvestResult:
         writer.stop()
         if bar is not None:
             bar.close()
-    seconds = time.perf_counter() - t0
+    seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
     done = writer.manifest
     log.info("%s: %d rows in %d shards (%d new)", out, done["n_rows"], len(done["shards"]),
              done["n_rows"] - done_rows)
     return HarvestResult(out, done["n_rows"], len(done["shards"]), d_in, seconds,
-                         fed / seconds if seconds > 0 else 0.0)
+                         fed / seconds if seconds > 0 else 0.0, cpu_seconds)
 
 
 def _gb(n: float) -> str:
