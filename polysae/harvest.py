@@ -398,6 +398,9 @@ def _maybe_kill(shard: int, stage: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+_FINISH, _STOP = object(), object()  # writer-queue sentinels
+
+
 class _ShardWriter(threading.Thread):
     """Writes shards in order and advances the manifest after each; errors surface on the main
     thread at the next batch. The queue is short so memory stays bounded when the disk is slow."""
@@ -422,17 +425,20 @@ class _ShardWriter(threading.Thread):
             raise HarvestError(f"writing shards to {self.out} failed: {self.error}") from self.error
 
     def finish(self) -> None:
-        self.q.put(None)
+        """All shards queued: write them, then mark the manifest complete."""
+        self.q.put(_FINISH)
         self.join()
         self.raise_if_failed()
 
     def stop(self) -> None:
+        """Abort (error or Ctrl-C on the main thread): shards already queued are still written
+        whole, but the manifest is never marked complete."""
         if self.is_alive():
             try:
-                self.q.put_nowait(None)
-            except queue.Full:
-                pass
-            self.join(timeout=60)
+                self.q.put(_STOP, timeout=120)
+            except queue.Full:  # pragma: no cover - writer wedged on the disk; it is a daemon
+                return
+            self.join(timeout=120)
 
     def run(self) -> None:
         from safetensors.torch import save
@@ -440,7 +446,9 @@ class _ShardWriter(threading.Thread):
         try:
             while True:
                 item = self.q.get()
-                if item is None:
+                if item is _STOP:
+                    return
+                if item is _FINISH:
                     m = dict(self.manifest, complete=True)
                     _write_manifest(self.out, m)
                     self.manifest = m

@@ -293,3 +293,28 @@ def test_hooks_cli_lists_names(tmp_path, capsys):
     assert capsys.readouterr().out.split() == ["blocks.0.hook_resid_post",
                                                "blocks.1.hook_resid_post"]
     assert main(["hooks", "--model", str(path), "--filter", "nothing-like-this"]) == 2
+
+
+def test_error_mid_harvest_leaves_resumable_incomplete_folder(model, npy, tmp_path, monkeypatch):
+    from polysae import harvest as hv
+
+    real, calls = models.capture, {"n": 0}
+
+    def flaky(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 1 + 6:  # the probe, then 6 batches (2 full shards), then a failure
+            raise RuntimeError("simulated failure")
+        return real(*a, **k)
+
+    monkeypatch.setattr(models, "capture", flaky)
+    out = tmp_path / "flaky"
+    with pytest.raises(RuntimeError, match="simulated failure"):
+        hv.harvest(cfg_for(npy, out), model=model)
+    man = json.loads((out / "manifest.json").read_text())
+    assert not man["complete"] and len(man["shards"]) == 3  # 6 batches x 64 rows = 3.84 shards
+    monkeypatch.setattr(models, "capture", real)
+    hv.harvest(cfg_for(npy, out), model=model)
+    ref = tmp_path / "ref"
+    hv.harvest(cfg_for(npy, ref), model=model)
+    for f in ref.rglob("*.safetensors"):
+        assert f.read_bytes() == (out / f.relative_to(ref)).read_bytes()
