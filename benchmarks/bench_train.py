@@ -154,8 +154,11 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=20 if cuda else 8)
     p.add_argument("--warmup", type=int, default=3 if cuda else 2)
     p.add_argument("--dead-window", type=int, default=1000)
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--out", default=str(RESULTS))
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     env = environment(device)
     res = run(args)
