@@ -448,3 +448,35 @@ def test_cli_errors_name_the_problem(acts, tmp_path, capsys):
     assert cli("train", "--acts", acts, "--ranks", 64, 8, 8, "--d-sae", 32, "--k", 4, "--out",
                tmp_path / "r2", "--no-progress") == 2
     assert "R1=64" in capsys.readouterr().err
+
+
+def test_bf16_autocast_trains_and_keeps_float32_state(tmp_path):
+    X = planted(4096)
+    torch.manual_seed(0)
+    sae = SAE(SAEConfig(16, 32, k=4, decoder="poly", ranks=(16, 8, 8)))
+    train(sae, TensorSource(X, 128), quiet(steps=150, lr=3e-3, bf16=True, log_every=10),
+          tmp_path)
+    assert all(p.dtype == torch.float32 for p in sae.parameters())
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").open()]
+    assert lines[-1]["mse"] < 0.5 * lines[0]["mse"]
+    st = torch.load(tmp_path / "trainer_state.pt", weights_only=True)
+    assert st["optimizer"]["state"][0]["exp_avg"].dtype == torch.float32
+
+
+def test_missing_optional_logger_warns_and_trains(tmp_path, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_wandb(name, *a, **kw):
+        if name == "wandb":
+            raise ImportError("no wandb here")
+        return real_import(name, *a, **kw)
+
+    monkeypatch.setattr(builtins, "__import__", no_wandb)
+    with pytest.warns(UserWarning, match="wandb is not installed"):
+        res = train(SAEConfig(16, 32, k=4), TensorSource(planted(512), 64),
+                    quiet(steps=3, log_to=("wandb",)), tmp_path)
+    assert res.steps == 3
+    with pytest.raises(ValueError, match="TrainConfig.log_to"):
+        TrainConfig(log_to=("mlflow",))
