@@ -2,7 +2,8 @@
 decoders, with and without the orthogonality retraction every step (issue 5, item 9).
 
 Variants, each its own SAE with the same width, k and batch, stepped side by side in one process
-(round-robin: one step of each variant per round, so machine-load drift hits all alike):
+(round-robin: one step of each variant per round, the order rotated every round, so
+machine-load drift and cache effects hit all alike):
 
 - ``linear``            vanilla TopK SAE (W_dec);
 - ``poly``              PolySAE, retraction every step (CholeskyQR2, the default);
@@ -78,8 +79,11 @@ def run(args) -> dict:
     batches = [(torch.randn(args.batch, args.d_in, generator=g) * 0.5 + 0.1).to(device)
                for _ in range(4)]
     times: dict[str, list[float]] = {n: [] for n in trainers}
+    names = list(trainers)
     for r in range(args.warmup + args.steps):
-        for name, tr in trainers.items():
+        # rotate the order each round so no variant always runs right after the same one
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            tr = trainers[name]
             x = batches[r % len(batches)]
             sync(device)
             t0 = time.perf_counter()
@@ -151,7 +155,7 @@ def main(argv=None) -> int:
     p.add_argument("--k", type=int, default=64 if cuda else 32)
     p.add_argument("--r2", type=int, default=64)
     p.add_argument("--batch", type=int, default=4096 if cuda else 1024)
-    p.add_argument("--steps", type=int, default=20 if cuda else 8)
+    p.add_argument("--steps", type=int, default=20 if cuda else 25)
     p.add_argument("--warmup", type=int, default=3 if cuda else 2)
     p.add_argument("--dead-window", type=int, default=1000)
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
