@@ -284,11 +284,6 @@ def stream_stats(sae, read_rows: Callable[[int, int], Tensor], n_rows: int,
     P = pi.numel()
     co = torch.zeros(P, dtype=torch.int64)
     ppool = _TopPool(max(P, 1), cfg.n_pair_contexts, 2, W)
-    if P:
-        pair_lat = torch.unique(torch.cat([pi, pj]))
-        col_of = torch.full((F_,), -1, dtype=torch.int64)
-        col_of[pair_lat] = torch.arange(pair_lat.numel())
-        ci_col, cj_col = col_of[pi], col_of[pj]
     offs = torch.arange(-L, R + 1)
     dev = sae.W_enc.device
     it = range(0, n_rows, cfg.chunk_rows)
@@ -305,6 +300,13 @@ def stream_stats(sae, read_rows: Callable[[int, int], Tensor], n_rows: int,
         codes = sae.encode_sparse(x.to(dev))
         vals = codes.values.detach().float().cpu()
         idx = codes.indices.detach().cpu()
+        # Dense codes of the window, written over the pre-activation buffer the encoder already
+        # allocated (no second [rows, d_sae] tensor): context activations and pair activations
+        # become plain gathers instead of [n, W, K] index comparisons.
+        z = codes.pre_acts.detach()
+        if z.dtype != torch.float32 or z.device.type != "cpu":
+            z = z.float().cpu()
+        z.zero_().scatter_(1, idx, vals)
         del codes
         nw = vals.shape[0]
 
@@ -313,9 +315,7 @@ def stream_stats(sae, read_rows: Callable[[int, int], Tensor], n_rows: int,
             local = rows[:, None] - ws + offs  # [n, W]
             inside = (local >= 0) & (local < nw)
             local = local.clamp(0, nw - 1)
-            vv, ii = vals[local], idx[local]  # [n, W, K]
-            hit = ii[:, None] == lat[:, :, None, None]  # [n, C, W, K]
-            return (vv[:, None] * hit).sum(-1) * inside[:, None]
+            return z[local[:, None, :], lat[:, :, None]] * inside[:, None]
 
         cv, ci = vals[s - ws:e - ws], idx[s - ws:e - ws]
         active = cv > 0
@@ -328,12 +328,8 @@ def stream_stats(sae, read_rows: Callable[[int, int], Tensor], n_rows: int,
         hist += torch.bincount(lat * B + bins, minlength=F_ * B)
         pool.offer(lat, v, r, lambda sl, rr: window_acts(sl[:, None], rr))
         if P:
-            n = e - s
-            dense = torch.zeros(n, pair_lat.numel())
-            cols = col_of[lat]
-            m = cols >= 0
-            dense[(r - s)[m], cols[m]] = v[m]
-            a_i, a_j = dense[:, ci_col], dense[:, cj_col]  # [n, P]
+            zc = z[s - ws:e - ws]
+            a_i, a_j = zc[:, pi], zc[:, pj]  # [n, P]
             both = (a_i > 0) & (a_j > 0)
             co += both.sum(0)
             rr, pp = both.nonzero(as_tuple=True)
