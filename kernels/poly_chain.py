@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .sparse_gather import BLOCK_N, _block_r
+from .sparse_gather import BLOCK_N, NUM_WARPS, _block_r
 
 
 @triton.jit
@@ -109,6 +109,7 @@ def poly_chain_backward(dH, H, A2, A3, lambda2, lambda3, r1: int, r2: int, r3: i
             dummy if A2 is None else A2.contiguous(), dummy if A3 is None else A3.contiguous(),
             dummy if lambda2 is None else lambda2, dummy if lambda3 is None else lambda3,
             da1, dummy if da2 is None else da2, dummy if da3 is None else da3, partials,
-            N, r1, r2, r3, ORDER=order, SHARED=shared, BLOCK_N=BLOCK_N, BLOCK_C=bc, num_warps=4)
+            N, r1, r2, r3, ORDER=order, SHARED=shared, BLOCK_N=BLOCK_N, BLOCK_C=bc,
+            num_warps=NUM_WARPS)
     dl = partials.sum(1)  # fixed-order reduction of per-program partials: deterministic
     return (da1, da2, da3, dl[0] if order >= 2 else None, dl[1] if order >= 3 else None)

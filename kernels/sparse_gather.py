@@ -30,11 +30,14 @@ import triton.language as tl
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "") == "1"
 
-# Block sizes. On a GPU: 32 rows x 128 columns of fp32 accumulators per program (x3 in three-U mode)
-# stays in registers with 4 warps; these are the flex-sae/sparsify ranges (kernels.md §4.3 item 4).
-# Not autotuned: multi-config autotune needs a GPU benchmarker; the grid is set by N and R anyway.
+# Block sizes. 16 rows x 128 columns per program with 8 warps: ptxas (sm_90, triton 3.7.1) reports
+# 128-153 registers and no spills for every kernel here, three-U included; 32 rows x 4 warps used
+# 255 registers and spilled in the three-U gather, the SDDMM and the chain kernel. (These are the
+# flex-sae/sparsify ranges, kernels.md §4.3 item 4.) Not autotuned: multi-config autotune needs a
+# GPU benchmarker, and the grid is set by N and R anyway.
 # TODO(gpu): sweep BLOCK_N in {16, 32, 64} x BLOCK_R in {64, 128, 256} on an H100 and pin the best.
-BLOCK_N = 32
+BLOCK_N = 16
+NUM_WARPS = 8
 BLOCK_R = 128
 BLOCK_P = 32  # sorted (row, value) pairs reduced per iteration in the feature-major scatter
 
@@ -173,7 +176,7 @@ def _launch_gather(values, indices, w1, w2, w3, order, bias, lambda2, lambda3, R
         h, dummy if a2 is None else a2, dummy if a3 is None else a3,
         N, K, R1, R2, R3, HW,
         ORDER=order, SHARED=shared, HAS_BIAS=bias is not None,
-        BLOCK_N=BLOCK_N, BLOCK_C=bc, num_warps=4,
+        BLOCK_N=BLOCK_N, BLOCK_C=bc, num_warps=NUM_WARPS,
     )
     return h, a2, a3
 
@@ -226,7 +229,7 @@ def gather_dot(grads, weights, indices):
             g = g.contiguous()
         _gather_dot_kernel[(triton.cdiv(N, BLOCK_N),)](
             g, g.stride(0), w.contiguous(), indices, out, N, K, R,
-            ACCUMULATE=i > 0, BLOCK_N=BLOCK_N, BLOCK_C=_block_r(R), num_warps=4)
+            ACCUMULATE=i > 0, BLOCK_N=BLOCK_N, BLOCK_C=_block_r(R), num_warps=NUM_WARPS)
     return out
 
 
@@ -333,11 +336,11 @@ def scatter_weight_grad(grad, rev: ReverseIndex | None, values, indices, n_laten
             return out
         _segment_reduce_kernel[(n_latents, triton.cdiv(R, bc))](
             grad, grad.stride(0), rev.rows, rev.vals, rev.offsets, out, out.stride(0),
-            out.stride(1), R, BLOCK_P=BLOCK_P, BLOCK_C=bc, num_warps=4)
+            out.stride(1), R, BLOCK_P=BLOCK_P, BLOCK_C=bc, num_warps=NUM_WARPS)
         return out
     out = torch.zeros(n_latents, R, device=grad.device, dtype=torch.float32)
     if N:
         _scatter_atomic_kernel[(triton.cdiv(N, BLOCK_N), triton.cdiv(R, bc))](
             grad, grad.stride(0), values.contiguous(), indices.contiguous(), out, N,
-            indices.shape[1], R, BLOCK_N=BLOCK_N, BLOCK_C=bc, num_warps=4)
+            indices.shape[1], R, BLOCK_N=BLOCK_N, BLOCK_C=bc, num_warps=NUM_WARPS)
     return out.to(dtype)

@@ -7,7 +7,7 @@ inputs.
 
 Shapes are tiny and deliberately odd (kernels.md §4.2 / issue 4): d_in not a power of two, d_sae not
 a multiple of any block, k = 1, rows whose values are all zero, one latent active in more rows than
-a reduction block (BLOCK_P = 32) holds, N crossing the BLOCK_N = 32 row block, R1 > BLOCK_R = 128
+a reduction block (BLOCK_P = 32) holds, N crossing the BLOCK_N = 16 row block, R1 > BLOCK_R = 128
 (two column blocks), unequal ranks, negative values (AuxK) and padding zeros.
 
 Crash isolation: an out-of-bounds load segfaults the interpreter. Every kernel test body runs in a
@@ -438,3 +438,60 @@ def test_bench_decoder_dry_run_gates_every_provider(capsys):
     assert bench_decoder.dry_run(torch.device(DEVICE)) == 0
     line = capsys.readouterr().out
     assert "fused_triton" in line and "linear_triton" in line
+
+
+# ------------------------------------------------------------------------------------------------
+# Compiled mode without a GPU: every kernel lowers to an sm_90 cubin
+# ------------------------------------------------------------------------------------------------
+_COMPILE_SCRIPT = r'''
+import os, sys
+os.environ.pop("TRITON_INTERPRET", None)
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from polysae.kernels import poly_chain as pc, sparse_gather as sg
+
+def ptr(dt, *names):
+    return {n: "*" + dt for n in names}
+
+def build(fn, types, consts):
+    sig = {n: ("constexpr" if n in consts else types.get(n, "i32")) for n in fn.arg_names}
+    k = triton.compile(ASTSource(fn, sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
+                       options={"num_warps": sg.NUM_WARPS})
+    assert len(k.asm["cubin"]) > 0
+
+B = dict(BLOCK_N=sg.BLOCK_N, BLOCK_C=128)
+for dt in ("fp32", "bf16"):
+    g = {**ptr(dt, "val_ptr", "w1_ptr", "w2_ptr", "w3_ptr", "bias_ptr", "lam2_ptr", "lam3_ptr",
+               "h_ptr", "a2_ptr", "a3_ptr"), "idx_ptr": "*i64"}
+    for order, shared, bias in ((3, True, False), (3, False, False), (1, True, True)):
+        build(sg._gather_fwd_kernel, g, dict(ORDER=order, SHARED=shared, HAS_BIAS=bias, **B))
+    build(sg._gather_dot_kernel, {**ptr("fp32", "g_ptr", "out_ptr"), **ptr(dt, "w_ptr"),
+                                  "idx_ptr": "*i64"}, dict(ACCUMULATE=True, **B))
+    build(sg._segment_reduce_kernel, {**ptr("fp32", "g_ptr"), **ptr(dt, "vals_ptr", "out_ptr"),
+                                      "rows_ptr": "*i64", "offs_ptr": "*i64"},
+          dict(BLOCK_P=sg.BLOCK_P, BLOCK_C=128))
+    for shared in (True, False):
+        build(pc._poly_chain_bwd_kernel,
+              {**ptr(dt, "dh_ptr", "h_ptr", "a2_ptr", "a3_ptr", "lam2_ptr", "lam3_ptr"),
+               **ptr("fp32", "da1_ptr", "da2_ptr", "da3_ptr", "dl_ptr")},
+              dict(ORDER=3, SHARED=shared, **B))
+build(sg._scatter_atomic_kernel, {**ptr("fp32", "g_ptr", "val_ptr", "out_ptr"), "idx_ptr": "*i64"},
+      B)
+print("compiled")
+'''
+
+
+def test_kernels_compile_for_sm90_without_a_gpu():
+    """The interpreter never lowers the kernels, so type errors of compiled mode (loop-bound types,
+    constexpr branches, casts on store) would only surface on a GPU. Lower every kernel variant
+    (fp32 and bf16, shared/separate U, each order family) to an sm_90 cubin with the ptxas bundled
+    in the triton wheel, in a subprocess without TRITON_INTERPRET."""
+    import triton
+    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    if not ptxas.exists():
+        pytest.skip("this triton wheel ships no ptxas")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert res.returncode == 0 and "compiled" in res.stdout, res.stderr[-4000:]
