@@ -452,6 +452,8 @@ class Trainer:
                 self.batch_in_epoch += 1
                 if self.total_steps is None and self.cfg.tokens is not None:
                     self.total_steps = math.ceil(self.cfg.tokens / (x.shape[0] * self.world_size))
+                    if bar is not None:
+                        bar.total = self.total_steps
                 done = self._done()
                 self._after_step(out, bar, final=done)
                 if callback is not None:
