@@ -480,3 +480,15 @@ def test_missing_optional_logger_warns_and_trains(tmp_path, monkeypatch):
     assert res.steps == 3
     with pytest.raises(ValueError, match="TrainConfig.log_to"):
         TrainConfig(log_to=("mlflow",))
+
+
+def test_stopping_rules(tmp_path):
+    X = planted(640)
+    src = TensorSource(X, 64)  # 10 batches per epoch
+    assert train(SAEConfig(16, 32, k=4), src, quiet(tokens=1000)).steps == 16  # ceil(1000/64)
+    assert train(SAEConfig(16, 32, k=4), src, quiet()).steps == 10  # one pass
+    assert train(SAEConfig(16, 32, k=4), src, quiet(steps=25)).tokens == 25 * 64  # 3 epochs
+    once = iter([X[:64], X[64:128]])  # a single-use iterator ends the run early
+    assert train(SAEConfig(16, 32, k=4), once, quiet(steps=25)).steps == 2
+    with pytest.raises(ValueError, match="no batches"):
+        train(SAEConfig(16, 32, k=4), [], quiet(steps=5))
