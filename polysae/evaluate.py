@@ -1,0 +1,386 @@
+"""Evaluation orchestration: reconstruction, probing F1, Wasserstein separation, interactions and
+steering for one or more SAEs on the same model, hook and data, plus the report.
+
+    from polysae import evaluate
+    metrics = evaluate({"vanilla": "runs/x/vanilla", "poly": "runs/x/poly"}, out="eval/x")
+
+Every SAE sees exactly the same held-out tokens, probing texts and steering prompts; model
+activations are computed once and shared. Stages and their definitions live in
+:mod:`polysae.reconstruction`, :mod:`polysae.probing`, :mod:`polysae.wasserstein`,
+:mod:`polysae.interactions` and :mod:`polysae.steering`; :mod:`polysae.report` writes the files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from polysae.sae import SAE
+
+
+@dataclass
+class EvalConfig:
+    """What to evaluate and how much data to use. Defaults keep a SmolLM2 run with two small SAEs
+    to ~2-3 minutes on 2 CPU cores; raise the sizes for publication-grade numbers (SAEBench:
+    ``probe_train_per_class=4000, probe_test_per_class=1000, probe_ctx=128``)."""
+
+    datasets: tuple[str, ...] = ("bbc", "tweets", "fortunes")
+    """Probing datasets: bundled corpus names or local labelled .csv/.jsonl files."""
+    probe_train_per_class: int = 32
+    """Training documents per class (positives of its one-vs-rest task)."""
+    probe_test_per_class: int = 16
+    """Test documents per class."""
+    probe_ctx: int = 64
+    """Tokens per probing text including BOS (SAEBench: 128)."""
+    ks: tuple[int, ...] = (1, 2, 5)
+    """Probe sparsities k (top-k latents by |mean difference|)."""
+    seed: int = 0
+    """Seed of the probing splits, negative sampling and live held-out document order."""
+    recon_tokens: int = 8192
+    """Held-out tokens for reconstruction, density and interaction statistics."""
+    live_dataset: str | None = None
+    """Text source of the live held-out set when no activation store is given (default: the
+    checkpoint's training dataset if recorded, else ``bbc``)."""
+    live_ctx: int = 64
+    """Context length of live held-out contexts (each starts with BOS, which is not scored)."""
+    ce_contexts: int = 16
+    """Contexts (of ``live_ctx`` tokens) for CE/KL loss recovered."""
+    interactions: bool = True
+    """Compute co-occurrence statistics and top interacting pairs."""
+    n_pairs: int = 10
+    """Top pairs listed in the report (with contexts)."""
+    n_pair_contexts: int = 3
+    """Contexts shown per pair."""
+    min_pair_count: int = 2
+    """Minimum co-occurrence count for a pair to be listed."""
+    steering: bool = True
+    """Run the steering protocol (needs a tokenizer)."""
+    alpha_scales: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0)
+    """Steering strengths as multiples of the median hook-activation norm."""
+    saebench_batch_tokens: int = 2048
+    """Batch size in tokens behind SAEBench's MSE normalisation (16 prompts x 128)."""
+    dense_threshold: float = 0.1
+    """Latent density above which a latent counts as dense."""
+    batch_size: int = 16
+    """Texts or contexts per model forward."""
+    device: str = "cpu"
+    """Device for the model and SAEs."""
+    progress: bool = True
+    """Show progress bars on stderr."""
+
+
+def _bar(cfg: EvalConfig, total: int, desc: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, disable=not cfg.progress, file=sys.stderr, leave=False)
+
+
+def _load_saes(saes: Any, device: str) -> tuple[dict[str, SAE], dict[str, dict]]:
+    """Normalise SAE arguments to {name: SAE} and {name: metadata}."""
+    from polysae.sae import load_checkpoint
+
+    if isinstance(saes, (SAE, str, os.PathLike)):
+        saes = {"sae": saes}
+    out, meta = {}, {}
+    for name, s in saes.items():
+        if isinstance(s, SAE):
+            out[name], meta[name] = s.to(device).eval(), {}
+        else:
+            out[name], meta[name] = load_checkpoint(s, device=device)
+            meta[name] = dict(meta[name], path=str(s))
+    if not out:
+        raise ValueError("evaluate: no SAE given")
+    return out, meta
+
+
+def _describe(sae: SAE, meta: dict) -> dict[str, Any]:
+    c = sae.cfg
+    return {"path": meta.get("path"), "decoder": c.decoder, "sparsifier": c.sparsifier,
+            "d_in": c.d_in, "d_sae": c.d_sae, "k": c.k,
+            "ranks": list(c.ranks) if c.decoder == "poly" else None,
+            "order": c.order if c.decoder == "poly" else 1,
+            "params": sae.param_counts()._asdict(),
+            "tokens_trained": meta.get("tokens_trained")}
+
+
+def _special_ids(tokenizer: Any) -> list[int]:
+    if tokenizer is None:
+        return []
+    from polysae.data import special_tokens
+
+    return sorted(special_tokens(tokenizer, "decoder").all_ids)
+
+
+def _live_heldout(model, tokenizer, hook, cfg: EvalConfig, dataset: str):
+    """Held-out contexts from a live model: rows of non-special tokens + token table."""
+    from polysae.data import build_chunks
+    from polysae.models import capture
+
+    # 20% spare contexts: document separators (EOS) inside contexts are special and dropped.
+    n_ctx = -(-cfg.recon_tokens * 6 // (5 * (cfg.live_ctx - 1))) + 1
+    # A seed different from harvesting's default reorders the corpus, so these contexts come
+    # mostly from documents the SAE was not trained on (not guaranteed: pass --acts for a true
+    # held-out split).
+    chunks = build_chunks(dataset, tokenizer, cfg.live_ctx, max(n_ctx, cfg.ce_contexts),
+                          seed=cfg.seed + 1000)
+    special = torch.tensor(_special_ids(tokenizer), dtype=torch.long)
+    rows, toks, docs = [], [], []
+    bar = _bar(cfg, chunks.tokens.shape[0], "held-out activations")
+    dev = next(model.parameters()).device
+    with torch.inference_mode():
+        kept = 0
+        for s in range(0, min(n_ctx, chunks.tokens.shape[0]), cfg.batch_size):
+            if kept >= cfg.recon_tokens:
+                break
+            t = chunks.tokens[s:s + cfg.batch_size]
+            a = capture(model, t.to(dev), [hook])[hook].float().cpu()
+            keep = ~torch.isin(t, special)
+            keep[:, 0] = False  # position 0 is BOS / attention sink under every BOS policy
+            rows.append(a[keep])
+            toks.append(t[keep])
+            kept += int(keep.sum())
+            # Context-local document ids keep rendered contexts from crossing contexts.
+            docs.append((chunks.doc_ids[s:s + cfg.batch_size] * 100000
+                         + torch.arange(s, s + t.shape[0])[:, None])[keep])
+            bar.update(t.shape[0])
+    bar.close()
+    return (torch.cat(rows)[:cfg.recon_tokens], torch.cat(toks)[:cfg.recon_tokens],
+            torch.cat(docs)[:cfg.recon_tokens], chunks.tokens[:cfg.ce_contexts],
+            f"live:{dataset} (seed {cfg.seed + 1000}, ctx {cfg.live_ctx})")
+
+
+def _store_heldout(acts: str, hook: str, cfg: EvalConfig):
+    from polysae.store import ActivationStore
+
+    st = ActivationStore(acts, hook, split="val", batch_size=4096, shuffle=False)
+    n = min(cfg.recon_tokens, st.n_rows)
+    rows = st.read_rows(0, n).float()
+    info = st.tokens()
+    doc = info.doc_ids[:n]
+    return rows, info.token_ids[:n], doc, f"store:{acts} (split val, {n} of {st.n_rows} rows)"
+
+
+def evaluate(saes: Any, *, model: Any = None, hook: str | None = None, acts: str | None = None,
+             out: str | os.PathLike | None = None, config: EvalConfig | None = None,
+             tokenizer: Any = None) -> dict[str, Any]:
+    """Evaluate SAEs side by side and return the metrics dict (written with the report when
+    ``out`` is given).
+
+    Args:
+        saes: an SAE, a checkpoint folder, or a mapping name -> SAE/folder (e.g. ``{"vanilla":
+            ..., "poly": ...}``); names become the report's columns.
+        model: a :class:`polysae.models.LoadedModel`, a HookedTransformer, or a model name for
+            :func:`polysae.models.load_model`; default: the checkpoint metadata's ``model``.
+        hook: hook name; default: the checkpoint metadata's ``hook``.
+        acts: an activation store folder; its ``val`` split is the held-out set. Without it a
+            small held-out set is harvested live.
+        out: folder for ``metrics.json``, ``report.md`` and plots.
+        config: sizes and switches (:class:`EvalConfig`).
+        tokenizer: needed with a bare HookedTransformer that has none attached.
+    """
+    cfg = config or EvalConfig()
+    models, metas = _load_saes(saes, cfg.device)
+    first_meta = next(iter(metas.values()))
+    hook = hook or first_meta.get("hook")
+    if hook is None:
+        raise ValueError("evaluate: no hook given and the checkpoint metadata records none "
+                         "(pass hook= / --hook)")
+    if model is None:
+        model = first_meta.get("model")
+        if model is None:
+            raise ValueError("evaluate: no model given and the checkpoint metadata records none "
+                             "(pass model= / --model)")
+    model_name = model if isinstance(model, str) else getattr(model, "name", None)
+    if isinstance(model, str):
+        from polysae.models import load_model
+
+        print(f"[eval] loading model {model}", file=sys.stderr)
+        model = load_model(model, device=cfg.device)
+    if hasattr(model, "tokenizer") and hasattr(model, "kind"):  # LoadedModel
+        if model.kind != "decoder":
+            raise ValueError(f"evaluate: model kind {model.kind!r} is not supported (CE recovered, "
+                             f"probing and steering need a decoder HookedTransformer)")
+        tokenizer = tokenizer or model.tokenizer
+        model = model.model
+    tokenizer = tokenizer or getattr(model, "tokenizer", None)
+    model_name = model_name or getattr(getattr(model, "cfg", None), "model_name", None)
+    from polysae.models import check_hooks
+
+    check_hooks(model, [hook])
+    width = _hook_width(model, hook)
+    for name, sae in models.items():
+        if sae.cfg.d_in != width:
+            raise ValueError(f"SAE {name!r} has d_in={sae.cfg.d_in} but hook {hook!r} of the "
+                             f"model has width {width}")
+    specials = _special_ids(tokenizer)
+    result: dict[str, Any] = {
+        "schema_version": 1,
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "polysae_version": _version(), "torch_version": torch.__version__,
+        "model": model_name, "hook": hook, "device": cfg.device,
+        "config": _jsonable(dataclasses.asdict(cfg)),
+        "saes": {n: {"info": _describe(s, metas[n])} for n, s in models.items()},
+    }
+    plots: dict[str, Any] = {"pairs": {}, "density": {}}
+
+    # -- held-out activations --------------------------------------------------------------
+    if acts is not None:
+        rows, tok_ids, doc_ids, source = _store_heldout(acts, hook, cfg)
+        ce_tokens = None
+        if tokenizer is not None:
+            ds = cfg.live_dataset or first_meta.get("dataset") or "bbc"
+            from polysae.data import build_chunks
+
+            ce_tokens = build_chunks(ds if _is_text_source(ds) else "bbc", tokenizer,
+                                     cfg.live_ctx, cfg.ce_contexts, seed=cfg.seed + 1000).tokens
+    else:
+        if tokenizer is None:
+            raise ValueError("evaluate: without an activation store (acts=/--acts) a tokenizer is "
+                             "needed to harvest held-out text")
+        ds = cfg.live_dataset or first_meta.get("dataset") or "bbc"
+        if not _is_text_source(ds):
+            ds = "bbc"
+        rows, tok_ids, doc_ids, ce_tokens, source = _live_heldout(model, tokenizer, hook, cfg, ds)
+    result["held_out"] = {"source": source, "n_tokens": int(rows.shape[0])}
+    to_string = (lambda t: tokenizer.decode(t.tolist())) if tokenizer is not None else (
+        lambda t: " ".join(str(int(v)) for v in t))
+
+    from polysae import interactions as inter
+    from polysae.reconstruction import ce_recovered, reconstruction_stats, stats_dict
+
+    for name, sae in models.items():
+        print(f"[eval] {name}: reconstruction", file=sys.stderr)
+        st = reconstruction_stats(sae, torch.split(rows, 4096),
+                                  saebench_batch_tokens=cfg.saebench_batch_tokens,
+                                  dense_threshold=cfg.dense_threshold)
+        ce = None
+        if ce_tokens is not None and cfg.ce_contexts > 0:
+            ce = ce_recovered(model, hook, ce_tokens, lambda a, s=sae: s(a.to(s.W_enc.dtype)),
+                              specials, batch_size=max(1, cfg.batch_size // 2))
+        result["saes"][name]["reconstruction"] = stats_dict(st, ce, cfg.saebench_batch_tokens,
+                                                            cfg.dense_threshold)
+        plots["density"][name] = st.density
+        if cfg.interactions:
+            print(f"[eval] {name}: interactions", file=sys.stderr)
+            ps = inter.cooccurrence(sae, torch.split(rows, 4096))
+            strength = None
+            is_poly = sae.cfg.decoder == "poly" and sae.cfg.order >= 2
+            if is_poly:
+                strength = inter.pair_strength(sae, ps.i, ps.j)
+            block = inter.correlations(ps, strength)
+            pairs = inter.top_pairs(sae, None, n=cfg.n_pairs, min_count=cfg.min_pair_count,
+                                    stats=ps)
+            ctx_rows = inter.top_pair_rows(sae, torch.split(rows, 4096), pairs,
+                                           n=cfg.n_pair_contexts)
+            block["definition"] = ("polysae's own (the paper publishes no code): strength = "
+                                   "|lambda2|*||B_ij||, N_ij = held-out tokens with both latents "
+                                   "active, cov = Cov(z_i, z_j)")
+            block["top_pairs"] = [
+                dict(p._asdict(), contexts=[inter.render_context(tok_ids, doc_ids, r, to_string)
+                                            for r, _ in rr])
+                for p, rr in zip(pairs, ctx_rows)]
+            result["saes"][name]["interactions"] = _jsonable(block)
+            plots["pairs"][name] = (ps.count, strength if strength is not None else ps.cov,
+                                    "strength" if is_poly else "cov")
+
+    # -- probing ------------------------------------------------------------------------------
+    if cfg.datasets:
+        if tokenizer is None:
+            raise ValueError("evaluate: probing needs a tokenizer (set datasets=() to skip)")
+        _probing(models, model, tokenizer, hook, cfg, specials, result)
+
+    # -- steering -----------------------------------------------------------------------------
+    if cfg.steering and tokenizer is not None:
+        from polysae.steering import steering_eval
+
+        print("[eval] steering", file=sys.stderr)
+        result["steering"] = steering_eval(model, hook, models, alpha_scales=cfg.alpha_scales)
+
+    if out is not None:
+        from polysae.report import write_report
+
+        write_report(result, out, plots)
+    return result
+
+
+def _probing(models, model, tokenizer, hook, cfg, specials, result) -> None:
+    from polysae.corpora import load_corpus
+    from polysae.probing import (aggregate, collect_text_acts, make_split, pool_texts,
+                                 probe_dataset, tokenize_texts)
+
+    per: dict[str, dict[str, Any]] = {n: {} for n in [*models, "__acts__"]}
+    sizes = {}
+    for ds in cfg.datasets:
+        docs = load_corpus(ds)
+        labels_all = [d.label for d in docs]
+        split = make_split(labels_all, cfg.probe_train_per_class, cfg.probe_test_per_class,
+                           seed=cfg.seed)
+        used = sorted(split.train + split.test)
+        pos = {d: k for k, d in enumerate(used)}
+        labels = [labels_all[i] for i in used]
+        sub = type(split)([pos[i] for i in split.train], [pos[i] for i in split.test])
+        toks = tokenize_texts(tokenizer, [docs[i].text for i in used], cfg.probe_ctx)
+        bar = _bar(cfg, len(toks), f"probing texts ({ds})")
+        pooled = collect_text_acts(model, hook, toks, specials, batch_size=cfg.batch_size,
+                                   pad_id=getattr(tokenizer, "pad_token_id", None) or 0,
+                                   progress=bar.update)
+        bar.close()
+        sizes[ds] = {"train_docs": len(sub.train), "test_docs": len(sub.test),
+                     "classes": sorted(set(labels)), "tokens": pooled.n_tokens}
+        print(f"[eval] probing {ds}: {len(used)} texts, {pooled.n_tokens} tokens", file=sys.stderr)
+        for name, sae in [*models.items(), ("__acts__", None)]:
+            enc = None if sae is None else (lambda a, s=sae: s.encode(a.to(s.W_enc.dtype)))
+            feats = pool_texts(pooled, enc)
+            per[name][ds] = probe_dataset(feats, labels, sub, ks=cfg.ks, seed=cfg.seed)
+    for name in models:
+        result["saes"][name]["probing"] = {"datasets": per[name], **aggregate(per[name], cfg.ks)}
+    result["activations_baseline"] = {"probing": {"datasets": per["__acts__"],
+                                                  **aggregate(per["__acts__"], cfg.ks)}}
+    result["probing_sizes"] = sizes
+
+
+def _is_text_source(name: str) -> bool:
+    from polysae.corpora import CORPORA
+
+    return name in CORPORA or Path(name).suffix.lower() in (".txt", ".jsonl", ".csv") and \
+        Path(name).exists()
+
+
+def _hook_width(model: Any, hook: str) -> int:
+    """Width of a hook's activation from a 2-token probe forward."""
+    from polysae.models import capture
+
+    tok = torch.zeros(1, 2, dtype=torch.long, device=next(model.parameters()).device)
+    with torch.inference_mode():
+        return int(capture(model, tok, [hook])[hook].shape[-1])
+
+
+def _version() -> str:
+    import polysae
+
+    return polysae.__version__
+
+
+def _jsonable(x: Any) -> Any:
+    """Tuples -> lists, tensors -> lists, NaN -> None, recursively (strict JSON)."""
+    import math
+
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, torch.Tensor):
+        return _jsonable(x.tolist())
+    if isinstance(x, float) and (math.isnan(x) or math.isinf(x)):
+        return None
+    return x
+
+
+__all__ = ["EvalConfig", "evaluate"]
