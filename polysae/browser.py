@@ -533,9 +533,13 @@ class _Text(NamedTuple):
 
 
 def _contexts(rows: Tensor, token_ids: Tensor | None, doc_ids: Tensor | None, L: int, R: int,
-              text: TokenText | None) -> tuple[Tensor, Tensor, dict]:
-    """rows [..., T] -> (window token ids [..., T, W] with -1 outside the row's document,
-    valid mask, overrides {flat index: pieces} for windows holding a split character)."""
+              text: TokenText | None, positions: Tensor | None = None
+              ) -> tuple[Tensor, Tensor, dict]:
+    """rows [..., T] -> (window token ids [..., T, W] with -1 outside the row's document and
+    forward context, valid mask, overrides {flat index: pieces} for windows holding a split
+    character). With ``positions`` a window also stops where the context position does not
+    advance by one per row (a new forward context, e.g. after a chunk's BOS), since tokens there
+    were not seen by the model together with the peak token."""
     shape = rows.shape
     rows = rows.reshape(-1)
     offs = torch.arange(-L, R + 1)
@@ -548,6 +552,8 @@ def _contexts(rows: Tensor, token_ids: Tensor | None, doc_ids: Tensor | None, L:
     wc = w.clamp(0, n - 1)
     if doc_ids is not None:
         ok &= doc_ids[wc] == doc_ids[rows.clamp(0, n - 1)][:, None]
+    if positions is not None:
+        ok &= (positions[wc] - positions[rows.clamp(0, n - 1)][:, None]) == offs
     toks = torch.where(ok, token_ids[wc], torch.full_like(wc, -1))
     ov: dict[int, list[str]] = {}
     if text is not None:
@@ -570,11 +576,12 @@ def build_site_from_rows(sae, read_rows: Callable[[int, int], Tensor], n_rows: i
                          doc_ids: Tensor | None = None, tokenizer=None, W_U: Tensor | None = None,
                          report: dict | None = None, config: BrowseConfig | None = None,
                          meta: dict | None = None, progress: bool = False,
-                         timings: dict | None = None) -> Path:
+                         timings: dict | None = None, positions: Tensor | None = None) -> Path:
     """Build the site from a row reader; see the module docstring. Returns ``out_dir``.
 
     ``token_ids`` / ``doc_ids`` [n_rows] int64 align with the rows (contexts stay inside one
-    document); ``tokenizer`` (``.decode(list[int]) -> str``) turns them into text; ``W_U``
+    document); ``positions`` [n_rows] (position in the forward context) keeps them inside one
+    forward context; ``tokenizer`` (``.decode(list[int]) -> str``) turns them into text; ``W_U``
     [d_in, vocab] gives the promoted / suppressed tokens. The site is written to a temporary
     folder beside ``out_dir`` and renamed into place at the end. ``timings``, when given, receives
     the seconds spent in each stage (pairs, pass, logits, write)."""
@@ -590,7 +597,7 @@ def build_site_from_rows(sae, read_rows: Callable[[int, int], Tensor], n_rows: i
     out = Path(out_dir)
     if n_rows < 1:
         raise ValueError(f"browser: no activation rows to browse (n_rows={n_rows})")
-    for name, t in (("token_ids", token_ids), ("doc_ids", doc_ids)):
+    for name, t in (("token_ids", token_ids), ("doc_ids", doc_ids), ("positions", positions)):
         if t is not None and t.shape != (n_rows,):
             raise ValueError(f"browser: {name} has shape {tuple(t.shape)}, expected ({n_rows},)")
     if W_U is not None and W_U.shape[0] != sae.cfg.d_in:
@@ -647,7 +654,8 @@ def build_site_from_rows(sae, read_rows: Callable[[int, int], Tensor], n_rows: i
         fires: list[list[str]] = []
         for sh in range(n_shards):
             a, b = sh * cfg.shard_size, min(F_, (sh + 1) * cfg.shard_size)
-            toks, ok, ov = _contexts(st.top_row[a:b], token_ids, doc_ids, L, R, text)
+            toks, ok, ov = _contexts(st.top_row[a:b], token_ids, doc_ids, L, R, text,
+                                     positions)
             note(torch.unique(toks).tolist())
             m = torch.isfinite(st.top_val[a:b])
             if token_ids is not None:
@@ -665,7 +673,8 @@ def build_site_from_rows(sae, read_rows: Callable[[int, int], Tensor], n_rows: i
         # pairs
         if sel.numel():
             ii, jj = pairs.i[sel], pairs.j[sel]
-            toks, ok, ov = _contexts(st.pair_row[sel], token_ids, doc_ids, L, R, text)
+            toks, ok, ov = _contexts(st.pair_row[sel], token_ids, doc_ids, L, R, text,
+                                     positions)
             note(torch.unique(toks).tolist())
             pm = torch.stack([mx[ii], mx[jj]], 1).clamp_min(1e-12)[:, None, :, None]
             q = torch.round(st.pair_ctx[sel].clamp(min=0) / pm * 100).clamp(0, 100).long()
@@ -768,14 +777,16 @@ def _swap_into_place(tmp: Path, out: Path) -> None:
 def build_site_from_arrays(sae, acts: Tensor, out_dir: str | os.PathLike, *,
                            token_ids: Tensor | None = None, doc_ids: Tensor | None = None,
                            tokenizer=None, W_U: Tensor | None = None, report: dict | None = None,
-                           config: BrowseConfig | None = None, meta: dict | None = None) -> Path:
+                           config: BrowseConfig | None = None, meta: dict | None = None,
+                           positions: Tensor | None = None) -> Path:
     """:func:`build_site_from_rows` over an in-memory [N, d_in] tensor."""
     if acts.ndim != 2 or acts.shape[1] != sae.cfg.d_in:
         raise ValueError(f"browser: acts has shape {tuple(acts.shape)}, expected [N, d_in="
                          f"{sae.cfg.d_in}]")
     return build_site_from_rows(sae, lambda a, b: acts[a:b], acts.shape[0], out_dir,
                                 token_ids=token_ids, doc_ids=doc_ids, tokenizer=tokenizer,
-                                W_U=W_U, report=report, config=config, meta=meta)
+                                W_U=W_U, report=report, config=config, meta=meta,
+                                positions=positions)
 
 
 def residual_space(hook: str | None) -> bool:
@@ -810,10 +821,11 @@ def build_site(sae, store, out_dir: str | os.PathLike, model=None, tokenizer=Non
     if store.d_in != sae.cfg.d_in:
         raise ValueError(f"browser: store {getattr(store, 'path', '')} holds d_in={store.d_in} "
                          f"activations but the SAE expects d_in={sae.cfg.d_in}")
-    token_ids = doc_ids = None
+    token_ids = doc_ids = positions = None
     try:
         info = store.tokens()
         token_ids, doc_ids = info.token_ids.long(), info.doc_ids.long()
+        positions = info.positions.long()
     except (AttributeError, FileNotFoundError, KeyError) as e:
         log.warning("browser: the store has no token ids (%s); contexts show positions only", e)
     if isinstance(report, (str, os.PathLike)):
@@ -827,4 +839,4 @@ def build_site(sae, store, out_dir: str | os.PathLike, model=None, tokenizer=Non
     return build_site_from_rows(
         sae, lambda a, b: store.read_rows(a, b).float(), int(store.n_rows), out_dir,
         token_ids=token_ids, doc_ids=doc_ids, tokenizer=tokenizer, W_U=W_U, report=report,
-        config=config, meta=m, progress=progress, timings=timings)
+        config=config, meta=m, progress=progress, timings=timings, positions=positions)

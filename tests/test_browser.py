@@ -681,12 +681,32 @@ def test_build_site_from_store_matches_dense_encode(harvested, tmp_path):
     f = int((z > 0).sum(0).argmax())
     v, r = z[:, f].topk(5)
     assert sh["row"][f] == r.tolist()
+    cut = 0
     for t in range(5):  # span-decoded pieces join to the tokenizer's decode of the window
         row = int(r[t])
-        ids = [int(info.token_ids[q]) for q in range(row - 3, row + 2)
-               if 0 <= q < store.n_rows and info.doc_ids[q] == info.doc_ids[row]]
+        same_doc = [q for q in range(row - 3, row + 2)
+                    if 0 <= q < store.n_rows and info.doc_ids[q] == info.doc_ids[row]]
+        # ... and stay inside the forward context the peak token was seen in
+        ids = [int(info.token_ids[q]) for q in same_doc
+               if info.positions[q] - info.positions[row] == q - row]
+        cut += len(same_doc) - len(ids)
         pieces = sh["ov"][str(f * 5 + t)]
         assert "".join(pieces) == tok.decode(ids)
+    # every context window of every latent: the context boundary really cuts some windows
+    toks_all = torch.tensor(sh["tok"])  # [F, T, W]
+    rows_all = torch.tensor(sh["row"])
+    for lat in range(toks_all.shape[0]):
+        for t in range(5):
+            row = int(rows_all[lat, t])
+            if row < 0:
+                continue
+            for w, q in enumerate(range(row - 3, row + 2)):
+                inside = (0 <= q < store.n_rows and info.doc_ids[q] == info.doc_ids[row]
+                          and info.positions[q] - info.positions[row] == q - row)
+                assert (toks_all[lat, t, w] >= 0) == inside
+                cut += int(0 <= q < store.n_rows and info.doc_ids[q] == info.doc_ids[row]
+                           and not inside)
+    assert cut > 0
 
 
 def test_cli_browse(harvested, tmp_path):
