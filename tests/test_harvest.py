@@ -318,3 +318,19 @@ def test_error_mid_harvest_leaves_resumable_incomplete_folder(model, npy, tmp_pa
     hv.harvest(cfg_for(npy, ref), model=model)
     for f in ref.rglob("*.safetensors"):
         assert f.read_bytes() == (out / f.relative_to(ref)).read_bytes()
+
+
+def test_forward_stops_after_deepest_hook(npy, tmp_path):
+    m = tiny_model()
+    fired = []
+    m.add_hook("blocks.1.hook_resid_pre", lambda act, hook: fired.append(1), is_permanent=True)
+    m.add_hook("ln_final.hook_normalized", lambda act, hook: fired.append(2), is_permanent=True)
+    harvest(cfg_for(npy, tmp_path / "a", hooks=["blocks.0.attn.hook_z"], tokens=64), model=m)
+    assert fired == []  # nothing after block 0's attention ran, the LM head least of all
+    harvest(cfg_for(npy, tmp_path / "b", hooks=["blocks.1.hook_resid_pre"], tokens=64), model=m)
+    assert 1 in fired and 2 not in fired
+    fired.clear()
+    with torch.inference_mode():
+        models.capture(m, torch.zeros(1, 4, dtype=torch.long), ["blocks.0.hook_resid_post"],
+                       stop_early=False)
+    assert fired == [1, 2]  # stop_early=False runs the whole model
