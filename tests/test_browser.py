@@ -611,29 +611,15 @@ def test_real_browser(served, planted_site):
 
 
 # -- store path and CLI ------------------------------------------------------------------------------
-def _word_tokenizer():
-    """A real fast tokenizer over a tiny word vocabulary, built in memory (no hub). Its
-    single-token pieces lack the spaces its decode inserts, so windows are span-decoded."""
-    from tokenizers import Tokenizer, pre_tokenizers
-    from tokenizers.models import WordLevel
-    from transformers import PreTrainedTokenizerFast
-
-    words = "the cat sat on a mat dog ran far away big red sun".split()
-    vocab = {"<bos>": 0, "<eos>": 1, "<pad>": 2, "<unk>": 3,
-             **{w: i + 4 for i, w in enumerate(words)}}
-    tk = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<bos>", eos_token="<eos>",
-                                   pad_token="<pad>", unk_token="<unk>")
-
-
 @pytest.fixture(scope="module")
 def harvested(tmp_path_factory):
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
     from polysae.harvest import HarvestConfig, harvest
 
-    tok = _word_tokenizer()
+    from test_harvest import word_tokenizer  # a real fast tokenizer over a word vocabulary;
+    # its single-token pieces lack the spaces its decode inserts, so windows are span-decoded
+    tok = word_tokenizer()
     torch.manual_seed(0)
     model = HookedTransformer(HookedTransformerConfig(
         n_layers=1, d_model=32, n_ctx=16, d_head=8, n_heads=4, d_vocab=len(tok), act_fn="gelu",

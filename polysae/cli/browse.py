@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 
 from polysae.cli import CLIError
+from polysae.cli.eval import _checkpoints  # same RUN layout rules as `polysae eval`
 
 HELP = "build a static HTML feature browser (latents, interactions) from a run and activations"
 log = logging.getLogger("polysae.browse")
@@ -43,18 +44,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="device for the SAE and model (cpu)")
 
 
-def _checkpoints(run: Path) -> list[tuple[str, Path]]:
-    if (run / "config.json").is_file():
-        return [(run.name, run)]
-    if not run.is_dir():
-        raise CLIError(f"--sae {run}: no such folder")
-    subs = sorted(p for p in run.iterdir() if (p / "config.json").is_file())
-    if not subs:
-        raise CLIError(f"--sae {run}: neither a checkpoint (config.json + sae.safetensors) nor a "
-                       "run folder holding checkpoints")
-    return [(p.name, p) for p in subs]
-
-
 def _store(acts: Path, hook: str | None, split: str, device: str):
     from polysae.store import ActivationStore
 
@@ -81,7 +70,7 @@ def main(args: argparse.Namespace) -> int:
                            right=args.right, chunk_rows=args.chunk_rows)
     except ValueError as e:
         raise CLIError(str(e)) from e
-    cks = _checkpoints(run)
+    cks = _checkpoints(run, "--sae")
     model = None
     loaded_name = None
     built = []
