@@ -29,7 +29,8 @@ shared/design/roofline.py (reproduced in ``roofline_ms`` below; meaningful on an
     python benchmarks/bench_decoder.py                       # on an H100: the full grid
 
 Axes can be overridden (``--d-in 768 --d-sae 16384 65536`` ...) to split a GPU sweep across runs;
-the results file then holds only that part. Writes benchmarks/results/decoder_<device>.json and .md.
+give each part its own ``--suffix`` (e.g. ``_d768``) so that the results files do not overwrite each
+other. Writes benchmarks/results/decoder_<device>.json and .md.
 """
 
 from __future__ import annotations
@@ -286,6 +287,8 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=5, help="CPU timed repetitions (median)")
     ap.add_argument("--skip", default="", help="comma-separated providers to leave out")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    ap.add_argument("--suffix", default="",
+                    help="appended to the results file name, e.g. '_d768' for one part of a split")
     ap.add_argument("--dry-run", action="store_true",
                     help="no timing: run the correctness gate of every provider, Triton included "
                          "(interpreter on CPU), on a tiny shape, and write nothing")
@@ -365,7 +368,7 @@ def resolve_device(name: str, prog: str) -> torch.device | None:
 
 def write_results(out: Path, device, env, args, rows, names):
     out.mkdir(parents=True, exist_ok=True)
-    tag = device_tag(device)
+    tag = device_tag(device) + args.suffix
     meta = {"benchmark": "decoder", "env": env, "args": vars(args), "providers": names,
             "targets": TARGETS, "rows": rows}
     atomic_write_text(out / f"decoder_{tag}.json", json.dumps(meta, indent=2) + "\n")
