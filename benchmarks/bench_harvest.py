@@ -84,35 +84,27 @@ def main() -> int:
         if dev.type == "cuda":
             torch.cuda.synchronize()
 
-    def bare() -> tuple[float, float]:
+    def timed(step) -> tuple[float, float]:
+        """(wall tok/s, tok per CPU-second) of ``step(batch)`` over all batches."""
         sync()
         t0, c0 = time.perf_counter(), time.process_time()
         with torch.inference_mode():
             for b in batches:
-                lm.model(b, stop_at_layer=args.layer + 1)
+                step(b)
         sync()
         return n_tok / (time.perf_counter() - t0), n_tok / (time.process_time() - c0)
+
+    def bare() -> tuple[float, float]:
+        return timed(lambda b: lm.model(b, stop_at_layer=args.layer + 1))
+
+    def keep(cache) -> None:
+        cache[hook].to("cpu", torch.float16)  # what a harvester would keep
 
     def rwc() -> tuple[float, float]:
-        sync()
-        t0, c0 = time.perf_counter(), time.process_time()
-        with torch.inference_mode():
-            for b in batches:
-                _, cache = lm.model.run_with_cache(b, names_filter=hook)
-                cache[hook].to("cpu", torch.float16)
-        sync()
-        return n_tok / (time.perf_counter() - t0), n_tok / (time.process_time() - c0)
+        return timed(lambda b: keep(lm.model.run_with_cache(b, names_filter=hook)[1]))
 
     def rwc_all() -> tuple[float, float]:
-        sync()
-        t0, c0 = time.perf_counter(), time.process_time()
-        with torch.inference_mode():
-            for b in batches:
-                _, cache = lm.model.run_with_cache(b)
-                cache[hook].to("cpu", torch.float16)
-                del cache
-        sync()
-        return n_tok / (time.perf_counter() - t0), n_tok / (time.process_time() - c0)
+        return timed(lambda b: keep(lm.model.run_with_cache(b)[1]))
 
     def harv(tmp: Path, i: int) -> tuple[float, float]:
         r = harvest(HarvestConfig(model="smollm2-135m", hooks=[hook], dataset="bbc",
