@@ -141,8 +141,9 @@ def markdown(res: dict, args) -> str:
     for k, v in res["ratios"].items():
         lines.append(f"| {k} | {v:.3f} |")
     if env["device_type"] == "cpu":
-        lines += ["", "CPU run at reduced size on a shared machine: ratios are the result, absolute "
-                  "numbers only describe this box. GPU figures: run this script on a CUDA machine."]
+        lines += ["", "CPU run at reduced size on a shared machine: ratios are the result, "
+                  "absolute numbers only describe this box. GPU figures: run this script on a "
+                  "CUDA machine."]
     return "\n".join(lines) + "\n"
 
 

@@ -424,7 +424,8 @@ class Trainer:
 
     # -- the loop --------------------------------------------------------------------------------
     def fit(self, source: Any, *, resume: bool = False,
-            callback: Callable[[Trainer, dict[str, StepMetrics]], None] | None = None) -> TrainResult:
+            callback: Callable[[Trainer, dict[str, StepMetrics]], None] | None = None
+            ) -> TrainResult:
         """Train until ``cfg.steps`` / ``cfg.tokens`` (or one pass). ``resume`` continues from the
         checkpoints in ``out_dir``; ``callback(trainer, outputs)`` runs after every step."""
         src = as_source(source)

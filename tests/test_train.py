@@ -382,7 +382,7 @@ def test_poly_recovers_planted_interaction():
     assert lin > 5 * lin0  # the interaction is what the linear SAE fails on
 
 
-# -- CLI --------------------------------------------------------------------------------------------
+# -- CLI -------------------------------------------------------------------------------------------
 HOOK = "blocks.0.hook_resid_post"
 
 
