@@ -16,6 +16,7 @@ import dataclasses
 import datetime as dt
 import os
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -68,8 +69,9 @@ class EvalConfig:
     """Batch size in tokens behind SAEBench's MSE normalisation (16 prompts x 128)."""
     dense_threshold: float = 0.1
     """Latent density above which a latent counts as dense."""
-    batch_size: int = 16
-    """Texts or contexts per model forward."""
+    batch_size: int = 32
+    """Texts or contexts per model forward (on CPU a forward's cost is dominated by streaming
+    the weights, so larger batches are nearly free)."""
     device: str = "cpu"
     """Device for the model and SAEs."""
     progress: bool = True
@@ -229,6 +231,13 @@ def evaluate(saes: Any, *, model: Any = None, hook: str | None = None, acts: str
         "saes": {n: {"info": _describe(s, metas[n])} for n, s in models.items()},
     }
     plots: dict[str, Any] = {"pairs": {}, "density": {}}
+    timings: dict[str, float] = {}
+    clock = [time.perf_counter()]
+
+    def lap(stage: str) -> None:
+        now = time.perf_counter()
+        timings[stage] = round(timings.get(stage, 0.0) + now - clock[0], 2)
+        clock[0] = now
 
     # -- held-out activations --------------------------------------------------------------
     if acts is not None:
@@ -249,24 +258,32 @@ def evaluate(saes: Any, *, model: Any = None, hook: str | None = None, acts: str
             ds = "bbc"
         rows, tok_ids, doc_ids, ce_tokens, source = _live_heldout(model, tokenizer, hook, cfg, ds)
     result["held_out"] = {"source": source, "n_tokens": int(rows.shape[0])}
+    lap("held_out_activations")
     to_string = (lambda t: tokenizer.decode(t.tolist())) if tokenizer is not None else (
         lambda t: " ".join(str(int(v)) for v in t))
 
     from polysae import interactions as inter
-    from polysae.reconstruction import ce_recovered, reconstruction_stats, stats_dict
+    from polysae.reconstruction import ce_recovered_many, reconstruction_stats, stats_dict
+
+    ces: dict[str, Any] = {}
+    if ce_tokens is not None and cfg.ce_contexts > 0:
+        print("[eval] CE/KL loss recovered", file=sys.stderr)
+        ces = ce_recovered_many(
+            model, hook, ce_tokens,
+            {n: (lambda a, s=s: s(a.to(s.W_enc.dtype))) for n, s in models.items()},
+            specials, batch_size=cfg.batch_size)
+        lap("ce_kl")
 
     for name, sae in models.items():
         print(f"[eval] {name}: reconstruction", file=sys.stderr)
         st = reconstruction_stats(sae, torch.split(rows, 4096),
                                   saebench_batch_tokens=cfg.saebench_batch_tokens,
                                   dense_threshold=cfg.dense_threshold)
-        ce = None
-        if ce_tokens is not None and cfg.ce_contexts > 0:
-            ce = ce_recovered(model, hook, ce_tokens, lambda a, s=sae: s(a.to(s.W_enc.dtype)),
-                              specials, batch_size=max(1, cfg.batch_size // 2))
+        ce = ces.get(name)
         result["saes"][name]["reconstruction"] = stats_dict(st, ce, cfg.saebench_batch_tokens,
                                                             cfg.dense_threshold)
         plots["density"][name] = st.density
+        lap("reconstruction")
         if cfg.interactions:
             print(f"[eval] {name}: interactions", file=sys.stderr)
             ps = inter.cooccurrence(sae, torch.split(rows, 4096))
@@ -289,12 +306,14 @@ def evaluate(saes: Any, *, model: Any = None, hook: str | None = None, acts: str
             result["saes"][name]["interactions"] = _jsonable(block)
             plots["pairs"][name] = (ps.count, strength if strength is not None else ps.cov,
                                     "strength" if is_poly else "cov")
+            lap("interactions")
 
     # -- probing ------------------------------------------------------------------------------
     if cfg.datasets:
         if tokenizer is None:
             raise ValueError("evaluate: probing needs a tokenizer (set datasets=() to skip)")
         _probing(models, model, tokenizer, hook, cfg, specials, result)
+        lap("probing")
 
     # -- steering -----------------------------------------------------------------------------
     if cfg.steering and tokenizer is not None:
@@ -302,6 +321,8 @@ def evaluate(saes: Any, *, model: Any = None, hook: str | None = None, acts: str
 
         print("[eval] steering", file=sys.stderr)
         result["steering"] = steering_eval(model, hook, models, alpha_scales=cfg.alpha_scales)
+        lap("steering")
+    result["timings_s"] = timings
 
     if out is not None:
         from polysae.report import write_report

@@ -60,10 +60,21 @@ def ce_recovered(model: Any, hook: str, tokens: Tensor,
     ``tokens`` [B, T]; ``reconstruct`` maps [N, d] -> [N, d]. Positions holding special tokens keep
     the clean activation and are not scored as targets.
     """
+    return ce_recovered_many(model, hook, tokens, {"sae": reconstruct}, special_ids,
+                             batch_size=batch_size)["sae"]
+
+
+def ce_recovered_many(model: Any, hook: str, tokens: Tensor,
+                      reconstructs: dict[str, Callable[[Tensor], Tensor]],
+                      special_ids: Iterable[int] = (), *, batch_size: int = 8
+                      ) -> dict[str, CELoss]:
+    """:func:`ce_recovered` for several reconstructions sharing the clean and zero-ablated runs
+    (on CPU each forward costs about the same whatever the batch, so sharing them matters)."""
     if tokens.ndim != 2 or tokens.shape[1] < 2:
         raise ValueError(f"ce_recovered: tokens must be [batch, pos>=2], got {tuple(tokens.shape)}")
     dev = next(model.parameters()).device
-    tot = {"clean": 0.0, "sae": 0.0, "zero": 0.0, "kl_sae": 0.0, "kl_zero": 0.0}
+    names = list(reconstructs)
+    tot = {k: 0.0 for k in ["clean", "zero", "kl_zero", *names, *(f"kl_{n}" for n in names)]}
     n = 0
     with torch.inference_mode():
         for s in range(0, tokens.shape[0], batch_size):
@@ -86,25 +97,30 @@ def ce_recovered(model: Any, hook: str, tokens: Tensor,
                         fwd_hooks=[(hook, lambda a, hook: splice(a, hook, fn))])
                 return F.log_softmax(logits[:, :-1].float(), dim=-1)
 
-            lp_clean = run(None)
-            lp_sae = run(reconstruct)
-            lp_zero = run(torch.zeros_like)
             tgt = tok[:, 1:, None]
-            for key, lp in (("clean", lp_clean), ("sae", lp_sae), ("zero", lp_zero)):
+            lp_clean = run(None)
+            p_clean = lp_clean.exp()
+            for key, fn in [("clean", None), ("zero", torch.zeros_like), *reconstructs.items()]:
+                lp = lp_clean if fn is None else run(fn)
                 nll = -lp.gather(-1, tgt).squeeze(-1)
                 tot[key] += float(nll[target_ok].double().sum())
-            p_clean = lp_clean.exp()
-            for key, lp in (("kl_sae", lp_sae), ("kl_zero", lp_zero)):
-                kl = (p_clean * (lp_clean - lp)).sum(-1)
-                tot[key] += float(kl[target_ok].double().sum())
+                if fn is not None:
+                    kl = (p_clean * (lp_clean - lp)).sum(-1)
+                    tot[f"kl_{key}"] += float(kl[target_ok].double().sum())
+                del lp
             n += int(target_ok.sum())
     if n == 0:
         raise ValueError("ce_recovered: no scorable positions (all targets are special tokens)")
     m = {k: v / n for k, v in tot.items()}
     den = m["zero"] - m["clean"]
-    ce_rec = (m["zero"] - m["sae"]) / den if den != 0 else float("nan")
-    kl_rec = (m["kl_zero"] - m["kl_sae"]) / m["kl_zero"] if m["kl_zero"] != 0 else float("nan")
-    return CELoss(m["clean"], m["sae"], m["zero"], ce_rec, m["kl_sae"], m["kl_zero"], kl_rec, n)
+    out = {}
+    for name in names:
+        ce_rec = (m["zero"] - m[name]) / den if den != 0 else float("nan")
+        kl_rec = ((m["kl_zero"] - m[f"kl_{name}"]) / m["kl_zero"] if m["kl_zero"] != 0
+                  else float("nan"))
+        out[name] = CELoss(m["clean"], m[name], m["zero"], ce_rec, m[f"kl_{name}"], m["kl_zero"],
+                           kl_rec, n)
+    return out
 
 
 class ReconStats(NamedTuple):

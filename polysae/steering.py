@@ -60,53 +60,98 @@ def target_rank(logits: Tensor, target: int) -> int:
     return 1 + int((logits > logits[target]).sum())
 
 
+def _pad(prompts: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+    """Right-pad 1-D token tensors -> tokens [n, T] and last-real-position index [n]. A causal
+    model never lets padding affect earlier positions, so padded rows give exact results."""
+    T = max(len(p) for p in prompts)
+    tok = torch.zeros(len(prompts), T, dtype=torch.long)
+    for r, p in enumerate(prompts):
+        tok[r, :len(p)] = p
+    return tok, torch.tensor([len(p) - 1 for p in prompts])
+
+
+def ranks_for_additions(model: Any, hook: str, prompts: Sequence[Tensor], target: int,
+                        additions: Sequence[Tensor | None], *, max_rows: int = 64
+                        ) -> list[list[int]]:
+    """Rank of ``target`` after each prompt with each vector of ``additions`` (None: nothing)
+    added at every position but 0 -> [n_additions][n_prompts].
+
+    All (addition, prompt) rows go through the model together, ``max_rows`` per forward: on CPU a
+    forward's cost is dominated by streaming the weights, not by the number of rows.
+    """
+    dev = next(model.parameters()).device
+    tok1, last1 = _pad(prompts)
+    n_p = len(prompts)
+    d_model = None
+    for a in additions:
+        if a is not None:
+            d_model = a.shape[-1]
+    rows_tok = tok1.repeat(len(additions), 1)
+    rows_last = last1.repeat(len(additions))
+    ranks: list[int] = []
+    with torch.inference_mode():
+        for s in range(0, rows_tok.shape[0], max_rows):
+            sl = slice(s, s + max_rows)
+            tok = rows_tok[sl].to(dev)
+            fwd_hooks = []
+            if d_model is not None:
+                add = torch.stack([
+                    (additions[r // n_p] if additions[r // n_p] is not None
+                     else torch.zeros(d_model)).float().cpu()
+                    for r in range(s, min(s + max_rows, rows_tok.shape[0]))]).to(dev)
+
+                def fn(act, hook, add=add):
+                    act = act.clone()
+                    act[:, 1:] += add[:, None, :].to(act.dtype)
+                    return act
+                fwd_hooks = [(hook, fn)]
+            logits = model.run_with_hooks(tok, return_type="logits", fwd_hooks=fwd_hooks)
+            last = rows_last[sl].to(dev)
+            final = logits[torch.arange(tok.shape[0], device=dev), last].float()
+            ranks += [target_rank(final[r], target) for r in range(final.shape[0])]
+    return [ranks[k * n_p:(k + 1) * n_p] for k in range(len(additions))]
+
+
 def steer_ranks(model: Any, hook: str, prompts: Sequence[Tensor], target: int,
                 direction: Tensor | None, alphas: Sequence[float]) -> list[list[int]]:
     """Rank of ``target`` after each prompt (1-D token tensors incl. BOS) for each absolute
     ``alpha`` with ``alpha * direction`` added at every position but 0 -> [n_prompts][n_alphas].
     ``direction=None`` gives the unsteered rank for every alpha."""
-    dev = next(model.parameters()).device
-    out = []
-    with torch.inference_mode():
-        for p in prompts:
-            tok = p.to(dev)[None]
-            row = []
-            for a in alphas:
-                if direction is None or a == 0:
-                    logits = model(tok, return_type="logits")
-                else:
-                    add = (a * direction).to(dev)
+    adds = [None if direction is None or a == 0 else a * direction for a in alphas]
+    per_add = ranks_for_additions(model, hook, prompts, target, adds)
+    return [[per_add[k][p] for k in range(len(alphas))] for p in range(len(prompts))]
 
-                    def fn(act, hook, add=add):
-                        act = act.clone()
-                        act[:, 1:] += add.to(act.dtype)
-                        return act
-                    logits = model.run_with_hooks(tok, return_type="logits", fwd_hooks=[(hook, fn)])
-                row.append(target_rank(logits[0, -1].float(), target))
-            out.append(row)
-    return out
+
+def _last_acts(model: Any, hook: str, prompts: Sequence[Tensor]) -> tuple[Tensor, list[Tensor]]:
+    """Hook activations of padded prompts in one forward: ([n, d] at each last real token,
+    per-prompt [len-1, d] of the non-BOS positions)."""
+    from polysae.models import capture
+
+    tok, last = _pad(prompts)
+    with torch.inference_mode():
+        a = capture(model, tok.to(next(model.parameters()).device), [hook])[hook].float().cpu()
+    return a[torch.arange(len(prompts)), last], [a[r, 1:len(p)] for r, p in enumerate(prompts)]
 
 
 def hook_norm(model: Any, hook: str, prompts: Sequence[Tensor]) -> float:
     """Median L2 norm of the hook activation over the prompts' non-BOS positions."""
-    from polysae.models import capture
-
-    norms = []
-    with torch.inference_mode():
-        for p in prompts:
-            a = capture(model, p[None].to(next(model.parameters()).device), [hook])[hook]
-            norms.append(a[0, 1:].float().norm(dim=-1).cpu())
-    return float(torch.cat(norms).median())
+    _, per = _last_acts(model, hook, prompts)
+    return float(torch.cat(per).norm(dim=-1).median())
 
 
 def word_latent(model: Any, hook: str, sae: Any, word_tokens: Tensor) -> int:
     """The SAE latent most active at the last token of ``word_tokens`` (BOS + word)."""
-    from polysae.models import capture
+    return word_latents(model, hook, sae, [word_tokens])[0]
 
+
+def word_latents(model: Any, hook: str, sae: Any, words: Sequence[Tensor],
+                 acts: Tensor | None = None) -> list[int]:
+    """:func:`word_latent` for many words in one forward (or from precomputed ``acts`` [n, d])."""
+    if acts is None:
+        acts, _ = _last_acts(model, hook, words)
     with torch.inference_mode():
-        a = capture(model, word_tokens[None].to(next(model.parameters()).device), [hook])[hook]
-        z = sae.encode(a[0, -1:].to(sae.W_enc.dtype))
-    return int(z[0].argmax())
+        z = sae.encode(acts.to(sae.W_enc.device, sae.W_enc.dtype))
+    return [int(i) for i in z.argmax(dim=-1)]
 
 
 def _tokens(model: Any, text: str, bos: bool) -> Tensor:
@@ -125,34 +170,42 @@ def steering_eval(model: Any, hook: str, saes: dict[str, Any],
     alphas = [s * scale for s in alpha_scales]
     out: dict[str, Any] = {"alpha_scales": list(alpha_scales), "hook_norm": scale,
                            "alphas": alphas, "concepts": []}
+    words = [w for c in concepts for w in (c.word_i, c.word_j)]
+    word_acts, _ = _last_acts(model, hook, [_tokens(model, w, True) for w in words])
+    latents = {n: word_latents(model, hook, s, [], acts=word_acts) for n, s in saes.items()}
+    dirs = {n: s.decoder_directions().detach().float().cpu() for n, s in saes.items()}
     per_sae_cases: dict[str, list[list[int]]] = {n: [] for n in saes}
     base_cases: list[int] = []
-    for c in concepts:
+    for ci, c in enumerate(concepts):
         prompts = [_tokens(model, c.prompt, True)] + [_tokens(model, p, True)
                                                       for p in neutral_prompts]
         target = int(_tokens(model, c.target, False)[0])
-        base = [r[0] for r in steer_ranks(model, hook, prompts, target, None, [0.0])]
+        adds: list[Tensor | None] = [None]
+        for name in saes:
+            li, lj = latents[name][2 * ci], latents[name][2 * ci + 1]
+            d = dirs[name][li] + dirs[name][lj]
+            adds += [a * d for a in alphas]
+        ranks = ranks_for_additions(model, hook, prompts, target, adds)
+        base = ranks[0]
         entry: dict[str, Any] = {"name": c.name, "target": c.target, "target_id": target,
                                  "prompts": [c.prompt, *neutral_prompts], "rank_none": base,
                                  "saes": {}}
         base_cases += base
-        for name, sae in saes.items():
-            li = word_latent(model, hook, sae, _tokens(model, c.word_i, True))
-            lj = word_latent(model, hook, sae, _tokens(model, c.word_j, True))
-            dirs = sae.decoder_directions().detach()
-            d = (dirs[li] + dirs[lj]).float()
-            ranks = steer_ranks(model, hook, prompts, target, d, alphas)  # [prompt][alpha]
-            entry["saes"][name] = {"latents": [li, lj], "ranks": ranks}
-            per_sae_cases[name] += ranks
+        for si, name in enumerate(saes):
+            block = ranks[1 + si * len(alphas): 1 + (si + 1) * len(alphas)]   # [alpha][prompt]
+            per_prompt = [[block[k][p] for k in range(len(alphas))] for p in range(len(prompts))]
+            entry["saes"][name] = {"latents": [latents[name][2 * ci], latents[name][2 * ci + 1]],
+                                   "ranks": per_prompt}
+            per_sae_cases[name] += per_prompt
         out["concepts"].append(entry)
     summary: dict[str, Any] = {"none": {"mean_log2_rank": _mlog(base_cases)}}
     for name, cases in per_sae_cases.items():
         per_alpha = []
         for k in range(len(alphas)):
-            ranks = [c[k] for c in cases]
-            per_alpha.append({"alpha_scale": alpha_scales[k], "mean_log2_rank": _mlog(ranks),
-                              "frac_improved": sum(r < b for r, b in zip(ranks, base_cases))
-                              / len(ranks)})
+            ranks_k = [c[k] for c in cases]
+            per_alpha.append({"alpha_scale": alpha_scales[k], "mean_log2_rank": _mlog(ranks_k),
+                              "frac_improved": sum(r < b for r, b in zip(ranks_k, base_cases))
+                              / len(ranks_k)})
         best = min(per_alpha, key=lambda r: r["mean_log2_rank"])
         summary[name] = {"per_alpha": per_alpha, "best_alpha_scale": best["alpha_scale"],
                          "best_mean_log2_rank": best["mean_log2_rank"],

@@ -40,7 +40,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--alphas", default="0.25,0.5,1,2",
                    help="steering strengths as multiples of the median hook norm")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=16, help="texts per model forward")
+    p.add_argument("--batch-size", type=int, default=32, help="texts per model forward")
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
