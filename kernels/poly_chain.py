@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .sparse_gather import BLOCK_N, NUM_WARPS, _block_r
+from .sparse_gather import BLOCK_N, NUM_WARPS, _block_r, _row_col_tile
 
 
 @triton.jit
@@ -37,13 +37,9 @@ def _poly_chain_bwd_kernel(
     # forward gather. Purely elementwise: reads dH (N*SR) and A (N*R1, +R2+R3), writes dA once.
     # The lambda gradients are reduced inside the program and written as one partial per program;
     # the host sums the partials in a fixed order, so the result is deterministic (no atomics).
-    pid_n = tl.program_id(0)
-    pid_c = tl.program_id(1)
     n_prog = tl.num_programs(0) * tl.num_programs(1)
-    pid = pid_n * tl.num_programs(1) + pid_c
-    rows = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    rmask = rows < N
+    pid = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
+    rows, cols, rmask = _row_col_tile(N, BLOCK_N, BLOCK_C)
     m1 = rmask[:, None] & (cols < R1)[None, :]
     m2 = rmask[:, None] & (cols < R2)[None, :]
     m3 = rmask[:, None] & (cols < R3)[None, :]

@@ -31,7 +31,7 @@ import triton.language as tl
 INTERPRET = os.environ.get("TRITON_INTERPRET", "") == "1"
 
 # Block sizes. 16 rows x 128 columns per program with 8 warps: ptxas (sm_90, triton 3.7.1) reports
-# 128-153 registers and no spills for every kernel here, three-U included; 32 rows x 4 warps used
+# 64-154 registers and no spills for every kernel here, three-U included; 32 rows x 4 warps used
 # 255 registers and spilled in the three-U gather, the SDDMM and the chain kernel. (These are the
 # flex-sae/sparsify ranges, kernels.md §4.3 item 4.) Not autotuned: multi-config autotune needs a
 # GPU benchmarker, and the grid is set by N and R anyway.
@@ -65,6 +65,15 @@ def check_indices(indices: torch.Tensor, n_latents: int, what: str = "indices") 
                          f"max {hi}")
 
 
+@triton.jit
+def _row_col_tile(N, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
+    """This program's tile on a (row block, column block) grid: int64 row ids (so that row * stride
+    cannot overflow int32), column ids, and the row mask."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    return rows.to(tl.int64), cols, rows < N
+
+
 # ------------------------------------------------------------------------------------------------
 # Forward: gather k rows per token, weighted sum, optional fused polynomial epilogue
 # ------------------------------------------------------------------------------------------------
@@ -86,15 +95,10 @@ def _gather_fwd_kernel(
     # (R3) have no quadratic (cubic) term: those lanes are masked off.
     # Memory traffic: per row, K index/value pairs plus K gathered row segments of BLOCK_C columns
     # from each U (the dominant N*K*R_U reads, mostly L2 hits for hot latents), then one write of H.
-    pid_n = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    rmask = rows < N
+    rows64, cols, rmask = _row_col_tile(N, BLOCK_N, BLOCK_C)
     m1 = cols < R1
     m2 = cols < R2
     m3 = cols < R3
-    rows64 = rows.to(tl.int64)
     acc1 = tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32)
     acc2 = tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32)
     acc3 = tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32)
@@ -302,13 +306,8 @@ def _scatter_atomic_kernel(
     # Program mapping: token-major, one program per (BLOCK_N rows, BLOCK_C columns): the dA tile is
     # loaded once and scattered K times with fp32 atomics. No sort, fewer passes, but the order of
     # the atomic additions varies run to run (not bitwise reproducible): opt-in only.
-    pid_n = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    rmask = rows < N
+    rows64, cols, rmask = _row_col_tile(N, BLOCK_N, BLOCK_C)
     cmask = cols < R
-    rows64 = rows.to(tl.int64)
     g = tl.load(g_ptr + rows64[:, None] * g_stride + cols[None, :],
                 mask=rmask[:, None] & cmask[None, :], other=0.0).to(tl.float32)
     for k in range(0, K):
