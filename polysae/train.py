@@ -429,10 +429,17 @@ class Trainer:
         """Train until ``cfg.steps`` / ``cfg.tokens`` (or one pass). ``resume`` continues from the
         checkpoints in ``out_dir``; ``callback(trainer, outputs)`` runs after every step."""
         src = as_source(source)
+        saved = self.out_dir is not None and any(
+            (s.folder / fn).exists() for s in self.slots.values() if s.folder
+            for fn in (STATE_FILE, PREV_STATE_FILE))
+        if resume and not saved:
+            # Killed before its first checkpoint: nothing to restore, so start afresh (what a
+            # pipeline that always passes resume=True after a crash wants).
+            log.warning("resume: no checkpoint in %s yet; starting from scratch", self.out_dir)
+            resume = False
         if resume:
             self.load_state()
-        elif self.out_dir is not None and any(
-                (s.folder / STATE_FILE).exists() for s in self.slots.values() if s.folder):
+        elif saved:
             raise FileExistsError(f"{self.out_dir} already holds a training run; resume it "
                                   "(--resume / resume=True) or choose a new output folder")
         if not resume:  # a resumed run restores the saved RNG state instead

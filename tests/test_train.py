@@ -492,3 +492,23 @@ def test_stopping_rules(tmp_path):
     assert train(SAEConfig(16, 32, k=4), once, quiet(steps=25)).steps == 2
     with pytest.raises(ValueError, match="no batches"):
         train(SAEConfig(16, 32, k=4), [], quiet(steps=5))
+
+
+def test_resume_before_first_checkpoint_starts_afresh(tmp_path):
+    X = planted(1024)
+
+    def crash(trainer, out):
+        if trainer.step_count == 3:
+            raise KeyboardInterrupt
+
+    cfg = quiet(steps=8, checkpoint_every=5, log_every=1)
+    with pytest.raises(KeyboardInterrupt):
+        train(SAEConfig(16, 32, k=4), TensorSource(X, 64), cfg, tmp_path / "a", callback=crash)
+    assert (tmp_path / "a" / "run.json").exists()
+    assert not (tmp_path / "a" / "trainer_state.pt").exists()
+    again = train(SAEConfig(16, 32, k=4), TensorSource(X, 64), cfg, tmp_path / "a", resume=True)
+    fresh = train(SAEConfig(16, 32, k=4), TensorSource(X, 64), cfg, tmp_path / "b")
+    for k, v in fresh.saes["sae"].tensors().items():
+        assert torch.equal(again.saes["sae"].tensors()[k], v), k
+    steps = [json.loads(x)["step"] for x in (tmp_path / "a" / "metrics.jsonl").open()]
+    assert steps == list(range(1, 9))
