@@ -383,8 +383,10 @@ class Trainer:
         dead = s.since_fired > cfg.dead_window
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
             lo = sae.loss(x, dead_mask=dead)
-        for term in ("loss", "mse", "aux", "sparsity", "inner"):
-            self._check_finite(getattr(lo, term), f"{s.name}: loss term {term!r}")
+        terms = ("loss", "mse", "aux", "sparsity", "inner")
+        if not bool(torch.isfinite(torch.stack([getattr(lo, t).float() for t in terms])).all()):
+            for term in terms:  # one device sync per step; name the culprit only on failure
+                self._check_finite(getattr(lo, term), f"{s.name}: loss term {term!r}")
         lo.loss.backward()
         pdist.average_gradients(s.params)
         gnorm = torch.nn.utils.clip_grad_norm_(s.params, cfg.grad_clip or math.inf)
@@ -625,7 +627,9 @@ class Trainer:
                     act_scale=self.act_scale)
         tmps = []
         for s in self.slots.values():
-            self.export(s.name).save(s.folder, metadata=meta)
+            # A copy only when there is a scale to fold in (saves GPU memory otherwise).
+            out = s.sae if self.act_scale is None else self.export(s.name)
+            out.save(s.folder, metadata=meta)
             tmp = s.folder / f".{STATE_FILE}.tmp{os.getpid()}"
             with open(tmp, "wb") as f:
                 torch.save(self._state(s), f)
