@@ -32,6 +32,8 @@ import sys
 import time
 from pathlib import Path
 
+from bench_harvest import cpu_name  # noqa: E402 (benchmarks/ is the script's folder)
+
 HOOK = "blocks.0.hook_resid_post"
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -134,16 +136,6 @@ def _peak_rss_mb() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, default=1_000_000)
@@ -175,7 +167,7 @@ def main() -> int:
     doc = {
         "benchmark": "feature browser build (polysae browse)",
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "device": f"CPU: {_cpu()} ({os.cpu_count()} cores visible, shared with other jobs)",
+        "device": f"CPU: {cpu_name()} ({os.cpu_count()} cores visible, shared with other jobs)",
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "polysae": polysae.__version__},
         "setup": {"tokens": results["build"]["rows"], "d_in": a.d_in, "d_sae": a.d_sae,

@@ -62,7 +62,7 @@ class BrowseConfig:
     n_pairs: int = 200
     """Pairs shown: the strongest |lambda2|*||B_ij|| among co-active candidates."""
     pair_candidates: int = 2000
-    """Pairs scored during the pass (top by strength, chosen before it); the scatter plots them all."""
+    """Pairs scored during the pass (the strongest, chosen before it); the scatter plots them."""
     n_pair_contexts: int = 10
     """Contexts kept per pair, ranked by z_i * z_j."""
     n_logit_tokens: int = 10
@@ -74,7 +74,7 @@ class BrowseConfig:
     hist_hi: float = 3.0
     """log10 of the largest histogram edge."""
     chunk_rows: int = 2048
-    """Rows encoded per step: peak memory is about chunk_rows * d_sae * 4 bytes (pre-activations)."""
+    """Rows encoded per step: peak memory is about chunk_rows * d_sae * 4 bytes (pre-acts)."""
     shard_size: int = 256
     """Latents per data file (the page loads only the shard it shows)."""
     title: str = "polysae feature browser"
@@ -88,7 +88,8 @@ class BrowseConfig:
             if int(getattr(self, f)) < 0:
                 raise ValueError(f"BrowseConfig.{f} must be >= 0, got {getattr(self, f)}")
         if not self.hist_lo < self.hist_hi:
-            raise ValueError(f"BrowseConfig: hist_lo {self.hist_lo} must be < hist_hi {self.hist_hi}")
+            raise ValueError(f"BrowseConfig: hist_lo {self.hist_lo} must be < hist_hi "
+                             f"{self.hist_hi}")
 
     @property
     def window(self) -> int:

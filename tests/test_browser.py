@@ -10,7 +10,6 @@ import base64
 import functools
 import http.server
 import json
-import os
 import shutil
 import socket
 import subprocess
@@ -610,7 +609,7 @@ def test_real_browser(served, planted_site):
     assert all(not p.startswith("http") for p in _Quiet.requested)
 
 
-# -- store path and CLI ------------------------------------------------------------------------------
+# -- store path and CLI ---------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def harvested(tmp_path_factory):
     from transformer_lens import HookedTransformer, HookedTransformerConfig
