@@ -34,9 +34,9 @@ class EvalConfig:
 
     datasets: tuple[str, ...] = ("bbc", "tweets", "fortunes")
     """Probing datasets: bundled corpus names or local labelled .csv/.jsonl files."""
-    probe_train_per_class: int = 32
+    probe_train_per_class: int = 24
     """Training documents per class (positives of its one-vs-rest task)."""
-    probe_test_per_class: int = 16
+    probe_test_per_class: int = 12
     """Test documents per class."""
     probe_ctx: int = 64
     """Tokens per probing text including BOS (SAEBench: 128)."""

@@ -128,11 +128,13 @@ def render_markdown(m: dict[str, Any]) -> str:
                 rows.append([f"{key}, {ds}"] + [_fmt(b["datasets"][ds].get(key)) for b in blocks])
         L += _table(["", *cols], rows)
         if len(names) == 2:
-            a, b = blocks[0], blocks[1]
-            if a.get("w1") and b.get("w1"):
-                L += ["", f"Ratio {names[1]}/{names[0]}: raw W1 {b['w1'] / a['w1']:.2f}x, "
-                          f"std-normalised {_ratio(b.get('w1_std'), a.get('w1_std'))}, "
-                          f"L2-normalised {_ratio(b.get('w1_l2'), a.get('w1_l2'))}."]
+            # Paper direction: PolySAE over vanilla (2-10x raw W1 reported).
+            kinds = [m["saes"][n]["info"]["decoder"] for n in names]
+            ia, ib = (1, 0) if kinds == ["poly", "linear"] else (0, 1)
+            a, b = blocks[ia], blocks[ib]
+            L += ["", f"Ratio {names[ib]}/{names[ia]}: raw W1 {_ratio(b.get('w1'), a.get('w1'))}, "
+                      f"std-normalised {_ratio(b.get('w1_std'), a.get('w1_std'))}, "
+                      f"L2-normalised {_ratio(b.get('w1_l2'), a.get('w1_l2'))}."]
         L += ["", "Plot: `w1.png`.", ""]
 
     if any("interactions" in m["saes"][n] for n in names):
