@@ -3,25 +3,29 @@
 The paper (method.md §3.3) calls ``scipy.stats.wasserstein_distance`` once per latent. Here every
 latent is done at once in torch:
 
-- equal sample sizes (the balanced probe sets): W1 = mean |sort(u) - sort(v)|, one sort per side;
-- unequal sizes: W1 = integral |F_u(t) - F_v(t)| dt, evaluated exactly on the merged sorted support
-  (one sort carrying +1/nu, -1/nv weights whose running sum is F_u - F_v), which is what scipy
-  integrates.
+- W1 = integral_0^1 |Q_u(p) - Q_v(p)| dp over the empirical quantile functions (equal to scipy's
+  integral of |F_u - F_v|). Sort each side once; both quantile functions are step functions
+  whose breakpoints depend only on the sample sizes, so one shared index/weight grid turns W1
+  into a gather and a weighted sum of |differences| for all latents at once. Equal sizes (the
+  balanced probe sets) reduce to mean |sort(u) - sort(v)|.
 
 Sorting is exact in the input dtype; differences and sums run in float64, so results match scipy
-to ~1e-12 relative.
+to ~1e-12 relative. On CPU, sorting uses numpy's SIMD sort (much faster than torch.sort for short
+rows).
 """
 
 from __future__ import annotations
 
 from typing import NamedTuple
 
+import math
+
 import numpy as np
 import torch
 from torch import Tensor
 
 
-def wasserstein_1d(u: Tensor, v: Tensor, *, chunk: int = 4096) -> Tensor:
+def wasserstein_1d(u: Tensor, v: Tensor, *, chunk: int = 2048) -> Tensor:
     """W1 between the columns of ``u`` [Nu, F] and ``v`` [Nv, F] -> [F] float64.
 
     Column f of ``u`` and of ``v`` are two empirical samples (uniform weights); the result
@@ -40,9 +44,22 @@ def wasserstein_1d(u: Tensor, v: Tensor, *, chunk: int = 4096) -> Tensor:
                          f"{v.shape[0]})")
     n_lat = u.shape[1]
     out = torch.empty(n_lat, dtype=torch.float64, device=u.device)
-    for s in range(0, n_lat, chunk):
-        # Latent-major rows so each sort runs over contiguous memory (much faster than dim=0).
-        out[s:s + chunk] = _w1_block(u[:, s:s + chunk].T, v[:, s:s + chunk].T)
+    starts = list(range(0, n_lat, chunk))
+    # Latent-major rows (one transposing copy) so each sort runs over contiguous memory.
+    ut, vt = u.T.contiguous(), v.T.contiguous()
+
+    def one(s: int) -> None:
+        out[s:s + chunk] = _w1_block(ut[s:s + chunk], vt[s:s + chunk])
+
+    if u.device.type == "cpu" and len(starts) > 1 and torch.get_num_threads() > 1:
+        # numpy's sort/take/ufuncs release the GIL: chunks run in parallel on the torch threads.
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(min(torch.get_num_threads(), len(starts))) as ex:
+            list(ex.map(one, starts))
+    else:
+        for s in starts:
+            one(s)
     return out
 
 
@@ -54,49 +71,45 @@ def _sorted(x: Tensor) -> Tensor:
     return x.sort(dim=1).values
 
 
+def _quantile_grid(nu: int, nv: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Merged breakpoints of the two empirical quantile functions, as indices and weights.
+
+    W1 = integral_0^1 |Q_u(p) - Q_v(p)| dp, and Q_u is constant on ((k-1)/nu, k/nu]. On each
+    interval between consecutive breakpoints {k/nu} U {k/nv} both quantile functions are constant,
+    so W1 = sum_m w_m |u_(iu_m) - v_(iv_m)| with w_m the interval length. The grid depends only on
+    (nu, nv), not on the data, so it is shared by every latent. Exact integer arithmetic over the
+    common denominator lcm(nu, nv).
+    """
+    L = math.lcm(nu, nv)
+    pts = np.union1d(np.arange(1, nu + 1, dtype=np.int64) * (L // nu),
+                     np.arange(1, nv + 1, dtype=np.int64) * (L // nv))
+    w = np.diff(pts, prepend=0).astype(np.float64) / L
+    iu = -(-pts // (L // nu)) - 1          # ceil(p * nu) - 1
+    iv = -(-pts // (L // nv)) - 1
+    return iu, iv, w
+
+
 def _w1_block(u: Tensor, v: Tensor) -> Tensor:
     """u [F, Nu], v [F, Nv] -> [F] float64."""
     nu, nv = u.shape[1], v.shape[1]
-    if nu == nv:
-        # Quantile functions are step functions on the same 1/n grid: W1 = mean |u_(k) - v_(k)|.
-        # Sorting in the input dtype is exact; the differences are taken in float64.
-        us, vs = _sorted(u), _sorted(v)
-        if us.device.type == "cpu":
-            d = np.subtract(us.numpy(), vs.numpy(), dtype=np.float64)  # one pass, no f64 copies
-            np.abs(d, out=d)
-            return torch.from_numpy(d.mean(axis=1))
-        return (us.to(torch.float64) - vs.to(torch.float64)).abs().mean(dim=1)
-    # General case: W1 = integral |F_u - F_v| dt. Sort the merged sample once, remembering which
-    # side each value came from; the running sum of +1/nu (from u) and -1/nv (from v) is F_u - F_v
-    # just right of each point, constant until the next. Order among ties is irrelevant (zero gaps).
-    if u.device.type == "cpu" and u.dtype != torch.float64:
-        vals, from_v = _merged_sort_cpu(u.float(), v.float())
+    us, vs = _sorted(u), _sorted(v)
+    if nu != nv:
+        iu, iv, w = _quantile_grid(nu, nv)
     else:
-        vals, order = torch.cat([u, v], dim=1).sort(dim=1)
-        from_v = order >= nu
-    f64 = dict(dtype=torch.float64, device=vals.device)
-    step = torch.where(from_v, torch.tensor(-1.0 / nv, **f64), torch.tensor(1.0 / nu, **f64))
-    diff_cdf = step.cumsum(dim=1)[:, :-1]
-    vals = vals.to(torch.float64)
-    return (diff_cdf.abs() * (vals[:, 1:] - vals[:, :-1])).sum(dim=1)
-
-
-def _merged_sort_cpu(u: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-    """Merged sort of float32 rows with a side flag, via one SIMD np.sort of int64 keys.
-
-    np.argsort has no SIMD path (5x slower than np.sort), so each value becomes an order-preserving
-    int32 (flip the magnitude bits of negatives), shifted left one bit with the side in bit 0.
-    """
-    a = np.concatenate([u.contiguous().numpy(), v.contiguous().numpy()], axis=1)
-    bits = a.view(np.int32)
-    ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)
-    key = ordered.astype(np.int64) << 1
-    key[:, u.shape[1]:] |= 1
-    key.sort(axis=1)
-    side = (key & 1).astype(bool)
-    back = (key >> 1).astype(np.int32)
-    back ^= (back >> 31) & 0x7FFFFFFF
-    return torch.from_numpy(back.view(np.float32)), torch.from_numpy(side)
+        iu = iv = None
+        w = np.full(nu, 1.0 / nu)
+    if us.device.type == "cpu":
+        a, b = us.numpy(), vs.numpy()
+        if iu is not None:
+            a, b = np.take(a, iu, axis=1), np.take(b, iv, axis=1)  # 4x faster than a[:, iu]
+        d = np.subtract(a, b, dtype=np.float64)   # exact for float32 inputs
+        np.abs(d, out=d)
+        return torch.from_numpy(d @ w)            # BLAS matrix-vector product
+    if iu is not None:
+        us = us[:, torch.from_numpy(iu).to(us.device)]
+        vs = vs[:, torch.from_numpy(iv).to(vs.device)]
+    d = (us.to(torch.float64) - vs.to(torch.float64)).abs()
+    return d @ torch.from_numpy(w).to(d.device)
 
 
 class Separation(NamedTuple):
