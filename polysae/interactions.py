@@ -16,7 +16,7 @@ Latents with more than ``max_active`` active values in a row (ReLU SAEs) keep th
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, NamedTuple, Sequence
+from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -46,10 +46,18 @@ class Pair(NamedTuple):
     """Co-occurrence count N_ij over the held-out tokens."""
 
 
-def _batches(source: Any) -> Iterable[Tensor]:
+def _batches(source: Any, max_tokens: int | None = None) -> Iterator[Tensor]:
+    """Activation batches [B, d] from a tensor, an iterable or a store, cut at ``max_tokens``."""
     if isinstance(source, Tensor):
-        return torch.split(source.reshape(-1, source.shape[-1]), 4096)
-    return source
+        source = torch.split(source.reshape(-1, source.shape[-1]), 4096)
+    seen = 0
+    for b in source:
+        if max_tokens is not None:
+            if seen >= max_tokens:
+                return
+            b = b[: max_tokens - seen]
+        seen += b.shape[0]
+        yield b
 
 
 def cooccurrence(sae: Any, source: Any, *, max_tokens: int | None = None,
@@ -63,11 +71,7 @@ def cooccurrence(sae: Any, source: Any, *, max_tokens: int | None = None,
     zsum = torch.zeros(F, dtype=torch.float64)
     n = 0
     with torch.inference_mode():
-        for b in _batches(source):
-            if max_tokens is not None and n >= max_tokens:
-                break
-            if max_tokens is not None:
-                b = b[: max_tokens - n]
+        for b in _batches(source, max_tokens):
             c = sae.encode_sparse(b.to(sae.W_enc.device, sae.W_enc.dtype))
             vals, idx = c.values.float().cpu(), c.indices.cpu()
             if vals.shape[1] > max_active:
@@ -169,11 +173,7 @@ def top_pair_rows(sae: Any, source: Any, pairs: Sequence[Pair], n: int = 5, *,
     best_r = torch.zeros((len(pairs), 0), dtype=torch.int64)
     row0 = 0
     with torch.inference_mode():
-        for b in _batches(source):
-            if max_tokens is not None and row0 >= max_tokens:
-                break
-            if max_tokens is not None:
-                b = b[: max_tokens - row0]
+        for b in _batches(source, max_tokens):
             z = sae.encode(b.to(sae.W_enc.device, sae.W_enc.dtype)).float().cpu()
             prod = (z[:, pi] * z[:, pj]).T                        # [P, B]
             rows = torch.arange(row0, row0 + b.shape[0]).expand_as(prod)

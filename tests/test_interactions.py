@@ -78,3 +78,11 @@ def test_render_context():
     docs = torch.tensor([0, 0, 0, 1, 1, 1, 1, 1, 1, 1])
     s = render_context(toks, docs, 5, lambda t: "".join(f"<{int(v)}>" for v in t), window=4)
     assert s == "<3><4>[<5>]"
+
+
+def test_max_tokens_cuts_the_stream(gen):
+    sae = _sae("poly")
+    x = torch.randn(300, 10, generator=gen)
+    a = cooccurrence(sae, [x[:120], x[120:]], max_tokens=200)
+    b = cooccurrence(sae, x[:200])
+    assert a.n_tokens == 200 and torch.equal(a.count, b.count) and torch.equal(a.i, b.i)
