@@ -120,3 +120,28 @@ def test_cli_smollm2_end_to_end(tmp_path):
     assert st["summary"]["none"]["mean_log2_rank"] >= 0 and len(st["concepts"]) == 5
     assert all(len(c["saes"]["poly"]["ranks"][0]) == 1 for c in st["concepts"])
     assert "poly" in (tmp_path / "ev" / "report.md").read_text()
+
+
+def test_evaluate_with_activation_store(tiny, tmp_path):
+    """--acts: reconstruction runs on the store's held-out val split, rows in store order."""
+    import numpy as np
+
+    from polysae.harvest import HarvestConfig, harvest
+    from polysae.reconstruction import reconstruction_stats
+    from polysae.store import ActivationStore
+
+    npy = tmp_path / "tok.npy"
+    np.save(npy, np.random.default_rng(0).integers(3, 64, size=(40, 16)))
+    harvest(HarvestConfig(model="tiny", hooks=[HOOK], dataset=str(npy), tokens=40 * 16, ctx=16,
+                          out=str(tmp_path / "acts"), batch_size=8, shard_size=64,
+                          dtype="float32", progress=False), model=tiny)
+    torch.manual_seed(0)
+    sae = SAE(SAEConfig(d_in=16, d_sae=32, k=4))
+    cfg = EvalConfig(datasets=(), recon_tokens=50, steering=False, progress=False, n_pairs=2)
+    m = evaluate({"poly": sae}, model=tiny, hook=HOOK, acts=str(tmp_path / "acts"), config=cfg)
+    assert m["held_out"]["source"].startswith("store:") and m["held_out"]["n_tokens"] == 50
+    val = ActivationStore(tmp_path / "acts", HOOK, split="val").read_rows(0, 50)
+    ref = reconstruction_stats(sae, [val])
+    assert m["saes"]["poly"]["reconstruction"]["fvu"] == pytest.approx(ref.fvu)
+    assert "ce" not in m["saes"]["poly"]["reconstruction"]   # no tokenizer: no CE text
+    assert len(m["saes"]["poly"]["interactions"]["top_pairs"]) == 2
