@@ -72,7 +72,8 @@ def main() -> int:
         print(f"{case:10s} n={nu}/{nv} F={a.latents}: scipy {t_scipy:.3f}s  torch {t_torch:.4f}s  "
               f"speedup {t_scipy / t_torch:.0f}x  max|err| {err:.1e}")
     dev = (torch.cuda.get_device_name() if a.device.startswith("cuda")
-           else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)")
+           else f"cpu ({platform.processor() or platform.machine()}, "
+                f"{torch.get_num_threads()} threads)")
     meta = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "device": dev,
             "torch": torch.__version__, "scipy": scipy.__version__, "numpy": np.__version__,
             "python": platform.python_version(), "repeat": a.repeat, "scipy_repeat": 1,
@@ -84,7 +85,8 @@ def main() -> int:
     md = [f"# W1 per latent: batched torch vs scipy loop ({meta['date']})", "",
           f"Device: {dev}; torch {meta['torch']}, scipy {meta['scipy']}, numpy {meta['numpy']}, "
           f"Python {meta['python']}. Torch best of {a.repeat} after warm-up; scipy one pass.", "",
-          "| case | n pos / neg | latents | scipy loop (s) | torch batched (s) | speedup | max abs err |",
+          "| case | n pos / neg | latents | scipy loop (s) | torch batched (s) | speedup "
+          "| max abs err |",
           "|---|---|---|---|---|---|---|"]
     md += [f"| {r['case']} | {r['n_pos']} / {r['n_neg']} | {r['latents']} | {r['scipy_s']:.3f} | "
            f"{r['torch_s']:.4f} | {r['speedup']:.0f}x | {r['max_abs_err']:.1e} |" for r in rows]

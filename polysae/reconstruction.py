@@ -177,7 +177,8 @@ def reconstruction_stats(sae: Any, batches: Iterable[Tensor], *, max_tokens: int
     total_var = sxx - float(sx.pow(2).sum()) / n
     fvu = se / total_var if total_var > 0 else float("nan")
     density = (active / n).cpu()
-    return ReconStats(se / n, saeb / n, fvu, 1.0 - fvu, l0 / n, float((density == 0).double().mean()),
+    return ReconStats(se / n, saeb / n, fvu, 1.0 - fvu, l0 / n,
+                      float((density == 0).double().mean()),
                       float((density > dense_threshold).double().mean()), density, n)
 
 

@@ -20,8 +20,8 @@ from polysae.sae import atomic_write_text
 
 DEFINITIONS = {
     "mse_per_token": "mean over held-out tokens of ||x - x_hat||^2 (sum over d_in).",
-    "mse_saebench": "SAEBench core `mse`: each token's ||x - x_hat||^2 divided by the tokens in its "
-                    "evaluation batch (saebench_batch_tokens), averaged over tokens; likely the "
+    "mse_saebench": "SAEBench core `mse`: each token's ||x - x_hat||^2 divided by the tokens in "
+                    "its evaluation batch (saebench_batch_tokens), averaged over tokens; likely the "
                     "paper's MSE column (method.md §3.1, not confirmed).",
     "fvu": "fraction of variance unexplained: sum ||x - x_hat||^2 / sum ||x - mean x||^2; "
            "explained_variance = 1 - fvu.",
@@ -118,7 +118,8 @@ def render_markdown(m: dict[str, Any]) -> str:
         L += _table(["", *cols], rows)
         sizes = m.get("probing_sizes", {})
         L += ["", "Split sizes (documents): " + "; ".join(
-            f"{ds}: {s['train_docs']} train / {s['test_docs']} test, classes {', '.join(s['classes'])}"
+            f"{ds}: {s['train_docs']} train / {s['test_docs']} test, "
+            f"classes {', '.join(s['classes'])}"
             for ds, s in sizes.items()) + ". Plot: `f1.png`.", ""]
         L += ["## Wasserstein separation", ""]
         rows = []

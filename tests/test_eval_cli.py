@@ -102,7 +102,8 @@ def test_cli_errors(tmp_path):
 def test_cli_smollm2_end_to_end(tmp_path):
     torch.manual_seed(0)
     meta = {"model": "smollm2-135m", "hook": "blocks.3.hook_resid_post", "dataset": "bbc"}
-    SAE(SAEConfig(d_in=576, d_sae=256, k=8, decoder="linear")).save(tmp_path / "run" / "vanilla", metadata=meta)
+    SAE(SAEConfig(d_in=576, d_sae=256, k=8, decoder="linear")).save(tmp_path / "run" / "vanilla",
+                                                                    metadata=meta)
     SAE(SAEConfig(d_in=576, d_sae=256, k=8, decoder="poly")).save(tmp_path / "run2" / "poly",
                                                                   metadata=meta)
     r = _cli("--sae", str(tmp_path / "run2"), "--baseline", str(tmp_path / "run"),

@@ -31,7 +31,8 @@ def test_shift_and_scale_closed_forms(gen):
     shift = torch.linspace(-3, 3, 8, dtype=torch.float64)
     torch.testing.assert_close(wasserstein_1d(u, u + shift), shift.abs())
     # Two point masses: W1(delta_a, delta_b) = |a - b|; Bernoulli(p) vs Bernoulli(q) = |p - q|.
-    assert abs(float(wasserstein_1d(torch.full((3, 1), 2.0), torch.full((5, 1), -1.5))) - 3.5) < 1e-12
+    w = wasserstein_1d(torch.full((3, 1), 2.0), torch.full((5, 1), -1.5))
+    assert abs(float(w) - 3.5) < 1e-12
     a = torch.tensor([[1.0], [0.0], [0.0], [0.0]])
     b = torch.tensor([[1.0], [1.0], [1.0], [0.0], [0.0], [0.0]])
     assert abs(float(wasserstein_1d(a, b)) - 0.25) < 1e-12
@@ -50,7 +51,8 @@ def test_separation_normalised_forms(gen):
                    / both[:, f].std(unbiased=False).item() for f in range(5)])
     assert abs(s.w1_std - ref) < 1e-6
     # A dead latent counts as 0 in the mean (paper: averaged over all latents).
-    z = separation(torch.cat([pos, torch.zeros_like(pos)], 1), torch.cat([neg, torch.zeros_like(neg)], 1))
+    z = separation(torch.cat([pos, torch.zeros_like(pos)], 1),
+                   torch.cat([neg, torch.zeros_like(neg)], 1))
     assert abs(z.w1 - s.w1 / 2) < 1e-9 and abs(z.w1_std - s.w1_std / 2) < 1e-9
 
 

@@ -27,7 +27,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "files; '' skips probing (default: bbc,tweets,fortunes)")
     p.add_argument("--train-per-class", type=int, default=24, help="probe train docs per class")
     p.add_argument("--test-per-class", type=int, default=12, help="probe test docs per class")
-    p.add_argument("--probe-ctx", type=int, default=64, help="tokens per probing text (SAEBench 128)")
+    p.add_argument("--probe-ctx", type=int, default=64,
+                   help="tokens per probing text (SAEBench 128)")
     p.add_argument("--ks", default="1,2,5", help="probe sparsities (default 1,2,5)")
     p.add_argument("--tokens", type=int, default=8192, help="held-out tokens (default 8192)")
     p.add_argument("--ce-contexts", type=int, default=16,
