@@ -152,6 +152,21 @@ def _load_csv(path: Path, text_column: str, label_column: str | None) -> list[Do
         return _row_docs(list(csv.DictReader(f)), path, text_column, label_column)
 
 
+def _load_hf(name: str, text_column: str, label_column: str | None) -> list[Document]:
+    """A Hugging Face dataset by name (``owner/name`` or ``owner/name:split``), when online."""
+    ds_name, _, split = name.partition(":")
+    try:
+        import datasets
+
+        ds = datasets.load_dataset(ds_name, split=split or "train")
+    except Exception as e:  # noqa: BLE001 - hub/offline errors come in many types
+        raise FileNotFoundError(
+            f"unknown corpus {name!r}: not one of {CORPORA}, no such file, and not loadable as a "
+            f"Hugging Face dataset ({type(e).__name__}: {str(e)[:200]})") from None
+    lc = label_column if label_column in ds.column_names else None
+    return _row_docs(ds, Path(ds_name.replace("/", "_")), text_column, lc)
+
+
 def subsample(docs: list[Document], max_docs: int, seed: int = 0) -> list[Document]:
     """A deterministic, class-stratified subset of at most ``max_docs`` documents.
 
@@ -184,8 +199,9 @@ def load_corpus(name: str, *, max_docs: int | None = None, seed: int = 0,
     """Load a labelled corpus by name (``bbc``, ``tweets``, ``fortunes``) or from a local file.
 
     Args:
-        name: one of :data:`CORPORA`, or a path to a ``.txt`` (one document per line, or
-            blank-line separated; label ``""``), ``.jsonl`` or ``.csv`` file.
+        name: one of :data:`CORPORA`, a path to a ``.txt`` (one document per line, or
+            blank-line separated; label ``""``), ``.jsonl`` or ``.csv`` file, or (online) a
+            Hugging Face dataset name, ``owner/name[:split]`` (default split ``train``).
         max_docs: keep at most this many documents, a class-stratified deterministic subset.
         seed: seed of that subset.
         text_column: column/key holding the text in ``.jsonl``/``.csv`` files.
@@ -203,8 +219,11 @@ def load_corpus(name: str, *, max_docs: int | None = None, seed: int = 0,
     else:
         path = Path(name)
         if not path.exists():
-            raise FileNotFoundError(
-                f"unknown corpus {name!r}: not one of {CORPORA} and no such file")
+            if path.suffix.lower() in (".txt", ".jsonl", ".csv") or name.startswith((".", "/")):
+                raise FileNotFoundError(
+                    f"unknown corpus {name!r}: not one of {CORPORA} and no such file")
+            docs = _load_hf(name, text_column, label_column)
+            return subsample(docs, max_docs, seed) if max_docs is not None else docs
         suffix = path.suffix.lower()
         if suffix in (".jsonl", ".csv"):
             # An absent *default* label column means an unlabelled file, not an error.

@@ -76,5 +76,8 @@ def test_local_files(tmp_path):
     with pytest.raises(ValueError, match="c.jsonl.*text column"):
         load_corpus(str(tmp_path / "c.jsonl"))
     with pytest.raises(FileNotFoundError, match="nope"):
-        load_corpus("nope")
+        load_corpus("nope.csv")
+    # Offline (tests force HF_HUB_OFFLINE=1): a hub name fails with a clear message.
+    with pytest.raises(FileNotFoundError, match="Hugging Face"):
+        load_corpus("someone/no-such-dataset")
     assert CORPORA == ("bbc", "tweets", "fortunes")
