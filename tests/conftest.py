@@ -40,3 +40,20 @@ def _decode_backend(request):
 @pytest.fixture
 def gen() -> torch.Generator:
     return torch.Generator().manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def make_tiny_hooked():
+    """Factory for tiny random frozen HookedTransformers (no tokenizer): ``make(n_layers, d_model,
+    d_vocab, n_ctx=32, seed=0)``."""
+    def make(n_layers: int = 2, d_model: int = 16, d_vocab: int = 50, n_ctx: int = 32,
+             seed: int = 0):
+        from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+        cfg = HookedTransformerConfig(n_layers=n_layers, d_model=d_model, n_ctx=n_ctx, d_head=8,
+                                      n_heads=d_model // 8, d_vocab=d_vocab, act_fn="gelu",
+                                      normalization_type="LN", seed=seed)
+        m = HookedTransformer(cfg).eval()
+        m.requires_grad_(False)
+        return m
+    return make
