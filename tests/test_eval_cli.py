@@ -9,7 +9,6 @@ import sys
 
 import pytest
 import torch
-from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from polysae import SAE, SAEConfig
 from polysae.evaluate import EvalConfig, evaluate
@@ -34,12 +33,8 @@ class _CharTok:
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    cfg = HookedTransformerConfig(n_layers=1, d_model=16, n_ctx=64, d_head=8, n_heads=2,
-                                  d_vocab=64, act_fn="gelu", normalization_type="LN", seed=0)
-    m = HookedTransformer(cfg).eval()
-    m.requires_grad_(False)
-    return m
+def tiny(make_tiny_hooked):
+    return make_tiny_hooked(n_layers=1, d_model=16, d_vocab=64, n_ctx=64, seed=0)
 
 
 def test_evaluate_api_on_tiny_model(tiny, tmp_path):

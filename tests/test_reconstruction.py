@@ -4,20 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from polysae import SAE, SAEConfig
 from polysae.reconstruction import ce_recovered, density_histogram, reconstruction_stats
 
 
 @pytest.fixture(scope="module")
-def tiny_model():
-    torch.manual_seed(0)
-    cfg = HookedTransformerConfig(n_layers=2, d_model=16, n_ctx=32, d_head=8, n_heads=2,
-                                  d_vocab=50, act_fn="gelu", normalization_type="LN", seed=0)
-    m = HookedTransformer(cfg).eval()
-    m.requires_grad_(False)
-    return m
+def tiny_model(make_tiny_hooked):
+    return make_tiny_hooked(n_layers=2, d_model=16, d_vocab=50, seed=0)
 
 
 def test_ce_recovered_identity_and_zero(tiny_model, gen):

@@ -4,19 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from polysae import SAE, SAEConfig
 from polysae.steering import hook_norm, steer_ranks, target_rank, word_latent
 
 
 @pytest.fixture(scope="module")
-def tiny_model():
-    cfg = HookedTransformerConfig(n_layers=2, d_model=16, n_ctx=32, d_head=8, n_heads=2,
-                                  d_vocab=40, act_fn="gelu", normalization_type="LN", seed=1)
-    m = HookedTransformer(cfg).eval()
-    m.requires_grad_(False)
-    return m
+def tiny_model(make_tiny_hooked):
+    return make_tiny_hooked(n_layers=2, d_model=16, d_vocab=40, seed=1)
 
 
 def test_target_rank_matches_argsort(gen):
