@@ -10,8 +10,9 @@ from scipy.stats import wasserstein_distance
 from polysae.wasserstein import separation, wasserstein_1d
 
 
+@pytest.mark.parametrize("use_numpy", [None, False])
 @pytest.mark.parametrize("nu,nv", [(50, 50), (37, 81), (1, 5)])
-def test_matches_scipy(gen, nu, nv):
+def test_matches_scipy(gen, nu, nv, use_numpy):
     u = torch.randn(nu, 40, generator=gen) * torch.rand(40, generator=gen) * 3
     v = torch.randn(nv, 40, generator=gen) + torch.rand(40, generator=gen)
     # Sparse-code-like columns: many exact zeros and ties.
@@ -19,7 +20,7 @@ def test_matches_scipy(gen, nu, nv):
     v[:, :10] = torch.relu(v[:, :10] - 1)
     u[:, 10] = 0
     v[:, 10] = 0
-    got = wasserstein_1d(u, v, chunk=7).numpy()
+    got = wasserstein_1d(u, v, chunk=7, use_numpy=use_numpy).numpy()   # False: the GPU path
     ref = np.array([wasserstein_distance(u[:, f].double().numpy(), v[:, f].double().numpy())
                     for f in range(40)])
     np.testing.assert_allclose(got, ref, rtol=1e-9, atol=1e-6)
@@ -54,6 +55,14 @@ def test_separation_normalised_forms(gen):
     z = separation(torch.cat([pos, torch.zeros_like(pos)], 1),
                    torch.cat([neg, torch.zeros_like(neg)], 1))
     assert abs(z.w1 - s.w1 / 2) < 1e-9 and abs(z.w1_std - s.w1_std / 2) < 1e-9
+
+
+def test_half_precision_inputs(gen):
+    u = torch.randn(20, 6, generator=gen).bfloat16()
+    v = torch.randn(30, 6, generator=gen).half()
+    ref = [wasserstein_distance(u[:, f].double().numpy(), v[:, f].double().numpy())
+           for f in range(6)]
+    np.testing.assert_allclose(wasserstein_1d(u, v).numpy(), ref, rtol=1e-9)
 
 
 def test_bad_shapes():
