@@ -112,7 +112,8 @@ def _w1_block(u: Tensor, v: Tensor, np_path: bool) -> Tensor:
             a, b = np.take(a, iu, axis=1), np.take(b, iv, axis=1)  # 4x faster than a[:, iu]
         d = np.subtract(a, b, dtype=np.float64)   # exact for float32 inputs
         np.abs(d, out=d)
-        return torch.from_numpy(d @ w)            # BLAS matrix-vector product
+        # Equal sizes: a plain row mean (measured faster than the matrix-vector product).
+        return torch.from_numpy(d.mean(axis=1) if iu is None else d @ w)
     if iu is not None:
         us = us[:, torch.from_numpy(iu).to(us.device)]
         vs = vs[:, torch.from_numpy(iv).to(vs.device)]
