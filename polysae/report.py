@@ -35,7 +35,8 @@ DEFINITIONS = {
     "f1": "k-sparse probe (SAEBench, method.md §3.2): mean-pool codes over non-special tokens; "
           "balanced one-vs-rest tasks; top-k latents by |mean difference| on the train split; "
           "sklearn LogisticRegression (C=1, lbfgs); binary F1 on the test split; macro over "
-          "classes, then mean over datasets.",
+          "classes, then mean over datasets. BatchTopK/Matryoshka SAEs run in eval mode (learned "
+          "threshold), not with the paper's batch-level top-k over evaluation batches.",
     "w1": "Wasserstein separation (method.md §3.3): exact 1-D W1 between positive and negative "
           "pooled values of every latent on the train split, averaged over all latents; median "
           "over classes, then over datasets. Raw: grows with activation scale.",
