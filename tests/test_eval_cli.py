@@ -134,7 +134,11 @@ def test_evaluate_with_activation_store(tiny, tmp_path):
     torch.manual_seed(0)
     sae = SAE(SAEConfig(d_in=16, d_sae=32, k=4))
     cfg = EvalConfig(datasets=(), recon_tokens=50, steering=False, progress=False, n_pairs=2)
-    m = evaluate({"poly": sae}, model=tiny, hook=HOOK, acts=str(tmp_path / "acts"), config=cfg)
+    import polysae
+
+    # The package-level name works even though the polysae.evaluate module is already imported.
+    m = polysae.evaluate({"poly": sae}, model=tiny, hook=HOOK, acts=str(tmp_path / "acts"),
+                         config=cfg)
     assert m["held_out"]["source"].startswith("store:") and m["held_out"]["n_tokens"] == 50
     val = ActivationStore(tmp_path / "acts", HOOK, split="val").read_rows(0, 50)
     ref = reconstruction_stats(sae, [val])
