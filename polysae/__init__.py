@@ -27,6 +27,25 @@ _LAZY = {
 }
 
 
+class _FunctionModule(type(importlib)):
+    """A module whose call runs its namesake function (``polysae.train(...)``).
+
+    ``polysae.harvest``, ``polysae.train`` and ``polysae.evaluate`` are both submodules and the
+    functions they define. Once a submodule is imported, the import system binds the *module* as
+    the package attribute, shadowing the lazy function; a callable module keeps
+    ``polysae.train(...)`` working whatever was imported first."""
+
+    def __call__(self, *args, **kwargs):
+        return getattr(self, self.__name__.rsplit(".", 1)[1])(*args, **kwargs)
+
+
+def _callable_module(module_name: str) -> None:
+    """Make ``sys.modules[module_name]`` callable as its namesake function (see above)."""
+    import sys
+
+    sys.modules[module_name].__class__ = _FunctionModule
+
+
 def __getattr__(name: str):
     if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name]), name)

@@ -17,13 +17,13 @@ import datetime as dt
 import os
 import sys
 import time
-import types
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from polysae import _callable_module
 from polysae.sae import SAE
 
 
@@ -408,14 +408,4 @@ def _jsonable(x: Any) -> Any:
 __all__ = ["EvalConfig", "evaluate"]
 
 
-class _CallableModule(types.ModuleType):
-    """``polysae.evaluate`` is both this module and the lazily exported function: once the module
-    is imported, the package attribute is the module (the import system sets it), so
-    ``polysae.evaluate(...)`` / ``from polysae import evaluate`` would get the module. Making the
-    module callable keeps both spellings working whatever was imported first."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
-        return evaluate(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
+_callable_module(__name__)  # polysae.evaluate(...) calls the function

@@ -482,14 +482,6 @@ class _ShardWriter(threading.Thread):
                     break
 
 
-class _CallableModule(type(sys)):
-    """``polysae.harvest`` is both this module and, through the package's lazy names, the
-    ``harvest`` function. Once the module is imported, Python binds the *module* as the package
-    attribute, shadowing the lazy function; making the module callable keeps
-    ``polysae.harvest(cfg)`` working either way."""
+import polysae  # noqa: E402
 
-    def __call__(self, cfg: HarvestConfig, model: Any = None) -> HarvestResult:
-        return harvest(cfg, model)
-
-
-sys.modules[__name__].__class__ = _CallableModule
+polysae._callable_module(__name__)  # polysae.harvest(...) calls the function

@@ -771,3 +771,8 @@ def train(saes: SAE | SAEConfig | Mapping[str, SAE | SAEConfig], source: Any,
 
 __all__ = ["TrainConfig", "Trainer", "TrainResult", "StepMetrics", "TrainingDiverged",
            "TensorSource", "as_source", "fold_scale", "train"]
+
+
+import polysae  # noqa: E402
+
+polysae._callable_module(__name__)  # polysae.train(...) calls the function
