@@ -427,12 +427,9 @@ def _r(x: Tensor, nd: int = 4) -> list:
     return (torch.round(x * 10 ** nd) / 10 ** nd).tolist()
 
 
-def _logit_tops(directions: Tensor, W_U: Tensor, n: int, block: int | None = None
-                ) -> tuple[Tensor, ...]:
-    """Top-n promoted / suppressed token ids and logits of each direction [M, D] through W_U.
-    Rows go in blocks sized so one [block, vocab] logit matrix stays near 16 MB."""
+def _logit_tops(directions: Tensor, W_U: Tensor, n: int, block: int = 512) -> tuple[Tensor, ...]:
+    """Top-n promoted / suppressed token ids and logits of each direction [M, D] through W_U."""
     W_U = W_U.detach().float().cpu()
-    block = block or max(1, (1 << 22) // max(1, W_U.shape[1]))
     ups, upv, dns, dnv = [], [], [], []
     n = min(n, W_U.shape[1])
     for s in range(0, directions.shape[0], block):
