@@ -50,7 +50,7 @@ class RunConfig:
     """Hook points harvested in one forward; the SAEs train on the first."""
     dataset: str = "bbc"
     """Text to harvest (bundled corpus, local file or Hugging Face dataset name)."""
-    tokens: int = 160_000
+    tokens: int = 100_000
     """Tokens to harvest (about 5 % are held out, by shard, for evaluation)."""
     ctx: int = 128
     """Context length of harvested sequences."""
@@ -70,10 +70,17 @@ class RunConfig:
     """PolySAE ranks (default: d_in, 64, 64, the paper's recipe)."""
     batch_size: int = 1024
     """Training batch in activation rows."""
-    lr: float = 3e-4
-    """Adam learning rate (constant, as in the paper)."""
+    lr: float = 1e-3
+    """Adam learning rate (constant). The paper's 3e-4 is tuned for ~73k steps; the default run
+    makes a few hundred, where 1e-3 on normalised activations converges much further
+    (measured: per-token MSE after 60 steps 412 at 3e-4 vs 136 at 1e-3)."""
+    normalize: bool = True
+    """Train on activations scaled to E||x||^2 = d_in (estimated once, folded into the saved
+    weights, so the saved SAEs take raw activations). The paper trains unnormalised."""
     train_tokens: int | None = None
-    """Activation rows to train on (default: one pass over the training split)."""
+    """Activation rows to train on (default: ``epochs`` passes over the training split)."""
+    epochs: int = 3
+    """Passes over the training split when ``train_tokens`` is not given."""
     seed: int = 42
     """Seed of initialisation and data order."""
     device: str | None = None
@@ -167,9 +174,10 @@ def run(cfg: RunConfig) -> RunResult:
     common = dict(d_in=store.d_in, d_sae=cfg.d_sae, k=cfg.k, sparsifier=cfg.sparsifier)
     sae_cfgs = {"vanilla": SAEConfig(decoder="linear", **common),
                 "poly": SAEConfig(decoder="poly", ranks=cfg.ranks, **common)}
-    rows = cfg.train_tokens or store.n_rows
+    rows = cfg.train_tokens or cfg.epochs * store.n_rows
     steps = max(1, rows // cfg.batch_size)
     tcfg = TrainConfig(lr=cfg.lr, steps=steps, seed=cfg.seed, progress=cfg.progress,
+                       normalize=cfg.normalize, dead_window=max(10, steps // 8),
                        checkpoint_every=max(1, steps // 4), log_every=max(1, steps // 50))
     train_dir = out / "train"
     resume = (train_dir / "run.json").exists()

@@ -42,7 +42,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="PolySAE ranks (default d_in 64 64)")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="training batch (rows)")
     p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--train-tokens", type=int, help="rows to train on (default: one pass)")
+    p.add_argument("--train-tokens", type=int, help="rows to train on (default: --epochs passes)")
+    p.add_argument("--epochs", type=int, default=d.epochs, help=f"passes (default {d.epochs})")
+    p.add_argument("--no-normalize", dest="normalize", action="store_false",
+                   help="train on raw activations (the paper's setting)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when present)")
     p.add_argument("--eval-recon-tokens", type=int, default=d.eval_recon_tokens)
