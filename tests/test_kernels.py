@@ -56,6 +56,9 @@ def isolated(fn):
         pid = os.fork()
         if pid == 0:  # child: never returns into pytest
             os.close(r)
+            # The parent's OpenMP pool does not survive fork (libgomp deadlocks on the child's
+            # first parallel region once the parent has used it): run the child single-threaded.
+            torch.set_num_threads(1)
             code, msg = 0, b""
             try:
                 fn(*args, **kwargs)
