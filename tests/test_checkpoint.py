@@ -87,8 +87,10 @@ def test_missing_and_corrupt_files_are_named(tmp_path):
     with pytest.raises(ValueError, match=r"config\.json is not a valid"):
         polysae.load(d)
     (d / "config.json").unlink()
+    with pytest.raises((FileNotFoundError, ValueError), match=r"found \['sae\.safetensors'\].*config\.json"):
+        polysae.load(d)  # format detection names what is there and what is missing
     with pytest.raises(FileNotFoundError, match=r"missing file .*config\.json"):
-        polysae.load(d)
+        polysae.sae.load_checkpoint(d)
     with pytest.raises(FileNotFoundError, match="nowhere"):
         polysae.load(tmp_path / "nowhere")
 
