@@ -39,6 +39,8 @@ from typing import Any, NamedTuple
 
 import torch
 
+from polysae.sae import atomic_write_bytes
+
 FORMAT = "polysae-activations"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -376,20 +378,7 @@ def _write_manifest(out: Path, manifest: dict) -> None:
     _atomic_write(out / MANIFEST, json.dumps(manifest, indent=1).encode())
 
 
-def _atomic_write(path: Path, payload: bytes) -> str:
-    """temp name -> write -> fsync -> rename -> fsync the folder; returns the sha256."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(payload)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    return hashlib.sha256(payload).hexdigest()
+_atomic_write = atomic_write_bytes  # temp name, fsync, rename, fsync the folder; -> sha256
 
 
 def _maybe_kill(shard: int, stage: str) -> None:

@@ -414,15 +414,27 @@ def _fsync_and_hash(path: Path) -> str:
     return h.hexdigest()
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temp file in the same folder, fsync, rename."""
+def atomic_write_bytes(path: Path, payload: bytes) -> str:
+    """temp name in the same folder -> write -> fsync -> rename -> fsync the folder, so a crash
+    leaves either the old file or the complete new one. Returns the payload's sha256."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
+    with open(tmp, "wb") as f:
+        f.write(payload)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return hashlib.sha256(payload).hexdigest()
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """:func:`atomic_write_bytes` for UTF-8 text."""
+    atomic_write_bytes(path, text.encode())
 
 
 def load_checkpoint(directory: str | os.PathLike, device: torch.device | str | None = None,
