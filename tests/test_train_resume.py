@@ -95,8 +95,8 @@ def test_kill_9_then_resume_is_bit_identical(tmp_path, ref):
         for k in ta:
             assert torch.equal(ta[k], tb[k]), (name, k)
     assert (st["epoch"], st["batch_in_epoch"]) == (1, 9)
-    assert torch.load(tmp_path / "run" / "poly" / "trainer_state.pt",
-                      weights_only=True)["epoch"] == 2
+    state_file = tmp_path / "run" / "poly" / "trainer_state.pt"
+    assert torch.load(state_file, weights_only=True)["epoch"] == 2
 
 
 def test_resume_picks_common_step_when_states_disagree(tmp_path, ref):
