@@ -180,14 +180,21 @@ def run(cfg: RunConfig) -> RunResult:
                        normalize=cfg.normalize, dead_window=max(10, steps // 8),
                        checkpoint_every=max(1, steps // 4), log_every=max(1, steps // 50))
     train_dir = out / "train"
-    resume = (train_dir / "run.json").exists()
-    torch.manual_seed(cfg.seed)
-    saes = {n: SAE(c, device=device) for n, c in sae_cfgs.items()}
-    meta = {"model": cfg.model, "hook": hook, "acts": str(out / "acts"),
-            "dataset": cfg.dataset}
-    Trainer(saes, tcfg, train_dir, metadata=meta).fit(store, resume=resume)
-    seconds["train"] = time.perf_counter() - t
     ckpts = {n: train_dir / n for n in sae_cfgs}
+    train_key = hashlib.sha256(json.dumps(
+        [tcfg.to_dict(), {n: c.to_dict() for n, c in sae_cfgs.items()},
+         (out / "acts" / "manifest.json").read_text()], sort_keys=True, default=str).encode()
+    ).hexdigest()
+    if not (stages.done("train", train_key) and all((p / "config.json").exists()
+                                                    for p in ckpts.values())):
+        resume = (train_dir / "run.json").exists()
+        torch.manual_seed(cfg.seed)
+        saes = {n: SAE(c, device=device) for n, c in sae_cfgs.items()}
+        meta = {"model": cfg.model, "hook": hook, "acts": str(out / "acts"),
+                "dataset": cfg.dataset}
+        Trainer(saes, tcfg, train_dir, metadata=meta).fit(store, resume=resume)
+        stages.mark("train", train_key)
+    seconds["train"] = time.perf_counter() - t
 
     # 3. evaluate both side by side
     t = time.perf_counter()
