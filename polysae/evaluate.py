@@ -13,6 +13,7 @@ activations are computed once and shared. Stages and their definitions live in
 from __future__ import annotations
 
 import dataclasses
+import logging
 import datetime as dt
 import os
 import sys
@@ -340,7 +341,13 @@ def _probing(models, model, tokenizer, hook, cfg, specials, result) -> None:
     per: dict[str, dict[str, Any]] = {n: {} for n in [*models, "__acts__"]}
     sizes = {}
     for ds in cfg.datasets:
-        docs = load_corpus(ds)
+        try:
+            docs = load_corpus(ds)
+        except FileNotFoundError as e:
+            if ds != "fortunes":  # user-named files must exist; the optional Debian set may not
+                raise
+            logging.getLogger(__name__).warning("probing: skipping %s (%s)", ds, e)
+            continue
         labels_all = [d.label for d in docs]
         split = make_split(labels_all, cfg.probe_train_per_class, cfg.probe_test_per_class,
                            seed=cfg.seed)
