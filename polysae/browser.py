@@ -73,7 +73,7 @@ class BrowseConfig:
     """log10 of the smallest histogram edge."""
     hist_hi: float = 3.0
     """log10 of the largest histogram edge."""
-    chunk_rows: int = 2048
+    chunk_rows: int = 512
     """Rows encoded per step: peak memory is about chunk_rows * d_sae * 4 bytes (pre-acts)."""
     shard_size: int = 256
     """Latents per data file (the page loads only the shard it shows)."""
