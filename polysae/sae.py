@@ -255,11 +255,10 @@ class SAE(nn.Module):
                              f"shape {tuple(codes.shape)}")
         lead = codes.shape[:-1]
         z = codes.reshape(-1, self.cfg.d_sae).to(self.b_dec.dtype)
+        kmax = max(1, int((z != 0).sum(-1).max())) if z.numel() and path != "dense" else 1
         if path == "auto":
-            nnz = int((z != 0).sum(-1).max()) if z.numel() else 0
-            path = "sparse" if nnz <= max(1, self.cfg.d_sae // 8) else "dense"
+            path = "sparse" if kmax <= max(1, self.cfg.d_sae // 8) else "dense"
         if path == "sparse":
-            kmax = max(1, int((z != 0).sum(-1).max())) if z.numel() else 1
             _, idx = z.abs().topk(kmax, dim=-1, sorted=False)
             out = self.decode_sparse(z.gather(1, idx), idx)
         elif path == "dense":
