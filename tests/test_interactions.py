@@ -54,6 +54,30 @@ def test_strength_is_half_the_decoded_cross_term(gen, shared_u):
     torch.testing.assert_close(s, cross.double().norm(dim=-1) / 2, rtol=1e-5, atol=1e-7)
 
 
+def test_correlations_raw_and_log_counts(gen):
+    """All four Pearson r's against scipy.stats.pearsonr on the pairs with N_ij >= min_count."""
+    from scipy.stats import pearsonr
+
+    sae = _sae("poly")
+    x = torch.randn(600, 10, generator=gen)
+    st = cooccurrence(sae, x)
+    strength = pair_strength(sae, st.i, st.j)
+    for min_count in (1, 3):
+        r = correlations(st, strength, min_count=min_count)
+        keep = (st.count >= min_count).numpy()
+        cnt = st.count.numpy()[keep].astype(float)
+        cov, s = st.cov.numpy()[keep], strength.numpy()[keep]
+        assert r["n_pairs"] == int(keep.sum()) > 10 and r["min_count"] == min_count
+        assert r["r_cov_count"] == pytest.approx(pearsonr(cov, cnt)[0], abs=1e-12)
+        assert r["r_cov_logcount"] == pytest.approx(pearsonr(cov, np.log(cnt))[0], abs=1e-12)
+        assert r["r_strength_count"] == pytest.approx(pearsonr(s, cnt)[0], abs=1e-12)
+        assert r["r_strength_logcount"] == pytest.approx(pearsonr(s, np.log(cnt))[0],
+                                                         abs=1e-12)
+    # Log counts are a different statistic from raw counts.
+    assert r["r_cov_logcount"] != pytest.approx(r["r_cov_count"])
+    assert "r_strength_count" not in correlations(st)   # linear decoders: covariance only
+
+
 def test_top_pairs_and_rows(gen):
     sae = _sae("poly")
     x = torch.randn(400, 10, generator=gen)

@@ -76,3 +76,42 @@ def test_pool_texts_mean_of_codes(gen):
     ref = torch.stack([enc(a).mean(0) for a in acts])
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(pool_texts(pooled), torch.stack([a.mean(0) for a in acts]))
+
+
+def test_aggregate_mean_f1_median_w1():
+    """F1: mean over datasets of the per-dataset macro F1; W1 (all three forms): median of the
+    per-dataset class medians (values chosen so that mean != median)."""
+    vals = {"a": (0.9, 1.0), "b": (0.6, 2.0), "c": (0.3, 9.0)}
+    ds = {n: {"f1": {"1": f, "5": f / 2}, "w1": w, "w1_std": 10 * w, "w1_l2": w / 10}
+          for n, (f, w) in vals.items()}
+    agg = aggregate(ds, ks=(1, 5))
+    f1s = [f for f, _ in vals.values()]
+    w1s = [w for _, w in vals.values()]
+    assert agg["f1"] == {"1": pytest.approx(np.mean(f1s)), "5": pytest.approx(np.mean(f1s) / 2)}
+    assert agg["w1"] == pytest.approx(np.median(w1s)) != pytest.approx(np.mean(w1s))
+    assert agg["w1_std"] == pytest.approx(10 * np.median(w1s))
+    assert agg["w1_l2"] == pytest.approx(np.median(w1s) / 10)
+
+
+def test_dataset_f1_is_macro_over_classes_and_w1_median(gen):
+    """probe_dataset's F1 per k is the unweighted mean of the per-class binary F1s, and each
+    per-class F1 equals a direct sklearn fit on that class's balanced task."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import f1_score
+
+    x, labels = _data(gen, n_per=40, classes=("a", "b", "c", "d"))
+    x[:, 7:11] += torch.rand(len(labels), 4, generator=gen) * 1.5   # partly separable
+    sp = make_split(labels, 25, 15, seed=0)
+    r = probe_dataset(x, labels, sp, ks=(1, 2))
+    xn = x.double().numpy()
+    for t in make_tasks(labels, sp):
+        for k in (1, 2):
+            cols = top_k_mean_diff(xn[t.train_idx], t.train_y, k)
+            clf = LogisticRegression(C=1.0, solver="lbfgs", max_iter=1000)
+            clf.fit(xn[t.train_idx][:, cols], t.train_y)
+            ref = f1_score(t.test_y, clf.predict(xn[t.test_idx][:, cols]), average="binary")
+            assert r["per_class"][t.label]["f1"][str(k)] == pytest.approx(ref)
+    for k in ("1", "2"):
+        assert r["f1"][k] == pytest.approx(np.mean([c["f1"][k] for c in r["per_class"].values()]))
+    assert r["w1_iqr"] == pytest.approx(
+        np.percentile([c["w1"] for c in r["per_class"].values()], [25, 75]).tolist())
