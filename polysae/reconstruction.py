@@ -66,10 +66,11 @@ def ce_recovered(model: Any, hook: str, tokens: Tensor,
 
 def ce_recovered_many(model: Any, hook: str, tokens: Tensor,
                       reconstructs: dict[str, Callable[[Tensor], Tensor]],
-                      special_ids: Iterable[int] = (), *, batch_size: int = 8
-                      ) -> dict[str, CELoss]:
+                      special_ids: Iterable[int] = (), *, batch_size: int = 8,
+                      progress: Callable[[int], None] | None = None) -> dict[str, CELoss]:
     """:func:`ce_recovered` for several reconstructions sharing the clean and zero-ablated runs
-    (on CPU each forward costs about the same whatever the batch, so sharing them matters)."""
+    (on CPU each forward costs about the same whatever the batch, so sharing them matters).
+    ``progress(n)`` is called after each batch with its number of contexts."""
     if tokens.ndim != 2 or tokens.shape[1] < 2:
         raise ValueError(f"ce_recovered: tokens must be [batch, pos>=2], got {tuple(tokens.shape)}")
     dev = next(model.parameters()).device
@@ -109,6 +110,8 @@ def ce_recovered_many(model: Any, hook: str, tokens: Tensor,
                     tot[f"kl_{key}"] += float(kl[target_ok].double().sum())
                 del lp
             n += int(target_ok.sum())
+            if progress is not None:
+                progress(tok.shape[0])
     if n == 0:
         raise ValueError("ce_recovered: no scorable positions (all targets are special tokens)")
     m = {k: v / n for k, v in tot.items()}
@@ -195,7 +198,8 @@ def density_histogram(density: Tensor, bins: int = 40, lo: float = -7.0) -> dict
 
 def stats_dict(st: ReconStats, ce: CELoss | None, saebench_batch_tokens: int,
                dense_threshold: float) -> dict[str, Any]:
-    """JSON-ready reconstruction block (stable keys, documented in docs/readme/50-eval.md)."""
+    """JSON-ready reconstruction block (stable keys, documented in README.md, section
+    ``metrics.json``)."""
     out: dict[str, Any] = {
         "n_tokens": st.n_tokens, "mse_per_token": st.mse_per_token,
         "mse_saebench": st.mse_saebench, "saebench_batch_tokens": saebench_batch_tokens,

@@ -2,8 +2,8 @@
 definition) and PNG plots (matplotlib, Agg backend). Every file is written to a temporary name,
 fsynced and renamed, so an interrupted run never leaves a valid-looking partial file.
 
-``metrics.json`` keys (schema_version 1) are documented in docs/readme/50-eval.md; the
-``DEFINITIONS`` below are the text the report prints.
+``metrics.json`` keys (schema_version 1) are documented in README.md (section
+``metrics.json``); the ``DEFINITIONS`` below are the text the report prints.
 """
 
 from __future__ import annotations
@@ -25,12 +25,21 @@ DEFINITIONS = {
                     "paper's MSE column (method.md §3.1, not confirmed).",
     "fvu": "fraction of variance unexplained: sum ||x - x_hat||^2 / sum ||x - mean x||^2; "
            "explained_variance = 1 - fvu.",
+    "explained_variance": "1 - fvu (plain formula, not SAEBench's variant).",
     "l0": "mean number of active latents per token.",
     "dead_fraction": "share of latents never active on the held-out tokens.",
     "dense_fraction": "share of latents active on more than dense_threshold of the tokens.",
+    "density": "per latent, the fraction of held-out tokens it is active on; `density.png` and "
+               "`density_histogram` bin log10(density) of live latents (dead ones counted apart).",
+    "ce_clean": "mean next-token cross-entropy of the unmodified model on the CE contexts "
+                "(scored positions: targets that are not special tokens).",
+    "ce_sae": "the same with the SAE's x_hat spliced in at the hook.",
+    "ce_zero": "the same with the hook activation replaced by zeros (zero-ablation).",
     "ce_loss_recovered": "(CE_zero - CE_sae) / (CE_zero - CE_clean): x_hat spliced in at the hook "
                          "vs the clean run and zero-ablation; special-token positions keep their "
                          "clean activation and are not scored.",
+    "kl_sae": "mean over scored positions of KL(clean || spliced) of the next-token "
+              "distributions (KL_zero: the same for zero-ablation).",
     "kl_recovered": "(KL_zero - KL_sae) / KL_zero with KL(clean || spliced) per position.",
     "f1": "k-sparse probe (SAEBench, method.md §3.2): mean-pool codes over non-special tokens; "
           "balanced one-vs-rest tasks; top-k latents by |mean difference| on the train split; "
@@ -48,6 +57,13 @@ DEFINITIONS = {
                     "strength = |lambda2|*||B_ij|| (PolySAE); N_ij = held-out tokens with both "
                     "latents active; cov = Cov(z_i, z_j); Pearson r over pairs with N_ij >= 1, "
                     "raw and log counts. Paper: r = 0.06 (strength) vs 0.82 (vanilla cov).",
+    "n_pairs": "co-active latent pairs (N_ij >= 1) over the held-out tokens.",
+    "r_strength_count": "Pearson r between |lambda2|*||B_ij|| and N_ij over co-active pairs "
+                        "(PolySAE only).",
+    "r_strength_logcount": "as r_strength_count with log N_ij.",
+    "r_cov_count": "Pearson r between Cov(z_i, z_j) and N_ij over co-active pairs (any SAE; the "
+                   "paper's vanilla statistic).",
+    "r_cov_logcount": "as r_cov_count with log N_ij.",
     "steering": "polysae's own protocol (method.md §3.6 has no code): latent per concept word = "
                 "most active latent at that word; add alpha*(d_i + d_j) (unit-norm linear decoder "
                 "directions) at every non-BOS position; alpha = scale x median hook-activation "

@@ -19,8 +19,10 @@ For a concept made of two words (e.g. "canada" x "oil" -> target " Keystone"):
 
 from __future__ import annotations
 
+import json
 import math
-from typing import Any, NamedTuple, Sequence
+from pathlib import Path
+from typing import Any, Callable, NamedTuple, Sequence
 
 import torch
 from torch import Tensor
@@ -53,6 +55,35 @@ DEFAULT_CONCEPTS = (
 #: Neutral prompts added to every concept's own prompt (our choice; the paper used 12).
 NEUTRAL_PROMPTS = ("I think that the", "Yesterday we talked about", "The best thing about it is",
                    "She told me about")
+
+
+def load_concepts(path: str | Path) -> tuple[Concept, ...]:
+    """Steering concepts from a ``.jsonl`` file, one object per line with the :class:`Concept`
+    fields ``name``, ``word_i``, ``word_j``, ``target`` and ``prompt`` (leading spaces matter:
+    ``"word_i": " Canada"``, ``"target": " Keystone"``)."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"steering concepts file {p} not found")
+    out = []
+    with open(p, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{p}: line {n} is not valid JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{p}: line {n} is not a JSON object")
+            missing = [k for k in Concept._fields if not isinstance(row.get(k), str)
+                       or not row[k].strip()]
+            if missing:
+                raise ValueError(f"{p}: line {n} lacks the non-empty string field(s) {missing} "
+                                 f"(needs {list(Concept._fields)})")
+            out.append(Concept(*(row[k] for k in Concept._fields)))
+    if not out:
+        raise ValueError(f"{p}: no steering concepts")
+    return tuple(out)
 
 
 def target_rank(logits: Tensor, target: int) -> int:
@@ -161,9 +192,11 @@ def _tokens(model: Any, text: str, bos: bool) -> Tensor:
 def steering_eval(model: Any, hook: str, saes: dict[str, Any],
                   concepts: Sequence[Concept] = DEFAULT_CONCEPTS,
                   neutral_prompts: Sequence[str] = NEUTRAL_PROMPTS,
-                  alpha_scales: Sequence[float] = (0.25, 0.5, 1.0, 2.0)) -> dict[str, Any]:
+                  alpha_scales: Sequence[float] = (0.25, 0.5, 1.0, 2.0),
+                  progress: Callable[[int], None] | None = None) -> dict[str, Any]:
     """Run the protocol above for every SAE in ``saes`` (name -> SAE) on a HookedTransformer with
-    a tokenizer. Returns a JSON-ready dict (keys documented in docs/readme/50-eval.md)."""
+    a tokenizer. Returns a JSON-ready dict (keys documented in README.md, section
+    ``metrics.json``). ``progress(1)`` is called after each concept."""
     all_prompts = [_tokens(model, c.prompt, True) for c in concepts] + \
         [_tokens(model, p, True) for p in neutral_prompts]
     scale = hook_norm(model, hook, all_prompts)
@@ -198,6 +231,8 @@ def steering_eval(model: Any, hook: str, saes: dict[str, Any],
                                    "ranks": per_prompt}
             per_sae_cases[name] += per_prompt
         out["concepts"].append(entry)
+        if progress is not None:
+            progress(1)
     summary: dict[str, Any] = {"none": {"mean_log2_rank": _mlog(base_cases)}}
     for name, cases in per_sae_cases.items():
         per_alpha = []

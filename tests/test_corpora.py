@@ -81,3 +81,34 @@ def test_local_files(tmp_path):
     with pytest.raises(FileNotFoundError, match="Hugging Face"):
         load_corpus("someone/no-such-dataset")
     assert CORPORA == ("bbc", "tweets", "fortunes")
+
+
+def test_hugging_face_dataset_by_name(monkeypatch):
+    """The online path, with ``datasets.load_dataset`` replaced by an in-memory dataset: the
+    ``owner/name[:split]`` syntax, column selection, ClassLabel ids -> names, clear errors."""
+    import datasets
+
+    calls = []
+    feats = datasets.Features({"sentence": datasets.Value("string"),
+                               "topic": datasets.ClassLabel(names=["sport", "tech"]),
+                               "label": datasets.Value("string")})
+
+    def fake_load_dataset(name, split=None, **kw):
+        calls.append((name, split))
+        return datasets.Dataset.from_dict({"sentence": ["goal!", "  ", "new chip"],
+                                           "topic": [0, 1, 1], "label": ["x", "y", "z"]},
+                                          features=feats)
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    docs = load_corpus("someone/news:test", text_column="sentence", label_column="topic")
+    assert calls == [("someone/news", "test")]
+    assert [(d.text, d.label) for d in docs] == [("goal!", "sport"), ("new chip", "tech")]
+    docs = load_corpus("someone/news", text_column="sentence")       # default split, label col
+    assert calls[-1] == ("someone/news", "train") and [d.label for d in docs] == ["x", "z"]
+    with pytest.raises(ValueError, match="someone/news.*no label column 'missing'"):
+        load_corpus("someone/news", text_column="sentence", label_column="missing")
+    with pytest.raises(ValueError, match="someone/news.*no text column 'text'"):
+        load_corpus("someone/news")
+    monkeypatch.setattr(datasets, "load_dataset",
+                        lambda name, split=None: datasets.Dataset.from_dict({"text": ["a", "b"]}))
+    assert [d.label for d in load_corpus("someone/plain")] == ["", ""]  # no label column at all

@@ -37,7 +37,7 @@ def tiny(make_tiny_hooked):
     return make_tiny_hooked(n_layers=1, d_model=16, d_vocab=64, n_ctx=64, seed=0)
 
 
-def test_evaluate_api_on_tiny_model(tiny, tmp_path):
+def test_evaluate_api_on_tiny_model(tiny, tmp_path, capsys):
     torch.manual_seed(0)
     saes = {"vanilla": SAE(SAEConfig(d_in=16, d_sae=32, k=4, decoder="linear")),
             "poly": SAE(SAEConfig(d_in=16, d_sae=32, k=4, decoder="poly", ranks=(16, 4, 4)))}
@@ -51,8 +51,12 @@ def test_evaluate_api_on_tiny_model(tiny, tmp_path):
     txt.write_text("\n".join(f"line {i} of some held out text" for i in range(200)))
     cfg = EvalConfig(datasets=(str(csv),), probe_train_per_class=12, probe_test_per_class=6,
                      probe_ctx=16, ks=(1, 2), recon_tokens=300, live_dataset=str(txt),
-                     live_ctx=16, ce_contexts=4, steering=False, progress=False, n_pairs=3)
+                     live_ctx=16, ce_contexts=4, steering=False, progress=True, n_pairs=3)
     m = evaluate(saes, model=tiny, hook=HOOK, tokenizer=_CharTok(), config=cfg, out=tmp_path / "ev")
+    err = capsys.readouterr().err
+    # Long stages show progress bars (tqdm on stderr).
+    for bar in ("held-out activations", "CE/KL contexts", "probing texts"):
+        assert bar in err and "it/s" in err, bar
     assert set(m["saes"]) == {"vanilla", "poly"}
     for s in m["saes"].values():
         rec = s["reconstruction"]
@@ -71,9 +75,71 @@ def test_evaluate_api_on_tiny_model(tiny, tmp_path):
     for png in ("f1.png", "w1.png", "density.png", "interactions.png"):
         assert (tmp_path / "ev" / png).read_bytes()[:4] == b"\x89PNG"
     assert not list((tmp_path / "ev").glob(".*tmp"))
+    _check_documented_keys(on_disk)
+    # Every metric row of the report's tables has a definition printed under "## Definitions".
+    from polysae.report import DEFINITIONS
+
+    defs = md.split("## Definitions")[1]
+    for section in ("## Reconstruction", "## Interactions"):
+        body = md.split(section)[1].split("\n## ")[0]
+        rows = [r.split("|")[1].strip() for r in body.splitlines()
+                if r.startswith("| ") and not r.startswith(("| metric", "| i ", "|  |"))]
+        rows = [r for r in rows if not r.isdigit()]   # top-pair rows start with a latent id
+        assert len(rows) >= 5, section
+        for r in rows:
+            assert r in DEFINITIONS and f"- **{r}**:" in defs, (section, r)
     # The report rebuilds from metrics.json alone (no plots data needed).
     write_report(on_disk, tmp_path / "ev2")
     assert (tmp_path / "ev2" / "report.md").read_text().split("\n")[3:] == md.split("\n")[3:]
+
+
+# Stable metrics.json keys (schema_version 1); README.md "metrics.json" documents each of them.
+TOP_KEYS = {"schema_version", "date", "polysae_version", "torch_version", "model", "hook",
+            "device", "config", "saes", "held_out", "activations_baseline", "probing_sizes",
+            "timings_s", "plots"}
+RECON_KEYS = {"n_tokens", "mse_per_token", "mse_saebench", "saebench_batch_tokens", "fvu",
+              "explained_variance", "l0", "dead_fraction", "dense_fraction", "dense_threshold",
+              "density_histogram", "ce"}
+CE_KEYS = {"ce_clean", "ce_sae", "ce_zero", "ce_loss_recovered", "kl_sae", "kl_zero",
+           "kl_recovered", "n_tokens"}
+INTER_KEYS = {"n_pairs", "n_tokens", "min_count", "r_cov_count", "r_cov_logcount", "definition",
+              "top_pairs"}
+PROBE_KEYS = {"f1", "w1", "w1_std", "w1_l2", "datasets"}
+PROBE_DS_KEYS = {"f1", "w1", "w1_std", "w1_l2", "w1_iqr", "n_train", "n_test", "per_class"}
+
+
+def _check_documented_keys(m):
+    """Pin the key sets and check every fixed key name appears in README's metrics.json block."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = readme.split("### `metrics.json`")[1].split("```")[1]
+    documented = set(re.findall(r"[A-Za-z_][A-Za-z0-9_]*", block))
+    assert set(m) == TOP_KEYS
+    names = [n for n in m["saes"]]
+    seen = set(TOP_KEYS)
+    for n in names:
+        s = m["saes"][n]
+        rec, inter, probe = s["reconstruction"], s["interactions"], s["probing"]
+        assert set(rec) == RECON_KEYS and set(rec["ce"]) == CE_KEYS
+        assert set(rec["density_histogram"]) == {"log10_edges", "counts", "dead"}
+        poly = s["info"]["decoder"] == "poly"
+        assert set(inter) == INTER_KEYS | ({"r_strength_count", "r_strength_logcount"}
+                                           if poly else set())
+        assert set(probe) == PROBE_KEYS
+        for ds in probe["datasets"].values():
+            assert set(ds) == PROBE_DS_KEYS
+            for c in ds["per_class"].values():
+                assert set(c) == {"f1", "w1", "w1_std", "w1_l2"}
+        for p in inter["top_pairs"]:
+            assert set(p) == {"i", "j", "strength", "count", "contexts"}
+        seen |= set(s) | set(s["info"]) | set(rec) | set(rec["ce"]) | set(inter) | set(probe)
+        seen |= set(rec["density_histogram"]) | PROBE_DS_KEYS
+    for ds in m["probing_sizes"].values():
+        seen |= set(ds)
+    seen |= set(m["held_out"])
+    assert seen - documented == set(), "undocumented metrics.json keys"
 
 
 def _cli(*args, cwd=None):
@@ -88,6 +154,10 @@ def test_cli_errors(tmp_path):
     SAE(SAEConfig(d_in=8, d_sae=16, k=2)).save(tmp_path / "ck")   # no model/hook metadata
     r = _cli("--sae", str(tmp_path / "ck"), "--out", str(tmp_path / "o"), "--ks", "0")
     assert r.returncode == 2 and "--ks" in r.stderr
+    (tmp_path / "bad.jsonl").write_text('{"name": "a", "word_i": " x"}\n')
+    r = _cli("--sae", str(tmp_path / "ck"), "--out", str(tmp_path / "o"),
+             "--concepts", str(tmp_path / "bad.jsonl"))
+    assert r.returncode == 2 and "--concepts" in r.stderr and "bad.jsonl: line 1" in r.stderr
     r = _cli("--sae", str(tmp_path / "ck"), "--out", str(tmp_path / "o"))
     assert r.returncode != 0 and "hook" in r.stderr
     assert not (tmp_path / "o" / "metrics.json").exists()
@@ -145,3 +215,36 @@ def test_evaluate_with_activation_store(tiny, tmp_path):
     assert m["saes"]["poly"]["reconstruction"]["fvu"] == pytest.approx(ref.fvu)
     assert "ce" not in m["saes"]["poly"]["reconstruction"]   # no tokenizer: no CE text
     assert len(m["saes"]["poly"]["interactions"]["top_pairs"]) == 2
+
+
+def test_evaluate_hf_dataset_columns_and_unlabelled_error(tiny, tmp_path, monkeypatch):
+    """Probing on a Hugging Face dataset by name (load_dataset replaced by an in-memory dataset)
+    with non-default text/label columns; an unlabelled file fails naming the file and flag."""
+    import datasets
+
+    texts = [("abc" * (3 + i % 4), 0) for i in range(20)] + [("xyz" * (3 + i % 4), 1)
+                                                          for i in range(20)]
+    ds = datasets.Dataset.from_dict(
+        {"body": [t for t, _ in texts], "kind": [y for _, y in texts]},
+        features=datasets.Features({"body": datasets.Value("string"),
+                                    "kind": datasets.ClassLabel(names=["abc", "xyz"])}))
+    monkeypatch.setattr(datasets, "load_dataset", lambda name, split=None: ds)
+    txt = tmp_path / "held.txt"
+    txt.write_text("\n".join(f"line {i} of some held out text" for i in range(100)))
+    torch.manual_seed(0)
+    sae = SAE(SAEConfig(d_in=16, d_sae=32, k=4))
+    cfg = EvalConfig(datasets=("someone/toy:train",), text_column="body", label_column="kind",
+                     probe_train_per_class=10, probe_test_per_class=5, probe_ctx=16, ks=(1, 2),
+                     recon_tokens=100, live_dataset=str(txt), live_ctx=16, ce_contexts=0,
+                     interactions=False, steering=False, progress=False)
+    m = evaluate({"v": sae}, model=tiny, hook=HOOK, tokenizer=_CharTok(), config=cfg)
+    sizes = m["probing_sizes"]["someone/toy:train"]
+    assert sizes["classes"] == ["abc", "xyz"] and sizes["train_docs"] == 20
+    assert m["activations_baseline"]["probing"]["f1"]["2"] > 0.9
+    plain = tmp_path / "plain.csv"
+    plain.write_text("text\n" + "\n".join(f"doc {i}" for i in range(30)) + "\n")
+    cfg2 = EvalConfig(datasets=(str(plain),), recon_tokens=100, live_dataset=str(txt),
+                      live_ctx=16, ce_contexts=0, interactions=False, steering=False,
+                      progress=False)
+    with pytest.raises(ValueError, match=r"plain\.csv.*two classes.*--label-column"):
+        evaluate({"v": sae}, model=tiny, hook=HOOK, tokenizer=_CharTok(), config=cfg2)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
 from polysae import SAE, SAEConfig
-from polysae.reconstruction import ce_recovered, density_histogram, reconstruction_stats
+from polysae.reconstruction import (ce_recovered, ce_recovered_many, density_histogram,
+                                    reconstruction_stats)
 
 
 @pytest.fixture(scope="module")
@@ -25,6 +27,16 @@ def test_ce_recovered_identity_and_zero(tiny_model, gen):
     zero = ce_recovered(tiny_model, hook, tok, torch.zeros_like)
     assert zero.ce_loss_recovered == pytest.approx(0.0, abs=1e-6)
     assert zero.kl_recovered == pytest.approx(0.0, abs=1e-6)
+    # Independent reference for zero-ablation: TransformerLens's loss with a zeroing hook.
+    assert zero.ce_zero == pytest.approx(float(tiny_model.run_with_hooks(
+        tok, return_type="loss", fwd_hooks=[(hook, lambda a, hook: torch.zeros_like(a))])),
+        rel=1e-5)
+    seen: list[int] = []
+    many = ce_recovered_many(tiny_model, hook, tok, {"id": lambda a: a, "zero": torch.zeros_like},
+                             batch_size=3, progress=seen.append)
+    assert seen == [3, 1]   # one progress call per batch of contexts
+    assert many["id"].ce_loss_recovered == pytest.approx(1.0, abs=1e-6)
+    assert many["zero"].ce_loss_recovered == pytest.approx(0.0, abs=1e-6)
     half = ce_recovered(tiny_model, hook, tok, lambda a: 0.5 * a)
     assert half.ce_sae == pytest.approx(float(tiny_model.run_with_hooks(
         tok, return_type="loss", fwd_hooks=[(hook, lambda a, hook: 0.5 * a)])), rel=1e-5)
@@ -59,6 +71,11 @@ def test_reconstruction_stats_dense_reference(gen, decoder):
     dens = (z != 0).double().mean(0)
     torch.testing.assert_close(st.density, dens)
     assert st.dead_fraction == pytest.approx(float((dens == 0).double().mean()))
+    # Dense fraction at a threshold that splits this SAE's latents (numpy reference).
+    thr = float(np.quantile(dens.numpy(), 0.7))
+    st_thr = reconstruction_stats(sae, [x], dense_threshold=thr)
+    assert 0 < st_thr.dense_fraction < 1
+    assert st_thr.dense_fraction == pytest.approx(float(np.mean(dens.numpy() > thr)))
     # SAEBench form: per-batch division; batches here: 100,28 | 100,28 | 44 rows.
     sizes = [100, 28, 100, 28, 44]
     chunks = torch.split(err, sizes)
@@ -66,4 +83,8 @@ def test_reconstruction_stats_dense_reference(gen, decoder):
     assert st.mse_saebench == pytest.approx(ref, rel=1e-6)
     h = density_histogram(st.density)
     assert sum(h["counts"]) + h["dead"] == 40
+    live = dens.numpy()[dens.numpy() > 0]
+    ref_counts, ref_edges = np.histogram(np.log10(live), bins=40, range=(-7.0, 0.0))
+    assert h["counts"] == ref_counts.tolist() and h["dead"] == int((dens == 0).sum())
+    np.testing.assert_allclose(h["log10_edges"], ref_edges)
     assert reconstruction_stats(sae, [x], max_tokens=50).n_tokens == 50

@@ -23,8 +23,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="harvest folder; its held-out val split is used for reconstruction "
                         "(default: harvest a small held-out set live)")
     p.add_argument("--datasets", default="bbc,tweets,fortunes",
-                   help="comma-separated probing datasets: bundled names or labelled .csv/.jsonl "
-                        "files; '' skips probing (default: bbc,tweets,fortunes)")
+                   help="comma-separated probing datasets: bundled names, labelled .csv/.jsonl "
+                        "files, or Hugging Face names owner/name[:split] (online); '' skips "
+                        "probing (default: bbc,tweets,fortunes)")
+    p.add_argument("--text-column", default="text",
+                   help="text column/key of .csv/.jsonl and Hugging Face datasets (default text)")
+    p.add_argument("--label-column", default="label",
+                   help="label column/key of .csv/.jsonl and Hugging Face datasets "
+                        "(default label)")
     p.add_argument("--train-per-class", type=int, default=24, help="probe train docs per class")
     p.add_argument("--test-per-class", type=int, default=12, help="probe test docs per class")
     p.add_argument("--probe-ctx", type=int, default=64,
@@ -40,6 +46,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-steering", action="store_true", help="skip steering")
     p.add_argument("--alphas", default="0.25,0.5,1,2",
                    help="steering strengths as multiples of the median hook norm")
+    p.add_argument("--concepts", metavar="FILE.jsonl",
+                   help="steering concepts, one JSON object per line with name, word_i, word_j, "
+                        "target, prompt (default: the paper's five examples)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=32, help="texts per model forward")
     p.add_argument("--device", default="cpu")
@@ -93,15 +102,24 @@ def main(args: argparse.Namespace) -> int:
     if args.acts and not (Path(args.acts) / "manifest.json").is_file():
         raise CLIError(f"--acts {args.acts}: not a harvest folder (no manifest.json)")
     datasets = tuple(d.strip() for d in args.datasets.split(",") if d.strip())
+    if args.concepts:
+        from polysae.steering import load_concepts
+
+        try:
+            load_concepts(args.concepts)   # fail before any model is loaded
+        except (FileNotFoundError, ValueError) as e:
+            raise CLIError(f"--concepts: {e}") from None
 
     from polysae.evaluate import EvalConfig, evaluate
 
-    cfg = EvalConfig(datasets=datasets, probe_train_per_class=args.train_per_class,
+    cfg = EvalConfig(datasets=datasets, text_column=args.text_column,
+                     label_column=args.label_column, probe_train_per_class=args.train_per_class,
                      probe_test_per_class=args.test_per_class, probe_ctx=args.probe_ctx,
                      ks=_ints(args.ks, "--ks"), seed=args.seed, recon_tokens=args.tokens,
                      live_dataset=args.live_dataset, ce_contexts=max(0, args.ce_contexts),
                      interactions=not args.no_interactions, n_pairs=args.pairs,
                      steering=not args.no_steering, alpha_scales=alphas,
+                     concepts=args.concepts,
                      batch_size=args.batch_size, device=args.device,
                      progress=not args.no_progress)
     m = evaluate({k: str(v) for k, v in saes.items()}, model=args.model, hook=args.hook,
