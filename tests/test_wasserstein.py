@@ -27,6 +27,68 @@ def test_matches_scipy(gen, nu, nv, use_numpy):
     assert got[10] == 0
 
 
+def _scipy_cols(u: torch.Tensor, v: torch.Tensor) -> np.ndarray:
+    un, vn = u.double().numpy(), v.double().numpy()
+    return np.array([wasserstein_distance(un[:, f], vn[:, f]) for f in range(un.shape[1])])
+
+
+def _mixed_codes(gen: torch.Generator, n: int, f: int, shift: float) -> torch.Tensor:
+    """Columns of every kind the CPU path treats differently, in groups of 8 so that ``chunk=8``
+    gives blocks of one kind: sparse non-negative codes at several densities (cut to their
+    non-zeros), signed sparse columns (negatives and positives around a run of zeros, also cut),
+    dense columns (sorted whole), constant/all-zero columns and heavy ties."""
+    x = torch.randn(n, f, generator=gen) + shift
+    dens = torch.rand(f, generator=gen)
+    keep = torch.rand(n, f, generator=gen) < dens * 0.3
+    x = torch.where(keep, x.abs(), torch.zeros(()))                            # 0..15, 40..
+    x[:, 0] = 0
+    x[:, 16:24] = torch.where(torch.rand(n, 8, generator=gen) < 0.15,
+                              torch.randn(n, 8, generator=gen), torch.zeros(()))  # signed
+    x[:, 24:32] = torch.randn(n, 8, generator=gen) + shift                     # dense
+    x[:, 32] = 2.5
+    x[:, 33:40] = torch.randint(0, 3, (n, 7), generator=gen).float()           # heavy ties
+    return x
+
+
+@pytest.mark.parametrize("nu,nv", [(250, 250), (257, 257), (1000, 1000), (300, 701),
+                                   (999, 1000), (64, 700)])
+def test_cpu_sub_row_cut_paths_match_scipy(gen, nu, nv):
+    """n > 256 splits each latent into zero-padded sub-rows; sparse blocks are cut to their
+    non-zeros, dense ones sorted whole; unequal sizes go through the restricted quantile grid."""
+    u = _mixed_codes(gen, nu, 45, 0.0)
+    v = _mixed_codes(gen, nv, 45, 0.3)
+    ref = _scipy_cols(u, v)
+    for chunk in (8, 16, None):   # blocks of one kind only, then kinds mixed in one block
+        got = wasserstein_1d(u, v, chunk=chunk).numpy()
+        np.testing.assert_allclose(got, ref, rtol=1e-9, atol=1e-12)
+    assert got[0] == 0 and got[32] == 0
+
+
+def test_cpu_wide_sparse_blocks_and_threads(gen):
+    """Many blocks split over threads; the per-block cut hint carries between blocks of very
+    different density (sparse, then dense, then sparse again)."""
+    u = torch.relu(torch.randn(600, 700, generator=gen) - 1.2)
+    v = torch.relu(torch.randn(600, 700, generator=gen) - 1.0)
+    u[:, 300:400] = torch.randn(600, 100, generator=gen)
+    torch.set_num_threads(2)
+    got = wasserstein_1d(u, v, chunk=64).numpy()
+    np.testing.assert_allclose(got, _scipy_cols(u, v), rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(wasserstein_1d(u.double(), v.double(), chunk=64).numpy(), got,
+                               rtol=1e-12, atol=0)
+
+
+def test_latent_major_input_same_result(gen):
+    """A latent-major matrix passed as its transpose (columns contiguous) takes the copy path."""
+    ut = torch.relu(torch.randn(70, 300, generator=gen) - 1)
+    vt = torch.relu(torch.randn(70, 300, generator=gen) - 0.8)
+    u, v = ut.T, vt.T                        # [300, 70] views, stride (1, 300)
+    ref = _scipy_cols(u.contiguous(), v.contiguous())
+    np.testing.assert_allclose(wasserstein_1d(u, v).numpy(), ref, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(wasserstein_1d(u, vt[:, :250].T).numpy(),
+                               _scipy_cols(u.contiguous(), vt[:, :250].T.contiguous()),
+                               rtol=1e-9, atol=1e-12)
+
+
 def test_shift_and_scale_closed_forms(gen):
     u = torch.randn(200, 8, generator=gen, dtype=torch.float64)
     shift = torch.linspace(-3, 3, 8, dtype=torch.float64)
@@ -70,3 +132,5 @@ def test_bad_shapes():
         wasserstein_1d(torch.zeros(3, 2), torch.zeros(3, 4))
     with pytest.raises(ValueError, match="empty"):
         wasserstein_1d(torch.zeros(0, 2), torch.zeros(3, 2))
+    with pytest.raises(ValueError, match="chunk"):
+        wasserstein_1d(torch.zeros(3, 2), torch.zeros(3, 2), chunk=0)
