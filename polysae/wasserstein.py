@@ -55,11 +55,20 @@ def wasserstein_1d(u: Tensor, v: Tensor, *, chunk: int | None = None,
 
     Column f of ``u`` and of ``v`` are two empirical samples (uniform weights); the result
     equals ``scipy.stats.wasserstein_distance(u[:, f], v[:, f])`` for every f. Latents are
-    processed ``chunk`` at a time to bound memory (default: about 256 KB of each side per block on
-    CPU, so a block's work stays in cache; 2048 latents elsewhere), in parallel threads on CPU.
-    ``use_numpy``: the numpy CPU algorithm (default on CPU) or torch.sort over whole rows (default
-    elsewhere, e.g. CUDA).
+    processed ``chunk`` at a time to bound memory (default: about 128k values of each side per
+    block on CPU, so a block's work stays in cache; 2048 latents elsewhere), in parallel threads
+    on CPU. ``use_numpy``: the numpy CPU algorithm (default on CPU) or torch.sort over whole rows
+    (default elsewhere, e.g. CUDA). A latent-major input (``u = X.T`` with ``X`` [F, Nu]
+    contiguous) skips the transposing copy.
     """
+    return _w1(u, v, chunk, use_numpy, moments=False)[0]
+
+
+def _w1(u: Tensor, v: Tensor, chunk: int | None, use_numpy: bool | None, moments: bool
+        ) -> tuple[Tensor, Tensor | None]:
+    """:func:`wasserstein_1d`, and with ``moments`` also [4, F] float64: the sum and the sum of
+    squares of each column of u, then of v (read off the sorted samples on CPU, where every
+    non-zero passes through once)."""
     if u.ndim == 1:
         u = u[:, None]
     if v.ndim == 1:
@@ -84,20 +93,24 @@ def wasserstein_1d(u: Tensor, v: Tensor, *, chunk: int | None = None,
         ut, vt = u.T.contiguous(), v.T.contiguous()
         for s in range(0, n_lat, chunk):
             out[s:s + chunk] = _w1_rows_torch(ut[s:s + chunk], vt[s:s + chunk])
-        return out
+        if not moments:
+            return out, None
+        ud, vd = u.double(), v.double()
+        return out, torch.stack([ud.sum(0), (ud * ud).sum(0), vd.sum(0), (vd * vd).sum(0)])
     un = u.detach().cpu().numpy()
     vn = v.detach().cpu().numpy()
     if chunk is None:   # ~128k values of each side per block: measured best at n = 250 and 1000
         chunk = max(32, min(1024, (1 << 17) // max(un.shape[0], vn.shape[0]) // 32 * 32))
     starts = list(range(0, n_lat, chunk))
     res = np.empty(n_lat, dtype=np.float64)
+    mom = np.zeros((4, n_lat), dtype=np.float64) if moments else None
     threads = min(torch.get_num_threads(), len(starts))
 
     def run(part: list[int]) -> None:
         hint = [0, 0, 0, 0]   # the last block's most negatives/positives per sub-row, u then v
         for s in part:
             e = min(s + chunk, n_lat)
-            res[s:e] = _w1_block_np(un, vn, s, e, hint)
+            res[s:e] = _w1_block_np(un, vn, s, e, hint, mom)
 
     if threads > 1:
         # numpy's copies and sorts release the GIL: contiguous runs of blocks go to the threads.
@@ -108,7 +121,8 @@ def wasserstein_1d(u: Tensor, v: Tensor, *, chunk: int | None = None,
             list(ex.map(run, [starts[i:i + per] for i in range(0, len(starts), per)]))
     else:
         run(starts)
-    return torch.from_numpy(res).to(u.device)
+    return (torch.from_numpy(res).to(u.device),
+            None if mom is None else torch.from_numpy(mom).to(u.device))
 
 
 def _w1_rows_torch(us: Tensor, vs: Tensor) -> Tensor:
@@ -317,7 +331,8 @@ def _groups(need: np.ndarray, widths: list[list[int]], n_whole: int) -> list[tup
     return best[-1][1]
 
 
-def _w1_block_np(u: np.ndarray, v: np.ndarray, s: int, e: int, hint: list[int]) -> np.ndarray:
+def _w1_block_np(u: np.ndarray, v: np.ndarray, s: int, e: int, hint: list[int],
+                 mom: np.ndarray | None = None) -> np.ndarray:
     """W1 of latents s..e-1 of u [Nu, F] and v [Nv, F] -> [e-s] float64.
 
     Latents of one block can differ in density by orders of magnitude. With one sub-row the block
@@ -325,7 +340,8 @@ def _w1_block_np(u: np.ndarray, v: np.ndarray, s: int, e: int, hint: list[int]) 
     each latent is sized (:func:`_needs`), the sizes are merged into groups by estimated cost
     (:func:`_groups`), each group is cut at its own size, and latents no cut pays for are sorted
     whole. ``hint``: the previous block's [most negatives, most positives] per sub-row for u and
-    v (see :func:`_most`), updated in place."""
+    v (see :func:`_most`), updated in place. ``mom``: where given, the per-latent sums and sums of
+    squares of u and v [4, F] are written into its columns s..e-1."""
     lu, lv = _layout(u.shape[0]), _layout(v.shape[0])
     if lu == lv:
         # Same n: both sides in one array, cut at the same place so their entries stay aligned.
@@ -345,10 +361,10 @@ def _w1_block_np(u: np.ndarray, v: np.ndarray, s: int, e: int, hint: list[int]) 
         # One cut serves the block (measured: splitting a block that one cut serves into
         # narrower groups costs more in numpy calls and gathers than the shorter sorts save).
         cuts = [_cut(t, None, kn, kp) for (t, _), kn, kp in zip(sides, kns, kps)]
-        return _w1_pair(cuts, lu, lv)
+        return _w1_pair(cuts, lu, lv, mom, s + everyone)
     if all(lay.s == 1 for _, lay in sides):
-        return _w1_cuts(_whole(u, s, everyone, tu, lu), lu.n, _whole(v, s, everyone, tv, lv),
-                        lv.n)
+        return _w1_pair([_whole(u, s, everyone, tu, lu), _whole(v, s, everyone, tv, lv)], lu, lv,
+                        mom, s + everyone)
     sizes = _cut_sizes(max(lu.n, lv.n))
     need = np.zeros(e - s, dtype=np.int64)
     bounds = []
@@ -356,25 +372,35 @@ def _w1_block_np(u: np.ndarray, v: np.ndarray, s: int, e: int, hint: list[int]) 
         nd, bd = _needs(t, lay, kn, sizes)
         np.maximum(need, nd, out=need)
         bounds.append(bd)
-    widths = [[lay.s * (kn + max(b, 0)) for b in bd] for (t, lay), kn, bd in zip(sides, kns, bounds)]
+    widths = [[lay.s * (kn + max(b, 0)) for b in bd]
+              for (t, lay), kn, bd in zip(sides, kns, bounds)]
     res = np.empty(e - s, dtype=np.float64)
     for lo, hi in _groups(need, widths, len(sizes)):
         rows = (need >= lo) & (need <= hi)
         sel = None if rows.all() else rows
         cuts = [_cut(t, sel, kn, bd[hi]) for (t, _), kn, bd in zip(sides, kns, bounds)]
-        res[rows] = _w1_pair(cuts, lu, lv)
+        res[rows] = _w1_pair(cuts, lu, lv, mom, s + np.flatnonzero(rows))
     whole = need == len(sizes)
     if whole.any():
         cols = np.flatnonzero(whole)
-        res[cols] = _w1_cuts(_whole(u, s, cols, tu, lu), lu.n, _whole(v, s, cols, tv, lv), lv.n)
+        res[cols] = _w1_pair([_whole(u, s, cols, tu, lu), _whole(v, s, cols, tv, lv)], lu, lv,
+                             mom, s + cols)
     return res
 
 
-def _w1_pair(cuts: list[_Cut], lu: _Layout, lv: _Layout) -> np.ndarray:
-    """W1 from the cut of a joint [u, v] array (equal sizes) or from one cut per side."""
+def _w1_pair(cuts: list[_Cut], lu: _Layout, lv: _Layout, mom: np.ndarray | None,
+             cols: np.ndarray) -> np.ndarray:
+    """W1 from the cut of a joint [u, v] array (equal sizes) or from one cut per side; with
+    ``mom``, also the sums and sums of squares of latents ``cols`` (the cut keeps every non-zero
+    exactly once)."""
     if len(cuts) == 1:
         c = cuts[0]
-        return _w1_cuts(_Cut(c.vals[:1], c.a), lu.n, _Cut(c.vals[1:], c.a), lv.n)
+        cuts = [_Cut(c.vals[:1], c.a), _Cut(c.vals[1:], c.a)]
+    if mom is not None:
+        for i, c in enumerate(cuts):
+            x = c.vals[0].astype(np.float64)
+            mom[2 * i, cols] = x.sum(axis=1)
+            mom[2 * i + 1, cols] = np.einsum("ij,ij->i", x, x)
     return _w1_cuts(cuts[0], lu.n, cuts[1], lv.n)
 
 
@@ -427,13 +453,20 @@ def separation(pos: Tensor, neg: Tensor) -> Separation:
     """Paper's per-task W1 (all latents, dead ones included as 0) plus two scale-normalised forms.
 
     ``pos`` [Np, F], ``neg`` [Nn, F] are mean-pooled codes (or activations) of the positive and
-    negative texts of one one-vs-rest task on the train split.
+    negative texts of one one-vs-rest task on the train split. The per-latent spread comes from
+    sums accumulated in float64 while W1 sorts the samples (no float64 copy of the inputs).
     """
-    w = wasserstein_1d(pos, neg)
-    both = torch.cat([pos, neg], dim=0).to(torch.float64)
-    std = both.std(dim=0, unbiased=False)
+    if pos.ndim != 2 or neg.ndim != 2:
+        raise ValueError(f"separation: expected pos [Np, F] and neg [Nn, F], got "
+                         f"{tuple(pos.shape)} and {tuple(neg.shape)}")
+    w, mom = _w1(pos, neg, None, None, moments=True)
+    n = pos.shape[0] + neg.shape[0]
+    mean = (mom[0] + mom[2]) / n
+    var = ((mom[1] + mom[3]) / n - mean * mean).clamp_min(0)
+    std = var.sqrt()
     # W1 is scale-equivariant: W1(u/s, v/s) = W1(u, v)/s, so no second pass is needed.
     w_std = torch.where(std > 0, w / std.clamp_min(1e-300), torch.zeros_like(w))
-    norm = both.norm(dim=1).mean()
+    norm = torch.cat([torch.linalg.vector_norm(pos, dim=1, dtype=torch.float64),
+                      torch.linalg.vector_norm(neg, dim=1, dtype=torch.float64)]).mean()
     w_l2 = (w.mean() / norm) if norm > 0 else torch.zeros((), dtype=torch.float64)
     return Separation(float(w.mean()), float(w_std.mean()), float(w_l2))

@@ -7,7 +7,7 @@ import pytest
 import torch
 from scipy.stats import wasserstein_distance
 
-from polysae.wasserstein import separation, wasserstein_1d
+from polysae.wasserstein import _w1, separation, wasserstein_1d
 
 
 @pytest.mark.parametrize("use_numpy", [None, False])
@@ -117,6 +117,35 @@ def test_separation_normalised_forms(gen):
     z = separation(torch.cat([pos, torch.zeros_like(pos)], 1),
                    torch.cat([neg, torch.zeros_like(neg)], 1))
     assert abs(z.w1 - s.w1 / 2) < 1e-9 and abs(z.w1_std - s.w1_std / 2) < 1e-9
+
+
+@pytest.mark.parametrize("use_numpy", [None, False])
+@pytest.mark.parametrize("nu,nv", [(300, 300), (300, 701), (40, 40)])
+def test_moments_from_the_sorted_samples(gen, nu, nv, use_numpy):
+    """The sums and sums of squares that separation() reads off W1's cuts equal numpy's, for
+    cut, grouped and whole latents alike."""
+    u = _mixed_codes(gen, nu, 45, 0.0)
+    v = _mixed_codes(gen, nv, 45, 0.3)
+    w, mom = _w1(u, v, 16, use_numpy, moments=True)
+    np.testing.assert_allclose(w.numpy(), _scipy_cols(u, v), rtol=1e-9, atol=1e-12)
+    ud, vd = u.double().numpy(), v.double().numpy()
+    ref = np.stack([ud.sum(0), (ud ** 2).sum(0), vd.sum(0), (vd ** 2).sum(0)])
+    np.testing.assert_allclose(mom.numpy(), ref, rtol=1e-12, atol=1e-9)
+
+
+def test_separation_float32_sparse_vs_numpy_scipy(gen):
+    """Sub-row, cut and whole paths at float32: W1/std against scipy and numpy's float64 std of
+    the pooled samples; the L2 form against numpy's row norms."""
+    pos = _mixed_codes(gen, 400, 45, 0.2)
+    neg = _mixed_codes(gen, 380, 45, 0.0)
+    s = separation(pos, neg)
+    w = _scipy_cols(pos, neg)
+    both = np.concatenate([pos.double().numpy(), neg.double().numpy()])
+    std = both.std(axis=0)
+    ref_std = np.where(std > 0, w / np.where(std > 0, std, 1), 0).mean()
+    assert abs(s.w1 - w.mean()) < 1e-12
+    assert abs(s.w1_std - ref_std) < 1e-9 * max(1.0, ref_std)
+    assert abs(s.w1_l2 - w.mean() / np.linalg.norm(both, axis=1).mean()) < 1e-12
 
 
 def test_half_precision_inputs(gen):
