@@ -145,7 +145,8 @@ def test_separation_float32_sparse_vs_numpy_scipy(gen):
     ref_std = np.where(std > 0, w / np.where(std > 0, std, 1), 0).mean()
     assert abs(s.w1 - w.mean()) < 1e-12
     assert abs(s.w1_std - ref_std) < 1e-9 * max(1.0, ref_std)
-    assert abs(s.w1_l2 - w.mean() / np.linalg.norm(both, axis=1).mean()) < 1e-12
+    ref_l2 = w.mean() / np.linalg.norm(both, axis=1).mean()
+    assert abs(s.w1_l2 - ref_l2) < 1e-6 * ref_l2     # row norms accumulate in float32
 
 
 def test_half_precision_inputs(gen):
