@@ -51,7 +51,7 @@ def _mixed_codes(gen: torch.Generator, n: int, f: int, shift: float) -> torch.Te
 
 
 @pytest.mark.parametrize("nu,nv", [(250, 250), (257, 257), (1000, 1000), (300, 701),
-                                   (999, 1000), (64, 700)])
+                                   (999, 1000), (64, 700), (256, 256), (512, 1024)])
 def test_cpu_sub_row_cut_paths_match_scipy(gen, nu, nv):
     """n > 256 splits each latent into zero-padded sub-rows; sparse blocks are cut to their
     non-zeros, dense ones sorted whole; unequal sizes go through the restricted quantile grid."""
