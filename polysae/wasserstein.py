@@ -280,12 +280,14 @@ def _needs(t: np.ndarray, lay: _Layout, kn: int, sizes: list[int]) -> tuple[np.n
     return need, bounds
 
 
-def _cut(t: np.ndarray, rows: np.ndarray | None, kn: int, bound: int) -> _Cut:
+def _cut(t: np.ndarray, rows: np.ndarray | None, kn: int, kp: int | None, bound: int = 0
+         ) -> _Cut:
     """The latents ``rows`` (None: all) of ``t`` [G, F, S, m] with their zero runs cut out: the
-    first kn and last kp entries of every sub-row, sorted together (see the module docstring);
-    kp is the most positives any of these sub-rows holds (<= ``bound``)."""
+    first kn and last kp entries of every sub-row, sorted together (see the module docstring).
+    ``kp`` None: the most positives any of these sub-rows holds, searched from ``bound``."""
     g, f, sub, m = t.shape
-    kp = _most(t, True, bound, rows=rows)
+    if kp is None:
+        kp = _most(t, True, bound, rows=rows)
     sel = (slice(None), slice(None) if rows is None else np.flatnonzero(rows))
     c = np.concatenate([t[sel + (slice(None), slice(0, kn))],
                         t[sel + (slice(None), slice(m - kp, m))]], axis=3)
@@ -390,7 +392,7 @@ def _w1_block_np(u: np.ndarray, v: np.ndarray, s: int, e: int, hint: list[int],
     for lo, hi in _groups(need, widths, len(sizes)):
         rows = (need >= lo) & (need <= hi)
         sel = None if rows.all() else rows
-        cuts = [_cut(t, sel, kn, bd[hi]) for (t, _), kn, bd in zip(sides, kns, bounds)]
+        cuts = [_cut(t, sel, kn, None, bd[hi]) for (t, _), kn, bd in zip(sides, kns, bounds)]
         res[rows] = _w1_pair(cuts, lu, lv, mom, s + np.flatnonzero(rows))
     whole = need == len(sizes)
     if whole.any():
