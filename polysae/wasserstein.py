@@ -297,12 +297,16 @@ def _cut(t: np.ndarray, rows: np.ndarray | None, kn: int, kp: int | None, bound:
     return _Cut(c, sub * kn)
 
 
-def _whole(x: np.ndarray, s: int, cols: np.ndarray, t: np.ndarray, lay: _Layout) -> _Cut:
-    """Latents s + cols of x [n, F], sorted whole: ``vals`` [1, len(cols), n]. ``t``: x's
+def _whole(x: np.ndarray, s: int, cols: np.ndarray | None, t: np.ndarray, lay: _Layout
+           ) -> _Cut:
+    """Latents s + cols (None: all of the block) of x [n, F], sorted whole: ``vals``
+    [1, len(cols), n]. ``t``: x's
     sorted sub-rows [1, F, S, m]; with one sub-row they already are the answer, and without zero
     padding (or negatives, so the padding sorts first) a sort of their concatenation is."""
-    if lay.s == 1:
-        return _Cut(t[:, cols, 0, :], lay.n)
+    if lay.s == 1:   # a view when serving the whole block
+        return _Cut(t[:, :, 0, :] if cols is None else t[:, cols, 0, :], lay.n)
+    if cols is None:
+        cols = np.arange(t.shape[1])
     pad = lay.s * lay.m - lay.n
     sub = t[:, cols]
     if pad == 0 or bool((sub[..., 0] >= 0).all()):
@@ -377,7 +381,7 @@ def _w1_block_np(u: np.ndarray, v: np.ndarray, s: int, e: int, hint: list[int],
     if all(lay.s == 1 for _, lay in sides):
         # Sorted already, so serving the whole block costs only a longer |difference| pass
         # (measured cheaper than splitting it, whose extra numpy calls also hold the GIL).
-        return _w1_pair([_whole(u, s, everyone, tu, lu), _whole(v, s, everyone, tv, lv)], lu, lv,
+        return _w1_pair([_whole(u, s, None, tu, lu), _whole(v, s, None, tv, lv)], lu, lv,
                         mom, s + everyone)
     sizes = _cut_sizes(max(lu.n, lv.n))
     need = np.zeros(e - s, dtype=np.int64)
