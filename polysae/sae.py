@@ -337,6 +337,27 @@ class SAE(nn.Module):
         """[D] pairwise atom B_ij (poly decoder only)."""
         return self.decoder.pair_atoms(torch.tensor([i]), torch.tensor([j]))[0]
 
+    def pair_terms(self, i: Tensor, j: Tensor) -> Tensor:
+        """[P, D] pairwise-interaction term of latents i and j (index vectors [P]; poly decoder
+        of order >= 2 only, ValueError otherwise): the mixed second derivative
+        d^2 x_hat / (dz_i dz_j) at z = 0, i.e. lambda2 (B_ij + B_ji), which is 2 lambda2 B_ij with
+        a shared U. For i != j this is the second-order part of
+        decode(e_i + e_j) - decode(e_i) - decode(e_j) + b_dec (exactly that difference at
+        order 2; order 3 adds cubic cross terms); for i == j it is 2 lambda2 B_ii."""
+        dec = self.decoder
+        if getattr(dec, "lambda2", None) is None:
+            dec.pair_atoms(torch.tensor([0]), torch.tensor([0]))  # raises the decoder's error
+            raise ValueError("this decoder has no pairwise term")
+        i, j = torch.as_tensor(i).reshape(-1), torch.as_tensor(j).reshape(-1)
+        if i.shape != j.shape:
+            raise ValueError(f"pair_terms: i {tuple(i.shape)} and j {tuple(j.shape)} differ")
+        B = dec.pair_atoms(i, j)
+        if getattr(dec, "U2", None) is not None:
+            B = B + dec.pair_atoms(j, i)
+        else:
+            B = 2 * B
+        return dec.lambda2 * B
+
     def triple_atom(self, i: int, j: int, k: int) -> Tensor:
         """[D] triple atom Gamma_ijk (poly decoder of order 3 only)."""
         return self.decoder.triple_atoms(torch.tensor([i]), torch.tensor([j]),
