@@ -11,6 +11,8 @@ Shape letters: N rows, K active latents per row, F = d_sae, D = d_in, R1..R3 the
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import Tensor, nn
 
@@ -18,6 +20,18 @@ from polysae import kernels
 from polysae.config import SAEConfig
 from polysae.kernels.reference import linear_decode_dense_ref, poly_decode_dense_ref
 from polysae.orthogonal import retract, retract_separate
+
+
+class DecodeTerms(NamedTuple):
+    """The decoder output split by polynomial order (bias excluded): ``x_hat = b_dec + linear +
+    quadratic + cubic``. A linear decoder's higher terms are zero."""
+
+    linear: Tensor
+    """[N, D] the first-order term (``z @ W_dec``, or ``y1 = (z U) C1^T``)."""
+    quadratic: Tensor
+    """[N, D] ``lambda2 * y2``, the pairwise (and self-square) interaction term."""
+    cubic: Tensor
+    """[N, D] ``lambda3 * y3``."""
 
 
 class LinearDecoder(nn.Module):
@@ -40,6 +54,11 @@ class LinearDecoder(nn.Module):
     @torch.no_grad()
     def retract_(self, fast: bool = True) -> None:
         """Nothing to constrain (decoder norms are free, as in the paper's runs)."""
+
+    def decode_terms(self, codes: Tensor) -> DecodeTerms:
+        """Dense codes [N, F] -> the output by order (only ``linear`` is nonzero)."""
+        y1 = codes.to(self.W_dec.dtype) @ self.W_dec
+        return DecodeTerms(y1, torch.zeros_like(y1), torch.zeros_like(y1))
 
     def linear_atoms(self) -> Tensor:
         return self.W_dec
@@ -120,6 +139,25 @@ class PolyDecoder(nn.Module):
     def decode_dense(self, codes: Tensor, bias: Tensor) -> Tensor:
         return poly_decode_dense_ref(codes, self.U, self.C1, self.C2, self.C3, self.lambda2,
                                      self.lambda3, bias, self.U2, self.U3)
+
+    def decode_terms(self, codes: Tensor) -> DecodeTerms:
+        """Dense codes [N, F] -> the output by order, ``lambda``s included; their sum plus
+        ``b_dec`` is :meth:`decode_dense`."""
+        z = codes.to(self.U.dtype)
+        a = z @ self.U
+        y1 = a @ self.C1.T
+        zero = torch.zeros_like(y1)
+        y2 = y3 = zero
+        if self.C2 is not None:
+            r2 = self.C2.shape[1]
+            b = a[:, :r2] if self.U2 is None else z @ self.U2
+            y2 = self.lambda2 * ((a[:, :r2] * b[:, :r2]) @ self.C2.T)
+        if self.C3 is not None:
+            r3 = self.C3.shape[1]
+            b = a if self.U2 is None else z @ self.U2
+            c = a if self.U3 is None else z @ self.U3
+            y3 = self.lambda3 * ((a[:, :r3] * b[:, :r3] * c[:, :r3]) @ self.C3.T)
+        return DecodeTerms(y1, y2, y3)
 
     # -- constraint ---------------------------------------------------------------------------
     @torch.no_grad()
