@@ -49,7 +49,7 @@ def _triton_module():
 
 _TRITON = _triton_module()
 BACKEND = "triton" if _TRITON is not None else "torch"
-log.info("polysae.kernels: using the %s decode path", BACKEND)
+log.debug("polysae.kernels: using the %s decode path", BACKEND)
 
 
 def set_backend(name: str) -> None:

@@ -20,12 +20,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
+        # Every listed subcommand must import: a broken or missing module is an error here, never
+        # a subcommand that silently disappears from --help.
         try:
             mod = importlib.import_module(f"polysae.cli.{name}")
-        except ModuleNotFoundError as e:
-            if e.name == f"polysae.cli.{name}":
-                continue  # subcommand not built yet
-            raise
+        except Exception as e:
+            raise ImportError(f"polysae: subcommand {name!r} is listed in polysae.cli.COMMANDS but "
+                              f"its module polysae.cli.{name} failed to import "
+                              f"({type(e).__name__}: {e})") from e
         p = sub.add_parser(name, help=mod.HELP, description=mod.HELP)
         mod.add_arguments(p)
         p.set_defaults(_module=mod)

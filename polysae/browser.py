@@ -528,11 +528,6 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
-class _Text(NamedTuple):
-    tok: list
-    ov: dict
-
-
 def _contexts(rows: Tensor, token_ids: Tensor | None, doc_ids: Tensor | None, L: int, R: int,
               text: TokenText | None, positions: Tensor | None = None
               ) -> tuple[Tensor, Tensor, dict]:

@@ -254,11 +254,3 @@ def load_corpus(name: str, *, max_docs: int | None = None, seed: int = 0,
     if max_docs is not None:
         docs = subsample(docs, max_docs, seed)
     return docs
-
-
-def label_counts(docs: list[Document]) -> dict[str, int]:
-    """Number of documents per label, sorted by label."""
-    out: dict[str, int] = {}
-    for d in docs:
-        out[d.label] = out.get(d.label, 0) + 1
-    return dict(sorted(out.items()))

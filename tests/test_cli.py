@@ -43,3 +43,25 @@ def test_import_and_cpu_path_without_triton():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env=env)
     assert out.stdout.strip() == "torch (3, 8)"
+
+
+def test_help_lists_every_command(capsys):
+    """`polysae --help` shows every subcommand of polysae.cli.COMMANDS (none silently skipped)."""
+    from polysae.__main__ import build_parser
+    from polysae.cli import COMMANDS
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    assert list(sub.choices) == list(COMMANDS)
+
+
+def test_broken_subcommand_module_surfaces(monkeypatch):
+    """A subcommand module that fails to import raises, naming it, instead of vanishing."""
+    import pytest
+
+    from polysae.__main__ import build_parser
+
+    # None in sys.modules makes `import polysae.cli.browse` raise ModuleNotFoundError for exactly
+    # that module: the case the CLI used to skip without a word.
+    monkeypatch.setitem(sys.modules, "polysae.cli.browse", None)
+    with pytest.raises(ImportError, match=r"polysae\.cli\.browse failed to import"):
+        build_parser()

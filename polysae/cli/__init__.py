@@ -6,9 +6,10 @@ Each module ``polysae/cli/<name>.py`` defines:
 - ``add_arguments(parser: argparse.ArgumentParser) -> None``: its flags;
 - ``main(args: argparse.Namespace) -> int``: the work (exit code), importing heavy modules lazily.
 
-``COMMANDS`` lists them in the order ``--help`` shows them. A module that is absent is skipped, so a
-subcommand appears as soon as its module exists. Only these modules (and ``polysae.__main__``) read
-argv; library functions take config objects and paths.
+``COMMANDS`` lists them in the order ``--help`` shows them. Every listed module must import:
+``polysae.__main__`` raises, naming the module, when one is missing or broken (no subcommand
+silently disappears). Only these modules (and ``polysae.__main__``) read argv; library functions
+take config objects and paths.
 """
 
 from __future__ import annotations
