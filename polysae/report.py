@@ -64,11 +64,13 @@ DEFINITIONS = {
     "r_cov_count": "Pearson r between Cov(z_i, z_j) and N_ij over co-active pairs (any SAE; the "
                    "paper's vanilla statistic).",
     "r_cov_logcount": "as r_cov_count with log N_ij.",
-    "steering": "polysae's own protocol (method.md §3.6 has no code): latent per concept word = "
-                "most active latent at that word; add alpha*(d_i + d_j) (unit-norm linear decoder "
-                "directions) at every non-BOS position; alpha = scale x median hook-activation "
-                "norm; metric = rank of the target's first token after the prompt (1 = top), "
-                "as mean log2 rank and fraction of cases improved vs no steering.",
+    "steering": "polysae's own protocol (the paper publishes no code): latent per concept word = "
+                "most active latent at that word; add alpha x a unit direction (linear: d_i + d_j; "
+                "pair: lambda2 (B_ij + B_ji); linear+pair: A_i + A_j + lambda2 (B_ij + B_ji)) at "
+                "every non-BOS position; alpha = scale x median hook-activation norm, chosen per "
+                "SAE and direction on held-out selection prompts; metric = rank of the target's "
+                "first token after the prompt (1 = top), on the other prompts only, as mean log2 "
+                "rank, fraction of cases improved vs no steering and concepts won.",
 }
 
 
@@ -172,21 +174,46 @@ def render_markdown(m: dict[str, Any]) -> str:
         L += ["", "Plot: `interactions.png`.", ""]
 
     if "steering" in m:
-        s = m["steering"]
-        L += ["## Steering (polysae's protocol)", "",
-              f"{len(s['concepts'])} concepts x {len(s['concepts'][0]['prompts'])} prompts; "
-              f"alpha scales {s['alpha_scales']} x median hook norm {s['hook_norm']:.2f}.", ""]
-        rows = [["no steering", _fmt(s["summary"]["none"]["mean_log2_rank"], 2), "–", "–"]]
-        for n in names:
-            sm = s["summary"][n]
-            rows.append([n, _fmt(sm["best_mean_log2_rank"], 2), _fmt(sm["best_alpha_scale"]),
-                         _fmt(sm["best_frac_improved"], 2)])
-        L += _table(["directions", "mean log2 rank (best alpha)", "best alpha scale",
-                     "fraction improved"], rows)
-        L += [""]
+        L += _steering_section(m["steering"])
 
     L += ["## Definitions", ""] + [f"- **{k}**: {v}" for k, v in DEFINITIONS.items()] + [""]
     return "\n".join(L)
+
+
+def _steering_section(s: dict[str, Any]) -> list[str]:
+    """Markdown for ``metrics["steering"]``: alpha chosen on the selection prompts, every other
+    number on the reported prompts only; the in-sample best alpha is shown as optimistic."""
+    sm = s["summary"]
+    n_sel = len(s.get("select_prompts", []))
+    n_pr = len(s["concepts"][0]["prompts"])
+    L = ["## Steering (polysae's protocol)", "",
+         f"{len(s['concepts'])} concepts x {n_pr} prompts; alpha scales {s['alpha_scales']} x "
+         f"median hook norm {s['hook_norm']:.2f}. alpha is chosen per SAE and direction on the "
+         f"first {n_sel} neutral prompts; the numbers are measured on the other "
+         f"{n_pr - n_sel} prompts of every concept (its own prompt included). Directions: "
+         "`linear` = d_i + d_j (unit linear decoder directions); `pair` = unit "
+         "lambda2 (B_ij + B_ji); `linear+pair` = unit (A_i + A_j + lambda2 (B_ij + B_ji)).", ""]
+    rows = [["no steering", "–", "–", _fmt(sm["none"]["report_mean_log2_rank"], 2), "–", "–",
+             "–"]]
+    for n, by_mode in sm["saes"].items():
+        for mode, r in by_mode.items():
+            ins = r["best_alpha_in_sample"]
+            rows.append([f"`{n}`", mode, _fmt(r["alpha_scale"]),
+                         _fmt(r["report_mean_log2_rank"], 2), _fmt(r["report_frac_improved"], 2),
+                         f"{r['concept_wins']}/{r['n_concepts']}",
+                         f"{_fmt(ins['mean_log2_rank'], 2)} (alpha {_fmt(ins['alpha_scale'])})"])
+    L += _table(["SAE", "direction", "alpha scale (selected)", "mean log2 rank",
+                 "fraction improved", "concepts won vs none",
+                 "in-sample best alpha, all prompts (optimistic)"], rows)
+    if sm.get("poly_vs_vanilla"):
+        L += ["", "PolySAE vs vanilla, per concept (reported prompts, each at its own alpha):", ""]
+        L += _table(["poly", "direction", "vanilla (linear)", "concepts poly better",
+                     "worse", "tied", "mean log2 rank difference", "fraction of cases better"],
+                    [[f"`{r['poly']}`", r["mode"], f"`{r['vanilla']}`", str(r["concept_wins"]),
+                      str(r["concept_losses"]), str(r["concept_ties"]),
+                      _fmt(r["report_mean_log2_rank_diff"], 2),
+                      _fmt(r["report_frac_cases_better"], 2)] for r in sm["poly_vs_vanilla"]])
+    return L + [""]
 
 
 def _ratio(a, b) -> str:
