@@ -19,9 +19,11 @@ Layouts read (``detect_format`` looks only at file names and ``cfg.json``'s keys
 - ``gemmascope``: Gemma Scope ``params.npz`` (``W_enc``, ``W_dec``, ``b_enc``, ``b_dec``,
   ``threshold``), JumpReLU, no input-side ``b_dec`` subtraction; read with ``allow_pickle=False``.
 
-Writers: :func:`write_saelens` (linear decoders) and :func:`write_reference` (poly decoders), both
+Writers: :func:`write_saelens` (linear decoders), :func:`write_reference` (poly decoders) and
+:func:`write_sparsify` (linear TopK SAEs, the layout ``sparsify.Sae.load_from_disk`` reads), all
 atomic (weights first via temp name + fsync + rename, the config last), so an interrupted export
-never leaves a folder a tool would take for complete.
+never leaves a folder a tool would take for complete. A folder holding another layout's checkpoint
+is refused rather than mixed with a second one.
 
 Every import maps the source's equations onto an *exactly* equivalent polysae config: e.g. SAELens
 JumpReLU ``relu(pre) * (pre > t)`` equals polysae's ``pre * (pre > max(t, 0))``, so thresholds are
@@ -48,8 +50,13 @@ from polysae.sae import SAE, _fsync_and_hash, atomic_write_text, load_checkpoint
 FORMATS = ("polysae", "saelens", "polysae-ref", "sparsify", "gemmascope")
 """Every layout :func:`read_checkpoint` understands."""
 
-EXPORT_FORMATS = ("saelens", "polysae-ref", "polysae")
-"""Layouts :func:`export` writes."""
+EXPORT_FORMATS = ("saelens", "polysae-ref", "sparsify", "polysae")
+"""Checkpoint layouts :func:`export` writes (``polysae export`` also writes ``neuronpedia``
+feature batches, :mod:`polysae.neuronpedia`)."""
+
+SPARSIFY_CFG_KEYS = ("activation", "expansion_factor", "normalize_decoder", "num_latents", "k",
+                     "multi_topk", "skip_connection", "transcode", "d_in")
+"""The keys of a sparsify ``cfg.json``: ``SparseCoderConfig``'s fields plus ``d_in``."""
 
 SAELENS_ARCHS = ("standard", "topk", "batchtopk", "jumprelu")
 REFERENCE_ARCHS = ("poly_topk", "poly_batchtopk", "poly_jumprelu", "poly_matryoshka")
@@ -417,9 +424,21 @@ def _from_sparsify(d: Path) -> tuple[SAEConfig, dict[str, Tensor], dict[str, Any
            "W_dec": _need(t, "W_dec", (F, D), w_path), "b_dec": _need(t, "b_dec", (D,), w_path)}
     # sparsify encodes topk(relu(pre)); polysae encodes relu(topk(pre)): the same set of nonzero
     # values (ties at zero aside, which decode to the same output).
+    if cfg.get("num_latents") and int(cfg["num_latents"]) != F:
+        raise ValueError(f"{cfg_path}: num_latents={cfg['num_latents']} but encoder.weight is "
+                         f"{(F, D)}")
+    if not 1 <= k <= F:
+        raise ValueError(f"{cfg_path}: k={k} must be between 1 and the {F} latents")
     sae_cfg = SAEConfig(d_in=D, d_sae=F, k=k, sparsifier="topk", decoder="linear",
                         dtype=_dtype_name(W_enc), apply_b_dec_to_input=True)
-    meta = {"model": None, "hook": _sparsify_hook(d.name), "source_cfg": cfg}
+    sae_cfg = _restore_polysae_fields(cfg, sae_cfg)
+    # polysae's writer records provenance under "polysae_metadata" (sparsify ignores extra keys)
+    own = cfg.get("polysae_metadata") if isinstance(cfg.get("polysae_metadata"), dict) else {}
+    meta = {"model": own.get("model"), "hook": own.get("hook") or _sparsify_hook(d.name),
+            "context_size": own.get("context_size"), "dataset": own.get("dataset"),
+            "source_cfg": cfg}
+    if cfg.get("polysae_linearised"):
+        meta["linearised_from"] = "poly"
     return sae_cfg, out, meta
 
 
@@ -433,6 +452,17 @@ def _sparsify_hook(folder_name: str) -> str | None:
     tail = {None: "hook_resid_post", ".mlp": "hook_mlp_out", ".attention": "hook_attn_out",
             ".self_attn": "hook_attn_out"}[m.group(2)]
     return f"blocks.{m.group(1)}.{tail}"
+
+
+def sparsify_hookpoint(hook: str | None) -> str | None:
+    """The sparsify folder name (hookpoint) of a transformer-lens hook, the inverse of the
+    reader's mapping: ``blocks.N.hook_resid_post`` -> ``layers.N``, ``hook_mlp_out`` ->
+    ``layers.N.mlp``, ``hook_attn_out`` -> ``layers.N.self_attn``; None for other hooks."""
+    m = re.fullmatch(r"blocks\.(\d+)\.(hook_resid_post|hook_mlp_out|hook_attn_out)", hook or "")
+    if m is None:
+        return None
+    tail = {"hook_resid_post": "", "hook_mlp_out": ".mlp", "hook_attn_out": ".self_attn"}
+    return f"layers.{m.group(1)}{tail[m.group(2)]}"
 
 
 # -- Gemma Scope ------------------------------------------------------------------------------
@@ -576,17 +606,102 @@ def write_reference(sae: SAE, directory: str | os.PathLike,
     return d
 
 
+def write_sparsify(sae: SAE, directory: str | os.PathLike,
+                   metadata: dict[str, Any] | None = None, *, linearise: bool = False) -> Path:
+    """Write ``cfg.json`` + ``sae.safetensors`` exactly as EleutherAI sparsify's
+    ``SparseCoder.save_to_disk`` does, so ``sparsify.Sae.load_from_disk(directory)`` loads it
+    (strictly: the tensors are ``encoder.weight`` [F, D], ``encoder.bias`` [F], ``W_dec`` [F, D]
+    and ``b_dec`` [D], nothing else).
+
+    Only a TopK SAE with a linear decoder maps exactly onto sparsify's forward pass
+    ``topk(relu(encoder(x - b_dec))) @ W_dec + b_dec`` (polysae's ``relu(topk(pre))`` keeps the
+    same nonzero values). ``apply_b_dec_to_input=False`` is folded into the encoder bias
+    (``b_enc + b_dec @ W_enc``), which is exact. A poly decoder is refused unless ``linearise``
+    is set: then ``W_dec`` holds the linear atoms ``U C1^T`` alone, the pairwise and triple
+    terms are dropped, and ``cfg.json`` says so (``polysae_linearised: true``).
+
+    Extra keys ``polysae_config`` / ``polysae_metadata`` / ``polysae_version`` ride along in
+    ``cfg.json`` (sparsify drops unknown fields) so polysae reads provenance back."""
+    cfg = sae.cfg
+    if cfg.sparsifier != "topk":
+        raise ValueError(
+            f"cannot export a {cfg.sparsifier} SAE as sparsify: sparsify only runs TopK (top k "
+            "of relu(pre) per token, a fixed k), which gives different codes than "
+            f"{cfg.sparsifier}; export it with --format saelens instead")
+    if cfg.decoder != "linear" and not linearise:
+        raise ValueError(
+            "cannot export a poly-decoder SAE as sparsify: sparsify's decoder is linear "
+            "(x_hat = codes @ W_dec + b_dec) and has no place for PolySAE's pairwise/triple "
+            "terms; export --format polysae-ref, or pass --linearise to write the linear atoms "
+            "U C1^T alone (an approximation, marked in cfg.json)")
+    D, F = cfg.d_in, cfg.d_sae
+    with torch.no_grad():
+        t = sae.tensors()
+        W_enc, b_enc, b_dec = t["W_enc"], t["b_enc"], t["b_dec"]
+        if not cfg.apply_b_dec_to_input:
+            # polysae: x @ W_enc + b_enc; sparsify: (x - b_dec) @ W_enc + b'
+            b_enc = (b_enc.double() + b_dec.double() @ W_enc.double()).to(b_enc.dtype)
+        W_dec = sae.linear_atoms().detach().to(W_enc.dtype)
+        norms = W_dec.double().norm(dim=1)
+    tensors = {"encoder.weight": W_enc.T, "encoder.bias": b_enc, "W_dec": W_dec, "b_dec": b_dec}
+    from polysae import __version__
+
+    meta = metadata or {}
+    doc: dict[str, Any] = {
+        "activation": "topk", "expansion_factor": max(1, F // D),
+        # sparsify renormalises W_dec rows after each training step when this is true: claim it
+        # only when the rows already are unit norm, so fine-tuning the export changes nothing
+        "normalize_decoder": bool(((norms - 1).abs() < 1e-4).all()),
+        "num_latents": F, "k": cfg.k, "multi_topk": False, "skip_connection": False,
+        "transcode": False, "d_in": D,
+        "polysae_version": __version__, "polysae_config": cfg.to_dict(),
+        "polysae_metadata": {k: meta.get(k) for k in ("model", "hook", "context_size",
+                                                      "dataset", "source_format")},
+    }
+    if cfg.decoder != "linear":
+        doc["polysae_linearised"] = True
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    _write_weights(d, "sae.safetensors", tensors, "pt")
+    atomic_write_text(d / "cfg.json", json.dumps(doc, indent=2))
+    return d
+
+
+def _check_target(d: Path, format: str) -> None:
+    """Refuse to write ``format`` into a folder that already holds another layout's checkpoint
+    (the two would be mixed, and detection would pick one of them)."""
+    if not d.exists():
+        return
+    if not d.is_dir():
+        raise ValueError(f"export: output {d} exists and is not a folder")
+    try:
+        have = detect_format(d)
+    except ValueError:
+        return
+    same = {"saelens": {"saelens", "polysae-ref"}, "polysae-ref": {"saelens", "polysae-ref"}}
+    if have != format and have not in same.get(format, set()):
+        raise ValueError(f"export: {d} already holds a {have} checkpoint; write the {format} "
+                         "export to another folder")
+
+
 def export(sae: SAE, directory: str | os.PathLike, format: str,
-           metadata: dict[str, Any] | None = None) -> Path:
-    """Write ``sae`` to ``directory`` in ``format`` (one of :data:`EXPORT_FORMATS`)."""
+           metadata: dict[str, Any] | None = None, *, linearise: bool = False) -> Path:
+    """Write ``sae`` to ``directory`` in ``format`` (one of :data:`EXPORT_FORMATS`);
+    ``linearise`` applies to ``sparsify`` only (see :func:`write_sparsify`)."""
+    if format not in EXPORT_FORMATS:
+        raise ValueError(f"unknown export format {format!r}; expected one of {EXPORT_FORMATS}")
+    if linearise and format != "sparsify":
+        raise ValueError("linearise applies to the sparsify format only")
+    _check_target(Path(directory), format)
     if format == "saelens":
         return write_saelens(sae, directory, metadata)
     if format == "polysae-ref":
         return write_reference(sae, directory, metadata)
-    if format == "polysae":
-        return sae.save(directory, metadata=metadata)
-    raise ValueError(f"unknown export format {format!r}; expected one of {EXPORT_FORMATS}")
+    if format == "sparsify":
+        return write_sparsify(sae, directory, metadata, linearise=linearise)
+    return sae.save(directory, metadata=metadata)
 
 
-__all__ = ["FORMATS", "EXPORT_FORMATS", "LAYOUT_FILES", "ImportedSAE", "detect_format",
-           "read_checkpoint", "write_saelens", "write_reference", "export"]
+__all__ = ["FORMATS", "EXPORT_FORMATS", "LAYOUT_FILES", "SPARSIFY_CFG_KEYS", "ImportedSAE",
+           "detect_format", "read_checkpoint", "write_saelens", "write_reference",
+           "write_sparsify", "sparsify_hookpoint", "export"]
