@@ -198,10 +198,10 @@ def _steering_section(s: dict[str, Any]) -> list[str]:
     for n, by_mode in sm["saes"].items():
         for mode, r in by_mode.items():
             ins = r["best_alpha_in_sample"]
-            rows.append([f"`{n}`", mode, _fmt(r["alpha_scale"]),
+            rows.append([f"`{n}`", mode, f"{r['alpha_scale']:g}",
                          _fmt(r["report_mean_log2_rank"], 2), _fmt(r["report_frac_improved"], 2),
                          f"{r['concept_wins']}/{r['n_concepts']}",
-                         f"{_fmt(ins['mean_log2_rank'], 2)} (alpha {_fmt(ins['alpha_scale'])})"])
+                         f"{_fmt(ins['mean_log2_rank'], 2)} (alpha {ins['alpha_scale']:g})"])
     L += _table(["SAE", "direction", "alpha scale (selected)", "mean log2 rank",
                  "fraction improved", "concepts won vs none",
                  "in-sample best alpha, all prompts (optimistic)"], rows)
