@@ -567,6 +567,16 @@ def _contexts(rows: Tensor, token_ids: Tensor | None, doc_ids: Tensor | None, L:
     return toks.view(*shape, -1), ok.view(*shape, -1), ov
 
 
+def context_windows(rows: Tensor, token_ids: Tensor, doc_ids: Tensor | None, left: int,
+                    right: int, text: TokenText | None = None, positions: Tensor | None = None
+                    ) -> tuple[Tensor, Tensor, dict]:
+    """Token windows around ``rows`` as the site shows them (also used by
+    :mod:`polysae.neuronpedia`): ``(ids [..., W], valid [..., W], overrides)``, ids -1 outside the
+    row's document / forward context, ``overrides`` {flat window index: pieces} for windows whose
+    pieces need span decoding (split characters; see :class:`TokenText`)."""
+    return _contexts(rows, token_ids, doc_ids, left, right, text, positions)
+
+
 def build_site_from_rows(sae, read_rows: Callable[[int, int], Tensor], n_rows: int,
                          out_dir: str | os.PathLike, *, token_ids: Tensor | None = None,
                          doc_ids: Tensor | None = None, tokenizer=None, W_U: Tensor | None = None,
