@@ -2,8 +2,9 @@
 definition) and PNG plots (matplotlib, Agg backend). Every file is written to a temporary name,
 fsynced and renamed, so an interrupted run never leaves a valid-looking partial file.
 
-``metrics.json`` keys (schema_version 1) are documented in README.md (section
-``metrics.json``); the ``DEFINITIONS`` below are the text the report prints.
+``metrics.json`` keys (schema_version 1) are documented in docs/evaluation.md (section "The
+``metrics.json`` schema"); the ``DEFINITIONS`` below are the text the report prints. The protocol
+behind them is described in docs/method.md ("Evaluation protocol").
 """
 
 from __future__ import annotations
@@ -18,11 +19,16 @@ import torch
 
 from polysae.sae import atomic_write_text
 
+#: Printed above the definitions: where the protocol and its rationale are written down.
+METHOD_NOTE = ("The evaluation protocol, its rationale and where polysae departs from the PolySAE "
+               "reference are described in polysae's docs/method.md (section \"Evaluation "
+               "protocol\"); the metrics.json schema is in docs/evaluation.md.")
+
 DEFINITIONS = {
     "mse_per_token": "mean over held-out tokens of ||x - x_hat||^2 (sum over d_in).",
     "mse_saebench": "SAEBench core `mse`: each token's ||x - x_hat||^2 divided by the tokens in "
-                    "its evaluation batch (saebench_batch_tokens), averaged over tokens; likely the "
-                    "paper's MSE column (method.md §3.1, not confirmed).",
+                    "its evaluation batch (saebench_batch_tokens), averaged over tokens; likely "
+                    "the paper's MSE column (an inference, not confirmed).",
     "fvu": "fraction of variance unexplained: sum ||x - x_hat||^2 / sum ||x - mean x||^2; "
            "explained_variance = 1 - fvu.",
     "explained_variance": "1 - fvu (plain formula, not SAEBench's variant).",
@@ -41,19 +47,20 @@ DEFINITIONS = {
     "kl_sae": "mean over scored positions of KL(clean || spliced) of the next-token "
               "distributions (KL_zero: the same for zero-ablation).",
     "kl_recovered": "(KL_zero - KL_sae) / KL_zero with KL(clean || spliced) per position.",
-    "f1": "k-sparse probe (SAEBench, method.md §3.2): mean-pool codes over non-special tokens; "
-          "balanced one-vs-rest tasks; top-k latents by |mean difference| on the train split; "
-          "sklearn LogisticRegression (C=1, lbfgs); binary F1 on the test split; macro over "
-          "classes, then mean over datasets. BatchTopK/Matryoshka SAEs run in eval mode (learned "
-          "threshold), not with the paper's batch-level top-k over evaluation batches.",
-    "w1": "Wasserstein separation (method.md §3.3): exact 1-D W1 between positive and negative "
-          "pooled values of every latent on the train split, averaged over all latents; median "
-          "over classes, then over datasets. Raw: grows with activation scale.",
+    "f1": "k-sparse probe (SAEBench sparse probing as the PolySAE paper ran it): mean-pool "
+          "codes over non-special tokens; balanced one-vs-rest tasks; top-k latents by |mean "
+          "difference| on the train split; sklearn LogisticRegression (C=1, lbfgs); binary F1 on "
+          "the test split; macro over classes, then mean over datasets. BatchTopK/Matryoshka SAEs "
+          "run in eval mode (learned threshold), not with the paper's batch-level top-k over "
+          "evaluation batches.",
+    "w1": "Wasserstein separation (the PolySAE paper's metric): exact 1-D W1 between positive "
+          "and negative pooled values of every latent on the train split, averaged over all "
+          "latents; median over classes, then over datasets. Raw: grows with activation scale.",
     "w1_std": "as w1 with every latent divided by its standard deviation over the task's train "
               "texts (scale-free; zero-spread latents count 0). polysae's normalisation.",
     "w1_l2": "raw mean W1 divided by the mean L2 norm of the pooled vectors (removes one global "
              "scale). polysae's normalisation.",
-    "interactions": "polysae's own definitions (the paper publishes no code, method.md §3.4): "
+    "interactions": "polysae's own definitions (the paper publishes no code): "
                     "strength = |lambda2|*||B_ij|| (PolySAE); N_ij = held-out tokens with both "
                     "latents active; cov = Cov(z_i, z_j); Pearson r over pairs with N_ij >= 1, "
                     "raw and log counts. Paper: r = 0.06 (strength) vs 0.82 (vanilla cov).",
@@ -176,7 +183,8 @@ def render_markdown(m: dict[str, Any]) -> str:
     if "steering" in m:
         L += _steering_section(m["steering"])
 
-    L += ["## Definitions", ""] + [f"- **{k}**: {v}" for k, v in DEFINITIONS.items()] + [""]
+    L += ["## Definitions", "", METHOD_NOTE, ""]
+    L += [f"- **{k}**: {v}" for k, v in DEFINITIONS.items()] + [""]
     return "\n".join(L)
 
 
