@@ -14,14 +14,15 @@ Axes on CUDA (issue 4): d_in {768, 2304} x d_sae {16k, 32k, 65k} x k {32, 64, 12
 (d, 64, 64) / (d, 128, 128), B = 4096. On CPU the torch providers run at reduced sizes
 (``--cpu-grid``; default B 256, d_in 768, d_sae {4k, 16k}, k {32, 64}) and only ratios matter.
 
-Inputs: TopK of random pre-activations plus a Zipf-like per-latent bias (kernels.md §6 item 5).
+Inputs: TopK of random pre-activations plus a Zipf-like per-latent bias
+(docs/kernels.md#load-balance).
 Correctness gate before timing: every provider's x_hat and all gradients (values, U, C1..C3, λ2, λ3,
 b_dec; W_dec for linear) against ``torch_sparse`` in fp32 — max error relative to each tensor's
 scale must stay within 1e-4 (fp32 providers) or 0.15 (bf16 autocast); a failure aborts with exit
 code 1.
 Timing: ``triton.testing.do_bench`` on CUDA (L2 flushed, median, ``grad_to_none``); on CPU the
-median of ``--reps`` wall-clock runs after two warm-ups. % of roofline uses the H100 model of
-shared/design/roofline.py (reproduced in ``roofline_ms`` below; meaningful on an H100 only).
+median of ``--reps`` wall-clock runs after two warm-ups. % of roofline uses the H100 cost model of
+docs/kernels.md#roofline-model (``roofline_ms`` below; meaningful on an H100 only).
 
     .venv/bin/python benchmarks/bench_decoder.py            # CPU: reduced grid, ~2 min
     .venv/bin/python benchmarks/bench_decoder.py --quick    # one config (CI smoke / GPU sanity)
@@ -56,13 +57,13 @@ import polysae.kernels as pk  # noqa: E402
 from polysae.kernels import reference as ref  # noqa: E402
 from polysae.sae import atomic_write_text  # noqa: E402
 
-# --- roofline model (shared/design/roofline.py, H100 constants; decoder part only) -------------
+# --- roofline model (docs/kernels.md#roofline-model, H100 constants; decoder part only) ---------
 HBM_BW, L2_BW, P_BF16, P_FP32 = 3.0e12, 6.0e12, 800e12, 60e12
 
 
 def roofline_ms(B, d, F, k, ranks, shared=True):
-    """Lower-bound decoder times (ms) per provider kind, fwd and fwd+bwd: the same formulas as
-    roofline.py's ``decoder_times`` (dense reference at fp32/bf16 peak; sparse design as gather
+    """Lower-bound decoder times (ms) per provider kind, fwd and fwd+bwd: the cost model of
+    docs/kernels.md#roofline-model (dense reference at fp32/bf16 peak; sparse design as gather
     traffic vs L2/HBM plus the merged C GEMM at bf16 peak; linear TopK gather)."""
     R1, R2, R3 = ranks
     SR = R1 + R2 + R3
@@ -393,7 +394,7 @@ def write_results(out: Path, device, env, args, rows, names):
     lines += md_table(rows, ratio_names, lambda r, n: f"{r['ratios_fwd_bwd'][n]:.2f}x")
     if device.type == "cuda" and rows:
         pn = list(rows[0]["pct_of_roofline_fwd_bwd"])
-        lines += ["", "## % of the H100 roofline model (fwd+bwd; shared/design/roofline.py)", ""]
+        lines += ["", "## % of the H100 roofline model (fwd+bwd; docs/kernels.md)", ""]
         lines += md_table(rows, pn, lambda r, n: f"{r['pct_of_roofline_fwd_bwd'][n]:.0f}%")
     atomic_write_text(out / f"decoder_{tag}.md", "\n".join(lines) + "\n")
     print(f"wrote {out / f'decoder_{tag}.json'} and .md")

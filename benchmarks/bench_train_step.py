@@ -1,4 +1,4 @@
-"""One PolySAE training step broken down by stage, for each decode path (issue 4, kernels.md §3.7).
+"""One PolySAE training step broken down by stage, for each decode path (issue 4; docs/kernels.md).
 
 Stages, in step order: encode (pre-activation GEMM), top-k, decode, loss, backward, clip
 (``clip_grad_norm_``), Adam, retraction (``SAE.retract_()``, CholeskyQR2 with QR fallback). The

@@ -15,7 +15,7 @@ Sparse ops take each row's K (value, index) pairs. A row may carry padding entri
 
 Shared-U mode (the paper's): a = z U; h1 = a, h2 = a[:, :R2]^2, h3 = a[:, :R3]^3.
 Separate-U mode: a1 = z U, a2 = z U2, a3 = z U3; h1 = a1, h2 = a1[:, :R2] * a2,
-h3 = a1[:, :R3] * a2[:, :R3] * a3 (method.md §1.4).
+h3 = a1[:, :R3] * a2[:, :R3] * a3 (docs/method.md#the-polynomial-decoder).
 """
 
 from __future__ import annotations

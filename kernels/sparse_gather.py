@@ -1,8 +1,8 @@
 """Triton kernels for k-sparse decoding: gather forward, SDDMM value gradient, weight scatter.
 
 Equivalent to ``reference.sparse_project_ref`` (and, with the fused polynomial epilogue, to the
-projection + ``poly_terms_ref`` half of ``reference.poly_decode_ref``). Anatomy (architecture.md
-§1.C): private ``_*_kernel`` → launcher (shape/index checks, block sizes, grid) → the
+projection + ``poly_terms_ref`` half of ``reference.poly_decode_ref``). Anatomy (docs/kernels.md):
+private ``_*_kernel`` → launcher (shape/index checks, block sizes, grid) → the
 ``autograd.Function`` in ``triton_ops.py`` → public op.
 
 Shape letters: N rows, K slots per row (value, index), F latents, R width of a gathered matrix
@@ -17,7 +17,8 @@ Conventions shared by every kernel:
   they cost no bandwidth and contribute nothing, as the reference's spec says.
 - Accumulation is always fp32, whatever the storage dtype; results are cast on store.
 - No ``tl.dot`` anywhere: the inner products here are rank-1 updates or row dots, which the
-  interpreter computes exactly in fp16 and fp32 (bf16 ``tl.dot`` is wrong there, kernels.md §4.2).
+  interpreter computes exactly in fp16 and fp32 (bf16 ``tl.dot`` is wrong there,
+  docs/kernels.md#testing-without-a-gpu).
 """
 
 from __future__ import annotations
@@ -32,9 +33,9 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "") == "1"
 
 # Block sizes. 16 rows x 128 columns per program with 8 warps: ptxas (sm_90, triton 3.7.1) reports
 # 64-154 registers and no spills for every kernel here, three-U included; 32 rows x 4 warps used
-# 255 registers and spilled in the three-U gather, the SDDMM and the chain kernel. (These are the
-# flex-sae/sparsify ranges, kernels.md §4.3 item 4.) Not autotuned: multi-config autotune needs a
-# GPU benchmarker, and the grid is set by N and R anyway.
+# 255 registers and spilled in the three-U gather, the SDDMM and the chain kernel. (Within the
+# ranges other sparse-SAE toolkits use: docs/kernels.md#block-sizes.) Not autotuned: multi-config
+# autotune needs a GPU benchmarker, and the grid is set by N and R anyway.
 # TODO(gpu): sweep BLOCK_N in {16, 32, 64} x BLOCK_R in {64, 128, 256} on an H100 and pin the best.
 BLOCK_N = 16
 NUM_WARPS = 8
@@ -274,7 +275,8 @@ def _segment_reduce_kernel(
     # no atomics. It walks f's segment of the sorted pairs BLOCK_P at a time, gathering those rows
     # of dA. Traffic: N*K*R reads of dA (gathered rows), one F*R write. Latents that never fired
     # get an empty loop and a zero row. Hot latents (Zipf head) run longer loops: the straggler cost
-    # kernels.md §4.3 item 3 describes; split heavy segments if a GPU profile shows it matters.
+    # docs/kernels.md#load-balance describes; split heavy segments if a GPU profile shows it
+    # matters.
     f = tl.program_id(0)
     pid_c = tl.program_id(1)
     cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)

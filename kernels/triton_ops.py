@@ -118,7 +118,7 @@ class PolyDecodeFn(torch.autograd.Function):
         need_a = need[0] or need[2] or need[9] or need[10] or need[6] or need[7]
         if not need_a:
             return (None, None, None, dC1, dC2, dC3, None, None, d_bias, None, None)
-        # Chain rule through the polynomial terms (method.md §1.4), fused in one Triton pass that
+        # Chain rule through the polynomial terms (docs/method.md), fused in one Triton pass that
         # reads dH and the saved projections (h2, h3 are recomputed from A: H holds them already
         # multiplied by lambda) and writes fp32 dA plus deterministic dlambda partials.
         dH = gx.mm(C)

@@ -31,7 +31,7 @@ def default_matryoshka_widths(d_sae: int) -> tuple[int, ...]:
 
 @dataclass
 class SAEConfig:
-    """Architecture of one SAE. Defaults follow the PolySAE paper (method.md §1-2)."""
+    """Architecture of one SAE. Defaults follow the PolySAE paper (docs/method.md)."""
 
     d_in: int
     """Width of the activations the SAE reads (e.g. 768 for GPT-2 small's residual stream)."""
@@ -98,7 +98,7 @@ class SAEConfig:
     batchtopk_inference: Literal["threshold", "batch"] = "threshold"
     """How a BatchTopK/Matryoshka SAE encodes in eval mode: ``threshold`` applies the learned
     global threshold per token (JumpReLU-style export); ``batch`` applies batch-level top-k to
-    each evaluation batch as the paper's pipeline did (method.md §5 item 10)."""
+    each evaluation batch as the paper's pipeline did (docs/method.md, deviation 3)."""
 
     apply_b_dec_to_input: bool = True
     """Encode ``x - b_dec`` rather than ``x`` (SAELens default, the reference code's choice)."""

@@ -1,4 +1,4 @@
-"""Decoders behind one interface: ``LinearDecoder`` and ``PolyDecoder`` (method.md §1.4-1.7).
+"""Decoders behind one interface: ``LinearDecoder`` and ``PolyDecoder`` (docs/method.md).
 
 Both take sparse codes (values, indices [N, K]) or dense codes [N, F] plus the SAE's ``b_dec`` and
 return x_hat [N, D]. They expose ``retract_()`` (called after each optimiser step: the QR
@@ -81,7 +81,7 @@ class PolyDecoder(nn.Module):
 
     Shared U (paper): a = z U; h1 = a, h2 = a[:, :R2]^2, h3 = a[:, :R3]^3.
     Separate U: h2 = (z U)[:, :R2] * (z U2), h3 = (z U)[:, :R3] * (z U2)[:, :R3] * (z U3).
-    Initialisation (method.md §1.5): U orthogonal; C_k ~ kaiming_uniform (U(-sqrt(6/R_k),
+    Initialisation (docs/method.md): U orthogonal; C_k ~ kaiming_uniform (U(-sqrt(6/R_k),
     +sqrt(6/R_k))); lambda2 = -0.5, lambda3 = 0.5 (configurable).
     """
 
@@ -162,7 +162,7 @@ class PolyDecoder(nn.Module):
     # -- constraint ---------------------------------------------------------------------------
     @torch.no_grad()
     def retract_(self, fast: bool = True) -> None:
-        """Orthonormalise U (and U2, U3 jointly in separate mode); method.md §1.7."""
+        """Orthonormalise U (and U2, U3 jointly in separate mode); docs/method.md."""
         if self.U2 is None:
             Q = retract(self.U, fast)
             if Q is not None:

@@ -1,5 +1,5 @@
 """Pairwise latent interactions: polysae's own definitions (the paper gives no code,
-method.md §3.4).
+docs/method.md#interaction-analyses).
 
 For held-out tokens with sparse codes z:
 

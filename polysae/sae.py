@@ -3,7 +3,7 @@
 Shape letters: N rows (tokens; any leading batch dims are flattened to N and restored), D = d_in,
 F = d_sae, K = active latents per row in the sparse path.
 
-Encoder (method.md §1.3): ``pre = (x - b_dec) @ W_enc + b_enc`` (``x`` alone when
+Encoder (docs/method.md): ``pre = (x - b_dec) @ W_enc + b_enc`` (``x`` alone when
 ``apply_b_dec_to_input`` is False), then a sparsifier:
 
 - ``topk``: top k of ``pre`` per row, ReLU on them;
@@ -57,7 +57,7 @@ class LossOutput(NamedTuple):
     loss: Tensor
     """Total: mse + aux + sparsity + inner."""
     mse: Tensor
-    """Mean over rows of ||x - x_hat||^2 (sum over D), method.md §1.8."""
+    """Mean over rows of ||x - x_hat||^2 (sum over D), docs/method.md#losses."""
     aux: Tensor
     """AuxK dead-latent loss (0 when no latent is dead)."""
     sparsity: Tensor
@@ -71,7 +71,7 @@ class LossOutput(NamedTuple):
 
 
 class ParamCounts(NamedTuple):
-    """Parameter accounting as in the paper's tables (method.md §1.9)."""
+    """Parameter accounting as in the paper's tables (docs/method.md#parameter-count)."""
 
     encoder: int
     """W_enc + b_enc."""
@@ -168,7 +168,8 @@ class SAE(nn.Module):
 
     @torch.no_grad()
     def _init_encoder(self) -> None:
-        """method.md §1.5: W_dec ~ kaiming_uniform [F, D], rows rescaled to norm 0.1, W_enc = W_dec^T.
+        """docs/method.md#initialisation: W_dec ~ kaiming_uniform [F, D], rows rescaled to norm
+        0.1, W_enc = W_dec^T.
         For the poly decoder this W_dec only initialises the encoder and is then discarded."""
         W = torch.empty(self.cfg.d_sae, self.cfg.d_in, device=self.W_enc.device,
                         dtype=torch.float32)
@@ -275,7 +276,7 @@ class SAE(nn.Module):
 
     # -- training losses ----------------------------------------------------------------------
     def loss(self, x: Tensor, dead_mask: Tensor | None = None) -> LossOutput:
-        """Losses on a batch [N, D] (method.md §1.8). ``dead_mask`` [F] bool marks latents that
+        """Losses on a batch [N, D] (docs/method.md). ``dead_mask`` [F] bool marks latents that
         have not fired within the trainer's window; it drives AuxK."""
         x, _ = self._flatten(x)
         cfg = self.cfg
@@ -296,7 +297,7 @@ class SAE(nn.Module):
             # Nested prefixes decoded through the SAE's OWN decoder (polynomial for PolySAE). The
             # reference code decodes them with its unused linear W_dec instead, so its encoder is
             # shared by a polynomial full-width loss and linear prefix losses; we treat that as a
-            # defect and do not copy it (method.md §5 item 8).
+            # defect and do not copy it (docs/method.md, deviation 1).
             for w in cfg.matryoshka_widths[:-1]:
                 v = codes.values * (codes.indices < w)
                 inner = inner + (self.decode_sparse(v, codes.indices) - x).pow(2).sum(-1).mean()

@@ -11,7 +11,7 @@ reconstruction metrics (``core``: MSE, CE/KL loss recovered, L0) and sparse prob
 only the codes) are exact. ``W_dec`` holds the *unit-norm linear atoms* (rows of ``U C1^T``
 normalised for a poly decoder, normalised ``W_dec`` rows for a linear one): metrics that read
 ``W_dec`` as the dictionary (absorption, SCR, TPP, RAVEL, the cosine-similarity parts of ``core``)
-therefore assume a linear decoder and ignore PolySAE's pairwise and triple atoms (method.md §3).
+therefore assume a linear decoder and ignore PolySAE's pairwise and triple atoms (docs/sharing.md).
 """
 
 from __future__ import annotations

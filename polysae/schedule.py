@@ -4,7 +4,7 @@
 function makes resume exact by construction: a resumed run recomputes the same rate from the
 restored step counter, so there is no LR-scheduler state that could drift or be forgotten.
 
-Schedules (method.md §2.2 uses ``constant`` with no warm-up, the SAELens default):
+Schedules (the paper's recipe uses ``constant`` with no warm-up, the SAELens default):
 
 - ``constant``: linear warm-up from 0 over ``warmup`` steps, then ``lr``;
 - ``cosine``: warm-up, then cosine from ``lr`` down to ``lr * min_ratio`` at ``total`` steps;

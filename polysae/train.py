@@ -1,9 +1,9 @@
-"""Training: :class:`TrainConfig`, :class:`Trainer` and :func:`train` (method.md §1.7-1.8, §2).
+"""Training: :class:`TrainConfig`, :class:`Trainer` and :func:`train` (docs/training.md).
 
 One :class:`Trainer` trains one or several SAEs from **one** activation stream: every batch is read
 once and fed to each SAE in turn (a vanilla and a PolySAE with identical settings, or a sweep over
 k or ranks), each with its own Adam optimiser, dead-latent counters, checkpoint folder and
-``metrics.jsonl``. The per-SAE step follows the reference order exactly (method.md §1.7):
+``metrics.jsonl``. The per-SAE step follows the reference order exactly (docs/method.md):
 ``loss.backward()`` -> (all-reduce gradients across ranks) -> global-norm clipping at 1.0 -> Adam
 step -> ``zero_grad`` -> retraction of U (every step by default) -> dead-latent counters.
 
@@ -64,7 +64,7 @@ STATE_FORMAT = 1
 
 @dataclass
 class TrainConfig:
-    """How to train (identical for every SAE of a run). Defaults follow method.md §2.2."""
+    """How to train (identical for every SAE of a run). Defaults: the paper's recipe."""
 
     lr: float = 3e-4
     """Adam learning rate (peak rate when a schedule is used)."""
@@ -100,7 +100,7 @@ class TrainConfig:
 
     retract_every: int = 1
     """Orthogonality retraction of U every this many steps (1 = every step, the paper; 0 = never).
-    Larger cadences are cheaper but change the method (method.md §5 item 6)."""
+    Larger cadences are cheaper but change the method (docs/method.md)."""
 
     retract_fast: bool = True
     """Use CholeskyQR2 (falls back to Householder QR) instead of plain Householder QR."""

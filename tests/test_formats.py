@@ -62,7 +62,7 @@ def saelens_decode(z, t):
 
 
 def reference_poly_decode(z, t, ranks, order, shared):
-    """method.md §1.4 (the reference code's _poly_decode) with U_shared or U1/U2/U3."""
+    """docs/method.md (the reference code's _poly_decode) with U_shared or U1/U2/U3."""
     r1, r2, r3 = ranks
     if shared:
         a = z @ t["U_shared"]

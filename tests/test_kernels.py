@@ -5,7 +5,7 @@ import); on a CUDA machine the same tests run the compiled kernels. Reference: f
 autograd through ``reference.poly_decode_ref`` / ``linear_decode_ref`` on the same (dtype-rounded)
 inputs.
 
-Shapes are tiny and deliberately odd (kernels.md §4.2 / issue 4): d_in not a power of two, d_sae not
+Shapes are tiny and deliberately odd (docs/kernels.md / issue 4): d_in not a power of two, d_sae not
 a multiple of any block, k = 1, rows whose values are all zero, one latent active in more rows than
 a reduction block (BLOCK_P = 32) holds, N crossing the BLOCK_N = 16 row block, R1 > BLOCK_R = 128
 (two column blocks), unequal ranks, negative values (AuxK) and padding zeros.

@@ -4,7 +4,7 @@ Deselected by default (pyproject's ``-m 'not gpu'``) and skipped without CUDA. C
 float64 torch autograd reference of ``reference.poly_decode_ref`` / ``linear_decode_ref`` on the
 same (dtype-rounded) inputs, at the paper's GPT-2 shape (B 4096, d_in 768, d_sae 16k, k 64, ranks
 (768, 64, 64)) and a three-U shape, in fp32 and bf16, with Zipf-distributed latent frequencies
-(kernels.md §4.3 item 3). Also checks bitwise run-to-run reproducibility of the default
+(docs/kernels.md#load-balance). Also checks bitwise run-to-run reproducibility of the default
 (sorted, feature-major) weight gradient, which the CPU interpreter cannot reveal.
 """
 

@@ -1,4 +1,4 @@
-"""The orthogonality retraction (method.md §1.7) against torch.linalg.qr. CPU only."""
+"""The orthogonality retraction (docs/method.md) against torch.linalg.qr. CPU only."""
 
 from __future__ import annotations
 

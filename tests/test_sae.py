@@ -1,13 +1,13 @@
 """The SAE core against independent references. CPU only, float64 where exactness matters.
 
 - decode vs a fully materialised polynomial (A [F, D], B [F, F, D], Gamma [F, F, F, D]) built by
-  einsum from the definitions in method.md §1.4, for shared and separate U;
+  einsum from the definitions in docs/method.md, for shared and separate U;
 - lambda2 = lambda3 = 0 vs a linear SAE whose dictionary is U C1^T;
 - the contract forward(x) == decode(encode(x)) for every sparsifier x decoder;
 - sparse and dense decode paths agree in values and gradients; gradcheck in float64;
 - sparsifier semantics (TopK, BatchTopK count and threshold EMA, JumpReLU straight-through
   gradients, Matryoshka prefix losses, AuxK) vs formulas written out here;
-- parameter accounting vs the paper's numbers (method.md §1.9).
+- parameter accounting vs the paper's numbers (docs/method.md).
 """
 
 from __future__ import annotations

@@ -261,7 +261,7 @@ def test_auxk_revives_dead_latents():
     (coefficient 1, k_aux 8, window 5 steps) their raw pre-activations are regressed onto the
     residual and they come back; without it they stay dead. Measured (300 steps, CPU): 16/16 dead
     without AuxK, 0/16 with it. Note: on data with a large mean (offset 0.3) only 5 of 16 came
-    back, because AuxK decodes through b_dec (the SAELens quirk kept for parity, method.md §1.8),
+    back, because AuxK decodes through b_dec (the SAELens quirk kept for parity, docs/method.md),
     so dead latents first learn to cancel b_dec."""
     X = planted(8192, offset=0.0)
 
