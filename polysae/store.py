@@ -8,7 +8,9 @@ holds at most two windows, rows from several shards mix inside a window (a windo
 ``buffer_rows / shard_size`` shards in a random order), and batch ``b`` of epoch ``e`` can be
 produced without replaying earlier batches (exact resume). With ``world_size > 1``, rank ``r``
 takes every ``world_size``-th row of each global batch of ``batch_size * world_size`` rows, so
-ranks get disjoint, equal-sized parts.
+ranks get disjoint, equal-sized parts whose union is exactly the 1-process batch of
+``batch_size * world_size`` rows; each rank reads from disk only the rows it serves (1/W of each
+window, gathered shard by shard), not the whole window.
 
 Reads are memory-mapped (``numpy.memmap`` over the safetensors data section); each shard's header,
 size and (with ``verify``) sha256 are checked against the manifest the first time it is touched,
@@ -222,6 +224,24 @@ class ActivationStore:
             parts.append(_to_torch(arr[a:b], st))
         return torch.cat(parts) if len(parts) > 1 else parts[0]
 
+    def _gather_rows(self, order: np.ndarray, idx: np.ndarray) -> torch.Tensor:
+        """Rows ``idx`` (any order) of the virtual array; reads only those rows of each shard."""
+        rows = self._rows[order]
+        ends = np.cumsum(rows)
+        starts = ends - rows
+        if len(idx) == 0:
+            return torch.empty(0, self.d_in, dtype=_storage_dtype(self.manifest))
+        srt = np.argsort(idx, kind="stable")
+        sidx = idx[srt]
+        which = np.searchsorted(ends, sidx, side="right")
+        out = torch.empty(len(idx), self.d_in, dtype=_storage_dtype(self.manifest))
+        cut = np.flatnonzero(np.diff(which)) + 1
+        for a, b in zip(np.r_[0, cut], np.r_[cut, len(sidx)]):
+            j = int(which[a])
+            arr, st = self._acts(int(order[j]))
+            out[torch.from_numpy(srt[a:b])] = _to_torch(arr[sidx[a:b] - starts[j]], st)
+        return out
+
     def _out(self, x: torch.Tensor) -> torch.Tensor:
         return x.to(device=self.device, dtype=self.dtype, non_blocking=True)
 
@@ -240,25 +260,38 @@ class ActivationStore:
             order = np.arange(n_shards)
         cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
-        def window(k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        ws, rank = self.world_size, self.rank
+
+        def window(k: int) -> tuple[torch.Tensor, torch.Tensor | int]:
+            """(rows, perm) with one rank; with W ranks (this rank's rows, first position)."""
             if k not in cache:
                 for old in [o for o in cache if o < k]:
                     del cache[old]  # windows are visited in order: keep memory at <= 2 windows
                 lo, hi = k * w, min((k + 1) * w, n)
-                data = self._gather(order, lo, hi)
                 perm = (torch.randperm(hi - lo, generator=self._rng(epoch, k)) if self.shuffle
                         else torch.arange(hi - lo))
-                cache[k] = (data, perm)
+                if ws == 1:
+                    cache[k] = (self._gather(order, lo, hi), perm)
+                else:
+                    # Stream positions p of this window that this rank serves are those with
+                    # p = rank (mod W) (global batches are multiples of W rows): read only the
+                    # rows they map to, 1/W of the window.
+                    first = lo + (rank - lo) % ws
+                    mine = perm[torch.arange(first - lo, hi - lo, ws)].numpy() + lo
+                    cache[k] = (self._gather_rows(order, mine), first)
             return cache[k]
 
         for b in range(start, len(self)):
             lo, hi = b * g, min((b + 1) * g, n)
-            pos = torch.arange(lo + self.rank, hi, self.world_size)
+            pos = torch.arange(lo + rank, hi, ws)
             out = torch.empty(len(pos), self.d_in, dtype=_storage_dtype(self.manifest))
             for k in range(lo // w, (hi - 1) // w + 1):
-                data, perm = window(k)
+                data, key = window(k)
                 sel = (pos >= k * w) & (pos < (k + 1) * w)
-                out[sel] = data[perm[pos[sel] - k * w]]
+                if ws == 1:
+                    out[sel] = data[key[pos[sel] - k * w]]
+                else:
+                    out[sel] = data[(pos[sel] - key) // ws]
             yield self._out(out)
 
     # -- unshuffled access ---------------------------------------------------------------------

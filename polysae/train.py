@@ -311,6 +311,9 @@ class _Slot:
     def __init__(self, name: str, sae: SAE, cfg: TrainConfig, folder: Path | None):
         self.name, self.sae, self.folder = name, sae, folder
         self.params = [p for p in sae.parameters() if p.requires_grad]
+        # Under torch.distributed: SAE.loss as the forward of a DDP module (it all-reduces the
+        # gradients during backward and broadcasts rank 0's weights now); None in one process.
+        self.ddp = pdist.wrap(sae) if pdist.world()[1] > 1 else None
         self.opt = torch.optim.Adam(self.params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
         self.since_fired = torch.zeros(sae.cfg.d_sae, dtype=torch.long, device=sae.b_dec.device)
         self.metrics_file = None
@@ -346,7 +349,6 @@ class Trainer:
             if self.out_dir is not None:
                 folder = self.out_dir if self.single else self.out_dir / name
             sae.train()
-            pdist.broadcast_module(sae)
             self.slots[name] = _Slot(name, sae, self.cfg, folder)
         self.d_in = next(iter(d_ins.values()))
         self.step_count = 0
@@ -366,7 +368,8 @@ class Trainer:
 
     def step(self, x: Tensor) -> dict[str, StepMetrics]:
         """One optimiser step of every SAE on batch ``x`` [B, d_in] (raw activations)."""
-        self._check_finite(x, "input activation batch")
+        # decided over all ranks: every rank stops at the same step, none waits in a collective
+        self._check_finite_all(x, "input activation batch")
         if self.act_scale is not None:
             x = x / self.act_scale
         lr = self.lr()
@@ -382,13 +385,17 @@ class Trainer:
         x = x.to(sae.b_dec.device, non_blocking=True)
         dead = s.since_fired > cfg.dead_window
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-            lo = sae.loss(x, dead_mask=dead)
+            lo = sae.loss(x, dead_mask=dead) if s.ddp is None else s.ddp(x, dead)
         terms = ("loss", "mse", "aux", "sparsity", "inner")
-        if not bool(torch.isfinite(torch.stack([getattr(lo, t).float() for t in terms])).all()):
+        finite = bool(torch.isfinite(torch.stack([getattr(lo, t).float() for t in terms])).all())
+        if s.ddp is not None and pdist.any_rank(not finite, x.device) and finite:
+            raise TrainingDiverged(f"step {self.step_count + 1}: {s.name}: NaN/inf loss on "
+                                   "another rank (its log names the term); training stopped, "
+                                   "the last checkpoint on disk is intact")
+        if not finite:
             for term in terms:  # one device sync per step; name the culprit only on failure
                 self._check_finite(getattr(lo, term), f"{s.name}: loss term {term!r}")
-        lo.loss.backward()
-        pdist.average_gradients(s.params)
+        lo.loss.backward()  # under DDP this also averages the gradients over ranks
         gnorm = torch.nn.utils.clip_grad_norm_(s.params, cfg.grad_clip or math.inf)
         if not torch.isfinite(gnorm):
             bad = [n for n, p in sae.named_parameters()
@@ -415,6 +422,15 @@ class Trainer:
             # Each rank updates the BatchTopK EMA from its own shard; keep them equal.
             pdist.all_reduce(s.sae.threshold, "mean")
 
+    def _check_finite_all(self, t: Tensor, what: str) -> None:
+        """:meth:`_check_finite` decided jointly: raises on every rank when any rank's ``t``
+        holds a NaN/inf (the rank that holds it names the index)."""
+        ok = bool(torch.isfinite(t).all())
+        if pdist.any_rank(not ok, t.device):
+            self._check_finite(t, what)
+            raise TrainingDiverged(f"step {self.step_count + 1}: NaN/inf in the {what} of another "
+                                   "rank; training stopped, the last checkpoint on disk is intact")
+
     def _check_finite(self, t: Tensor, what: str) -> None:
         if not bool(torch.isfinite(t).all()):
             where = ""
@@ -431,9 +447,13 @@ class Trainer:
         """Train until ``cfg.steps`` / ``cfg.tokens`` (or one pass). ``resume`` continues from the
         checkpoints in ``out_dir``; ``callback(trainer, outputs)`` runs after every step."""
         src = as_source(source)
-        saved = self.out_dir is not None and any(
-            (s.folder / fn).exists() for s in self.slots.values() if s.folder
-            for fn in (STATE_FILE, PREV_STATE_FILE))
+        d_src = getattr(src, "d_in", None)
+        if isinstance(d_src, int) and d_src != self.d_in:
+            where = " ".join(str(v) for v in (getattr(src, "path", None),
+                                              getattr(src, "hook", None)) if v)
+            raise ValueError(f"training data {where or type(src).__name__} has d_in={d_src} but "
+                             f"the SAEs take d_in={self.d_in}")
+        saved = self._has_checkpoint()
         if resume and not saved:
             # Killed before its first checkpoint: nothing to restore, so start afresh (what a
             # pipeline that always passes resume=True after a crash wants).
@@ -507,7 +527,7 @@ class Trainer:
             raise ValueError("training data yielded no batches to estimate the activation scale")
         acc = torch.zeros(2, dtype=torch.float64)
         for x in head:
-            self._check_finite(x, "input activation batch (scale estimate)")
+            self._check_finite_all(x, "input activation batch (scale estimate)")
             acc += torch.stack([x.double().pow(2).sum().cpu(), torch.tensor(float(x.shape[0]))])
         pdist.all_reduce(acc, "sum")
         s = math.sqrt(float(acc[0] / acc[1]) / self.d_in)
@@ -621,7 +641,12 @@ class Trainer:
 
         Resume reads only trainer_state.pt (self-contained: unfolded weights, optimiser, counters,
         data position, RNG), so a kill between the files leaves a consistent older state."""
-        if self.rank != 0 or self.out_dir is None:
+        if self.out_dir is None:
+            return
+        # Every rank must hold bitwise the same weights (same averaged gradients, same Adam step,
+        # same retraction); checked here, where a divergence would otherwise be written to disk.
+        pdist.assert_in_sync({n: s.sae for n, s in self.slots.items()})
+        if self.rank != 0:
             return
         meta = dict(self.metadata, tokens_trained=self.tokens, step=self.step_count,
                     act_scale=self.act_scale)
@@ -641,10 +666,48 @@ class Trainer:
                 os.replace(folder / STATE_FILE, folder / PREV_STATE_FILE)
             os.replace(tmp, folder / STATE_FILE)
 
+    def _has_checkpoint(self) -> bool:
+        """Whether ``out_dir`` holds a trainer state (rank 0's disk decides for every rank)."""
+        saved = self.rank == 0 and self.out_dir is not None and any(
+            (s.folder / fn).exists() for s in self.slots.values() if s.folder
+            for fn in (STATE_FILE, PREV_STATE_FILE))
+        return bool(pdist.broadcast_object(saved))
+
     def load_state(self) -> None:
-        """Restore every SAE from ``out_dir`` at the newest step all of them have saved."""
+        """Restore every SAE from ``out_dir`` at the newest step all of them have saved.
+
+        Distributed: rank 0 reads the states (checkpoints live on its disk only) and broadcasts
+        them, so every rank resumes from identical weights, optimiser moments and position; an
+        error on rank 0 is raised on every rank."""
         if self.out_dir is None:
             raise ValueError("resume needs out_dir")
+        states, err = None, None
+        if self.rank == 0:
+            try:
+                states = self._read_states()
+            except (ValueError, FileNotFoundError) as e:
+                err = (type(e), str(e))
+        states, err = pdist.broadcast_object((states, err))
+        if err is not None:
+            raise err[0](err[1])
+        for s in self.slots.values():
+            path, st = states[s.name]
+            if int(st["world_size"]) != self.world_size:
+                log.warning("%s was written by %d ranks, resuming on %d: the data order changes",
+                            path, st["world_size"], self.world_size)
+            s.sae.load_state_dict(st["model"])
+            s.opt.load_state_dict(st["optimizer"])
+            s.since_fired = st["since_fired"].to(s.since_fired.device)
+            self.step_count, self.tokens = int(st["step"]), int(st["tokens"])
+            self.epoch, self.batch_in_epoch = int(st["epoch"]), int(st["batch_in_epoch"])
+            self.total_steps = self.cfg.steps or st["total_steps"]
+            self.act_scale = st["act_scale"]
+            torch.set_rng_state(st["rng"])
+        self._tok_last = self.tokens
+        log.info("resumed at step %d (%d tokens)", self.step_count, self.tokens)
+
+    def _read_states(self) -> dict[str, tuple[Path, dict[str, Any]]]:
+        """name -> (path, trainer state) at the newest step every SAE has, validated."""
         cands: dict[str, dict[int, Path]] = {}
         for s in self.slots.values():
             found = {}
@@ -664,27 +727,21 @@ class Trainer:
             raise ValueError(f"resume: the SAEs in {self.out_dir} have no checkpoint step in "
                              f"common ({ {n: sorted(f) for n, f in cands.items()} })")
         step = max(common)
+        out = {}
         for s in self.slots.values():
             path = cands[s.name][step]
             st = torch.load(path, map_location="cpu", weights_only=True)
             if st.get("format") != "polysae-trainer-state":
                 raise ValueError(f"{path} is not a polysae trainer state")
+            if int(st.get("format_version", 0)) > STATE_FORMAT:
+                raise ValueError(f"{path}: trainer state format_version {st['format_version']} "
+                                 f"is newer than this polysae reads ({STATE_FORMAT}); upgrade "
+                                 "polysae")
             if st["sae_config"] != s.sae.cfg.to_dict():
                 raise ValueError(f"resume: {path} was saved for a different SAE config than "
                                  f"{s.name!r}'s")
-            if int(st["world_size"]) != self.world_size:
-                log.warning("%s was written by %d ranks, resuming on %d: the data order changes",
-                            path, st["world_size"], self.world_size)
-            s.sae.load_state_dict(st["model"])
-            s.opt.load_state_dict(st["optimizer"])
-            s.since_fired = st["since_fired"].to(s.since_fired.device)
-            self.step_count, self.tokens = int(st["step"]), int(st["tokens"])
-            self.epoch, self.batch_in_epoch = int(st["epoch"]), int(st["batch_in_epoch"])
-            self.total_steps = self.cfg.steps or st["total_steps"]
-            self.act_scale = st["act_scale"]
-            torch.set_rng_state(st["rng"])
-        self._tok_last = self.tokens
-        log.info("resumed at step %d (%d tokens)", self.step_count, self.tokens)
+            out[s.name] = (path, st)
+        return out
 
     @property
     def lr_used(self) -> float:

@@ -7,6 +7,10 @@ Examples::
     polysae train --out runs/l15 --resume                          # continue after a crash
     torchrun --nproc_per_node 8 -m polysae train --acts acts ...   # data-parallel (nccl on GPUs)
 
+Under torchrun each rank trains a DistributedDataParallel replica on its 1/N of every global
+batch (``--batch-size`` is global), rank 0 alone writes the run folder, and ``--resume`` restores
+every rank from rank 0's checkpoint (docs/distributed.md, multi-node flags included).
+
 Each SAE lands in ``RUN/<name>`` (``vanilla`` for a linear decoder, ``poly`` for PolySAE, with a
 ``-k<k>`` suffix when several ``--k`` values are swept), a loadable checkpoint plus
 ``trainer_state.pt`` and ``metrics.jsonl``. ``RUN/run.json`` keeps the settings for ``--resume``.
@@ -16,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from polysae.cli import CLIError
@@ -83,18 +88,46 @@ def main(args: argparse.Namespace) -> int:
     import torch
 
     from polysae import distributed as pdist
+
+    out = Path(args.out)
+    info = pdist.init_from_env()
+    try:
+        return _run(args, info, out)
+    finally:
+        if info.world_size > 1 and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def _read_run(run_file: Path) -> tuple[dict | None, str | None]:
+    if not run_file.is_file():
+        return None, f"--resume: {run_file} not found (is --out a polysae training run?)"
+    try:
+        run = json.loads(run_file.read_text())
+        if not isinstance(run, dict) or run.get("format") != "polysae-train-run":
+            raise ValueError("not a polysae-train-run document")
+        missing = [k for k in ("train_config", "saes") if not isinstance(run.get(k), dict)]
+        if missing:
+            raise ValueError(f"missing {missing}")
+    except ValueError as e:
+        return None, f"--resume: {run_file} is not a polysae run file ({e})"
+    return run, None
+
+
+def _run(args: argparse.Namespace, info, out: Path) -> int:
+    import torch
+
+    from polysae import distributed as pdist
     from polysae.config import SAEConfig
     from polysae.sae import SAE
     from polysae.store import ActivationStore
     from polysae.train import RUN_FILE, TrainConfig, Trainer, TrainingDiverged
 
-    out = Path(args.out)
-    info = pdist.init_from_env()
     if args.resume:
-        run_file = out / RUN_FILE
-        if not run_file.is_file():
-            raise CLIError(f"--resume: {run_file} not found (is --out a polysae training run?)")
-        run = json.loads(run_file.read_text())
+        # rank 0's run folder is the one that counts (the others may not share its disk)
+        run, err = pdist.broadcast_object(_read_run(out / RUN_FILE) if info.rank == 0
+                                          else None)
+        if err is not None:
+            raise CLIError(err)
         meta = run.get("metadata", {})
         acts, hook = args.acts or meta.get("acts"), meta.get("hook")
         tcfg = TrainConfig.from_dict(run["train_config"])
@@ -108,10 +141,14 @@ def main(args: argparse.Namespace) -> int:
         cfgs = None
     if acts is None or not Path(acts).is_dir():
         raise CLIError(f"--acts: {acts} is not a folder of harvested activations")
+    if batch_size < 1:
+        raise CLIError(f"--batch-size must be positive, got {batch_size}")
     if batch_size % info.world_size:
         raise CLIError(f"--batch-size {batch_size} is not divisible by the {info.world_size} "
                        "ranks")
     device = torch.device(args.device) if args.device else info.device
+    if info.world_size > 1 and device.type == "cuda" and device.index is None:
+        device = info.device  # --device cuda under torchrun: this rank's cuda:LOCAL_RANK
     store = ActivationStore(acts, hook, batch_size=batch_size // info.world_size, split=split,
                             seed=tcfg.seed, device=device, rank=info.rank,
                             world_size=info.world_size, drop_last=True)
@@ -125,7 +162,8 @@ def main(args: argparse.Namespace) -> int:
     try:
         res = trainer.fit(store, resume=args.resume)
     except TrainingDiverged as e:
-        print(f"polysae train: diverged: {e}")
+        who = f" (rank {info.rank} of {info.world_size})" if info.world_size > 1 else ""
+        print(f"polysae train: error: training diverged{who}: {e}", file=sys.stderr)
         return 1
     except FileExistsError as e:
         raise CLIError(str(e)) from e
