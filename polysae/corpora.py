@@ -1,5 +1,6 @@
 """Labelled text corpora that work offline: the bundled BBC News, tweet-sentiment and Debian
-fortunes sets, plus local ``.txt`` / ``.jsonl`` / ``.csv`` files.
+fortunes sets, plus local ``.txt`` / ``.jsonl`` / ``.csv`` / ``.parquet`` files and
+``hf:NAME[:config][@split]`` datasets (:func:`polysae.data.open_hf_dataset`).
 
 ``load_corpus(name)`` returns a list of :class:`Document` (text, label, doc_id) in a deterministic
 order, so harvests and probing splits are reproducible from ``seed`` alone.
@@ -152,6 +153,53 @@ def _load_csv(path: Path, text_column: str, label_column: str | None) -> list[Do
         return _row_docs(list(csv.DictReader(f)), path, text_column, label_column)
 
 
+def _load_parquet(path: Path, text_column: str, label_column: str | None) -> list[Document]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        f = pq.ParquetFile(path)
+    except (OSError, pa.ArrowException) as e:
+        raise ValueError(f"{path}: not a readable parquet file ({e})") from None
+    names = list(f.schema_arrow.names)
+    if text_column not in names:
+        raise ValueError(f"{path} has no text column {text_column!r} (columns: {names}); pass "
+                         "text_column= / --text-column")
+    if label_column == "label" and "label" not in names:
+        label_column = None  # an absent *default* label column means an unlabelled file
+    if label_column is not None and label_column not in names:
+        raise ValueError(f"{path} has no label column {label_column!r} (columns: {names}); pass "
+                         "label_column= / --label-column")
+    cols = [text_column] + ([label_column] if label_column else [])
+    rows = (r for b in f.iter_batches(batch_size=4096, columns=cols) for r in b.to_pylist())
+    return _row_docs(rows, path, text_column, label_column)
+
+
+def _load_hf_spec(spec: str, text_column: str, label_column: str | None) -> list[Document]:
+    """``hf:NAME[:config][@split]``, streamed through :func:`polysae.data.open_hf_dataset`."""
+    import datasets
+
+    from polysae.data import _columns, open_hf_dataset
+
+    ds = open_hf_dataset(spec)
+    names = _columns(ds)
+    if names is not None:
+        if text_column not in names:
+            raise ValueError(f"dataset {spec!r} has no text column {text_column!r} (columns: "
+                             f"{names}); pass text_column= / --text-column")
+        if label_column == "label" and "label" not in names:
+            label_column = None
+        if label_column is not None and label_column not in names:
+            raise ValueError(f"dataset {spec!r} has no label column {label_column!r} (columns: "
+                             f"{names}); pass label_column= / --label-column")
+    docs = _row_docs(ds, Path(spec[3:].replace("/", "_")), text_column, label_column)
+    feats = getattr(ds, "features", None) or {}
+    feature = feats.get(label_column) if label_column is not None else None
+    if isinstance(feature, datasets.ClassLabel):  # integer ids -> the dataset's class names
+        docs = [d._replace(label=feature.int2str(int(d.label))) for d in docs]
+    return docs
+
+
 def _load_hf(name: str, text_column: str, label_column: str | None) -> list[Document]:
     """A Hugging Face dataset by name (``owner/name`` or ``owner/name:split``), when online."""
     ds_name, _, split = name.partition(":")
@@ -211,8 +259,10 @@ def load_corpus(name: str, *, max_docs: int | None = None, seed: int = 0,
 
     Args:
         name: one of :data:`CORPORA`, a path to a ``.txt`` (one document per line, or
-            blank-line separated; label ``""``), ``.jsonl`` or ``.csv`` file, or (online) a
-            Hugging Face dataset name, ``owner/name[:split]`` (default split ``train``).
+            blank-line separated; label ``""``), ``.jsonl``, ``.csv`` or ``.parquet`` file,
+            ``hf:NAME[:config][@split]`` (streamed; a hub id, a local data folder or a
+            ``save_to_disk`` folder), or (online) a bare Hugging Face dataset name,
+            ``owner/name[:split]`` (default split ``train``).
         max_docs: keep at most this many documents, a class-stratified deterministic subset.
         seed: seed of that subset.
         text_column: column/key holding the text in ``.jsonl``/``.csv`` files.
@@ -227,10 +277,13 @@ def load_corpus(name: str, *, max_docs: int | None = None, seed: int = 0,
         docs = _load_tweets()
     elif name == "fortunes":
         docs = _load_fortunes()
+    elif name.startswith("hf:"):
+        docs = _load_hf_spec(name, text_column, label_column)
     else:
         path = Path(name)
         if not path.exists():
-            if path.suffix.lower() in (".txt", ".jsonl", ".csv") or name.startswith((".", "/")):
+            if path.suffix.lower() in (".txt", ".jsonl", ".csv", ".parquet") or \
+                    name.startswith((".", "/")):
                 raise FileNotFoundError(
                     f"unknown corpus {name!r}: not one of {CORPORA} and no such file")
             docs = _load_hf(name, text_column, label_column)
@@ -246,11 +299,13 @@ def load_corpus(name: str, *, max_docs: int | None = None, seed: int = 0,
                     csv.reader([first]), []))
                 lc = "label" if has else None
             docs = (_load_jsonl if suffix == ".jsonl" else _load_csv)(path, text_column, lc)
+        elif suffix == ".parquet":
+            docs = _load_parquet(path, text_column, label_column)
         elif suffix in (".txt", ""):
             docs = _load_txt(path)
         else:
             raise ValueError(f"{path}: unsupported corpus file type {suffix!r} "
-                             "(use .txt, .jsonl or .csv)")
+                             "(use .txt, .jsonl, .csv or .parquet)")
     if max_docs is not None:
         docs = subsample(docs, max_docs, seed)
     return docs

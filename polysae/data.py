@@ -3,11 +3,19 @@
 Sources (``DatasetSpec.name``):
 
 - ``bbc`` / ``tweets`` / ``fortunes``: the bundled corpora (:mod:`polysae.corpora`);
-- a local ``.txt`` / ``.jsonl`` / ``.csv`` file (``text_column`` picks the column);
+- a local ``.txt`` / ``.jsonl`` / ``.csv`` / ``.parquet`` file (``text_column`` picks the column,
+  default ``text``; parquet is read in record batches, never whole);
 - a pre-tokenized ``.npy`` integer array: 2-D ``[n, ctx]`` rows are used as contexts unchanged
   (document id = row), 1-D is a token stream cut into ``ctx``-long contexts (document id 0); no
   special tokens are added to pre-tokenized data;
-- anything else is tried as a Hugging Face dataset name (streamed; needs a hub).
+- ``hf:NAME[:config][@split]``: a Hugging Face ``datasets`` dataset, streamed
+  (``load_dataset(NAME, config, split=split, streaming=True)``, split default ``train``). NAME
+  may be a hub id (needs the hub, or its cache with ``HF_HUB_OFFLINE=1``), a local folder of
+  data files (parquet/jsonl/csv/txt, read offline by ``datasets``' packaged builders) or a folder
+  written by ``Dataset.save_to_disk`` (``load_from_disk``, then streamed as an iterable dataset);
+- anything else is tried as a Hugging Face dataset name (``hf:`` without the prefix).
+
+A missing text column is a ``ValueError`` naming the column and the columns there are.
 
 BOS policy (``bos``), applied to text sources. Documents are tokenized without special tokens and
 each is followed by a separator (EOS; ``[SEP]`` for encoders; BOS if the tokenizer has no EOS):
@@ -87,11 +95,133 @@ def _bundled_corpora() -> tuple[str, ...]:
     return tuple(CORPORA)
 
 
+HF_PREFIX = "hf:"
+LOCAL_TEXT_SUFFIXES = (".txt", ".jsonl", ".csv", ".parquet")
+"""Local text files :func:`iter_texts` reads."""
+
+
+class HFDatasetSpec(NamedTuple):
+    """A parsed ``hf:NAME[:config][@split]`` source."""
+
+    name: str
+    """Hub id, local data folder or ``save_to_disk`` folder."""
+    config: str | None
+    """Dataset configuration (subset) name, or None."""
+    split: str
+    """Split to read."""
+
+
+def parse_hf_spec(spec: str, default_split: str = "train") -> HFDatasetSpec:
+    """``hf:NAME[:config][@split]`` (the prefix is optional) -> :class:`HFDatasetSpec`."""
+    body = spec[len(HF_PREFIX):] if spec.startswith(HF_PREFIX) else spec
+    split = default_split
+    if "@" in body and "/" not in body.rsplit("@", 1)[1]:
+        body, split = body.rsplit("@", 1)
+    name, _, config = body.partition(":")
+    if not name or not split or (":" in body and not config):
+        raise ValueError(f"dataset {spec!r}: expected hf:NAME[:config][@split], e.g. "
+                         "hf:wikitext:wikitext-2-raw-v1@validation")
+    return HFDatasetSpec(name, config or None, split)
+
+
+def _saved_to_disk(folder: Path) -> bool:
+    return folder.is_dir() and any((folder / n).is_file() for n in
+                                   ("dataset_dict.json", "state.json", "dataset_info.json"))
+
+
+def open_hf_dataset(spec: str, default_split: str = "train") -> Any:
+    """The streaming (iterable) ``datasets`` dataset that ``hf:NAME[:config][@split]`` names;
+    errors are ``ValueError`` naming the source."""
+    hs = parse_hf_spec(spec, default_split)
+    try:
+        import datasets
+    except ImportError as e:  # pragma: no cover - a declared dependency
+        raise ValueError(f"dataset {spec!r}: the `datasets` package is missing") from e
+    folder = Path(hs.name).expanduser()
+    if _saved_to_disk(folder):
+        try:
+            ds = datasets.load_from_disk(str(folder))
+        except (FileNotFoundError, ValueError) as e:
+            raise ValueError(f"dataset {spec!r}: {folder} looks like a save_to_disk folder but "
+                             f"cannot be read ({type(e).__name__}: {e})") from None
+        if isinstance(ds, datasets.DatasetDict):
+            if hs.split not in ds:
+                raise ValueError(f"dataset {spec!r}: {folder} has no split {hs.split!r} (splits: "
+                                 f"{sorted(ds)}); name one with @split")
+            ds = ds[hs.split]
+        return ds.to_iterable_dataset()
+    try:
+        return datasets.load_dataset(hs.name, hs.config, split=hs.split, streaming=True)
+    except Exception as e:  # noqa: BLE001 - hub/builder errors come in many types; report as one
+        where = "local folder" if folder.is_dir() else "Hugging Face dataset"
+        raise ValueError(f"dataset {spec!r}: cannot stream {where} {hs.name!r}"
+                         f"{f' (config {hs.config!r})' if hs.config else ''} split {hs.split!r} "
+                         f"({type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''})"
+                         ) from None
+
+
+def _columns(ds: Any) -> list[str] | None:
+    names = getattr(ds, "column_names", None)
+    if names is None and getattr(ds, "features", None) is not None:
+        names = list(ds.features)
+    return list(names) if names is not None else None
+
+
+def iter_hf_texts(spec: str, text_column: str | None = None, max_docs: int | None = None,
+                  default_split: str = "train") -> Iterator[str]:
+    """Texts of a streamed ``hf:`` dataset, in its order, read lazily."""
+    ds = open_hf_dataset(spec, default_split)
+    col = text_column or "text"
+    names = _columns(ds)
+    if names is not None and col not in names:
+        raise ValueError(f"dataset {spec!r} has no text column {col!r} (columns: {names}); "
+                         f"pass --text-column")
+    for i, row in enumerate(ds):
+        if max_docs is not None and i >= max_docs:
+            return
+        if col not in row:
+            raise ValueError(f"dataset {spec!r} has no text column {col!r} (columns: "
+                             f"{sorted(row)}); pass --text-column")
+        yield "" if row[col] is None else str(row[col])
+
+
+def iter_parquet_texts(path: str | Path, text_column: str | None = None,
+                       max_docs: int | None = None, batch_rows: int = 1024) -> Iterator[str]:
+    """Texts of one column of a local ``.parquet`` file, streamed in record batches."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    p = Path(path)
+    col = text_column or "text"
+    try:
+        f = pq.ParquetFile(p)
+    except (OSError, pa.ArrowException) as e:
+        raise ValueError(f"{p}: not a readable parquet file ({e})") from None
+    names = list(f.schema_arrow.names)
+    if col not in names:
+        raise ValueError(f"{p} has no text column {col!r} (columns: {names}); pass --text-column")
+    n = 0
+    for batch in f.iter_batches(batch_size=batch_rows, columns=[col]):
+        for v in batch.column(0).to_pylist():
+            if max_docs is not None and n >= max_docs:
+                return
+            n += 1
+            yield "" if v is None else str(v)
+
+
 def iter_texts(name: str, *, text_column: str | None = None, max_docs: int | None = None,
                seed: int = 0, split: str = "train") -> Iterator[str]:
-    """Document texts of a dataset, in a deterministic order."""
+    """Document texts of a dataset, in a deterministic order (see the module docstring for the
+    sources; ``split`` is the default split of ``hf:`` sources that name none)."""
+    if name.startswith(HF_PREFIX):
+        yield from iter_hf_texts(name, text_column, max_docs, split)
+        return
     p = Path(name)
-    local = p.suffix.lower() in (".txt", ".jsonl", ".csv") and p.exists()
+    suffix = p.suffix.lower()
+    if suffix == ".parquet" and p.is_file():
+        yield from iter_parquet_texts(p, text_column, max_docs)
+        return
+    local = suffix in (".txt", ".jsonl", ".csv") and p.exists()
     if name in _bundled_corpora() or local:
         from polysae.corpora import load_corpus
 
@@ -105,27 +235,17 @@ def iter_texts(name: str, *, text_column: str | None = None, max_docs: int | Non
         for i in order:
             yield docs[i].text
         return
-    if p.suffix.lower() in (".txt", ".jsonl", ".csv", ".npy"):
+    if suffix in (*LOCAL_TEXT_SUFFIXES, ".npy"):
         raise FileNotFoundError(f"dataset file {name} does not exist")
     try:
-        import datasets
-    except ImportError as e:  # pragma: no cover - datasets ships with transformer-lens
-        raise ValueError(f"dataset {name!r}: not a bundled corpus or local file, and the "
-                         f"`datasets` package is missing") from e
-    try:
-        ds = datasets.load_dataset(name, split=split, streaming=True)
-    except Exception as e:  # noqa: BLE001 - hub errors come in many types; report them as one
+        yield from iter_hf_texts(name, text_column, max_docs, split)
+    except ValueError as e:
+        if "cannot stream" not in str(e):
+            raise
         raise ValueError(f"dataset {name!r} is not a bundled corpus "
-                         f"({', '.join(_bundled_corpora())}), a local .txt/.jsonl/.csv/.npy file, or a reachable Hugging Face "
-                         f"dataset ({type(e).__name__}: {e})") from None
-    col = text_column or "text"
-    for i, row in enumerate(ds):
-        if max_docs is not None and i >= max_docs:
-            return
-        if col not in row:
-            raise ValueError(f"dataset {name!r} has no column {col!r} (columns: {sorted(row)}); "
-                             f"pass --text-column")
-        yield str(row[col])
+                         f"({', '.join(_bundled_corpora())}), a local .txt/.jsonl/.csv/.parquet/"
+                         f".npy file, or a loadable Hugging Face dataset ({e}); write "
+                         "hf:NAME[:config][@split] for a dataset") from None
 
 
 def build_chunks(name: str, tokenizer: Any, ctx: int, n_chunks: int, *, kind: str = "decoder",

@@ -15,9 +15,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="hook names recorded in one forward (default: the middle layer's "
                         "hook_resid_post); list them with `polysae hooks --model M`")
     p.add_argument("--dataset", default="bbc",
-                   help="bbc (default), tweets, fortunes, a local .txt/.jsonl/.csv file, a "
-                        "pre-tokenized .npy, or a Hugging Face dataset name (needs a hub)")
-    p.add_argument("--text-column", default=None, help="text column of .jsonl/.csv/HF datasets")
+                   help="bbc (default), tweets, fortunes, a local .txt/.jsonl/.csv/.parquet "
+                        "file, a pre-tokenized .npy, or hf:NAME[:config][@split] (a Hugging Face "
+                        "dataset streamed via `datasets`: hub id, local data folder or "
+                        "save_to_disk folder)")
+    p.add_argument("--text-column", default=None,
+                   help="text column of .jsonl/.csv/.parquet/hf: datasets (default text)")
     p.add_argument("--tokens", type=int, default=100_000, help="tokens to forward (default 100000)")
     p.add_argument("--ctx", type=int, default=128, help="context length (default 128)")
     p.add_argument("--out", required=True, help="output folder (re-run the same command to resume)")
