@@ -32,6 +32,7 @@ from typing import NamedTuple
 import torch
 
 from polysae.sae import atomic_write_text
+from polysae.stages import Stages, checkpoint_key
 
 log = logging.getLogger(__name__)
 
@@ -112,27 +113,6 @@ def _device(cfg: RunConfig) -> str:
     return cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _stage_key(*paths: Path) -> str:
-    """sha256 over the checkpoint configs (which record their weights' sha256)."""
-    h = hashlib.sha256()
-    for p in paths:
-        h.update((p / "config.json").read_bytes())
-    return h.hexdigest()
-
-
-class _Stages:
-    def __init__(self, out: Path):
-        self.path = out / "stages.json"
-        self.doc = json.loads(self.path.read_text()) if self.path.exists() else {}
-
-    def done(self, name: str, key: str) -> bool:
-        return self.doc.get(name) == key
-
-    def mark(self, name: str, key: str) -> None:
-        self.doc[name] = key
-        atomic_write_text(self.path, json.dumps(self.doc, indent=2, sort_keys=True))
-
-
 def run(cfg: RunConfig) -> RunResult:
     """Run (or resume) the whole job; see the module docstring."""
     from polysae import SAE, SAEConfig
@@ -148,7 +128,7 @@ def run(cfg: RunConfig) -> RunResult:
     atomic_write_text(out / "run_config.json",
                       json.dumps(dataclasses.asdict(cfg), indent=2, sort_keys=True, default=list))
     device = _device(cfg)
-    stages = _Stages(out)
+    stages = Stages(out)
     seconds: dict[str, float] = {}
     hook = cfg.hooks[0]
 
@@ -198,7 +178,7 @@ def run(cfg: RunConfig) -> RunResult:
 
     # 3. evaluate both side by side
     t = time.perf_counter()
-    key = _stage_key(*ckpts.values())
+    key = checkpoint_key(*ckpts.values())
     report_dir = out / "report"
     if stages.done("eval", key) and (report_dir / "metrics.json").exists():
         metrics = json.loads((report_dir / "metrics.json").read_text())

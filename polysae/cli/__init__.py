@@ -16,6 +16,7 @@ from __future__ import annotations
 
 COMMANDS = (
     "run",
+    "replicate",
     "harvest",
     "hooks",
     "train",

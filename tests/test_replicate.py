@@ -1,0 +1,220 @@
+"""`polysae replicate` end to end at toy size on a tiny random HookedTransformer: every cell of the
+table equals a separate train + evaluate run with the same seed; summaries and paired intervals
+equal numpy/scipy on the cells' numbers; a re-run skips every cell; bad flags fail clearly."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from polysae import SAE, SAEConfig
+from polysae.evaluate import EvalConfig, evaluate
+from polysae.harvest import HarvestConfig, harvest
+from polysae.models import LoadedModel
+from polysae.replicate import ReplicateConfig, replicate
+from polysae.store import ActivationStore
+from polysae.train import TrainConfig, Trainer
+
+HOOK = "blocks.0.hook_resid_post"
+
+
+class _CharTok:
+    """Character tokenizer with BOS=1, EOS=2, PAD=0 (ids 3..62), enough for probing texts."""
+
+    bos_token_id, eos_token_id, pad_token_id = 1, 2, 0
+    all_special_ids = [0, 1, 2]
+
+    def __call__(self, text, add_special_tokens=False):
+        enc = lambda t: [3 + (ord(c) % 60) for c in t]  # noqa: E731
+        return {"input_ids": enc(text) if isinstance(text, str) else [enc(t) for t in text]}
+
+    def decode(self, ids):
+        return "".join(chr(ord("a") + (i - 3) % 26) if i >= 3 else "<s>" for i in ids)
+
+
+@pytest.fixture(scope="module")
+def setup(make_tiny_hooked, tmp_path_factory):
+    tiny = make_tiny_hooked(n_layers=1, d_model=16, d_vocab=64, n_ctx=32, seed=0)
+    root = tmp_path_factory.mktemp("rep")
+    npy = root / "tokens.npy"
+    np.save(npy, np.random.default_rng(0).integers(3, 64, size=(160, 16)))
+    acts = root / "acts"
+    harvest(HarvestConfig(model="tiny", hooks=[HOOK], dataset=str(npy), tokens=160 * 16, ctx=16,
+                          out=str(acts), dtype="float32", shard_size=256, progress=False),
+            model=tiny)
+    csv = root / "lab.csv"
+    rows = ["text,label"] + [f"{'abc' * (2 + i % 4)}{i},x" for i in range(16)] + \
+        [f"{'xyz' * (2 + i % 4)}{i},y" for i in range(16)] + \
+        [f"{'mno' * (2 + i % 4)}{i},z" for i in range(16)]
+    csv.write_text("\n".join(rows) + "\n")
+    txt = root / "held.txt"
+    txt.write_text("\n".join(f"line {i} of some held out text" for i in range(100)))
+    ecfg = EvalConfig(datasets=(str(csv),), probe_train_per_class=8, probe_test_per_class=4,
+                      probe_ctx=12, ks=(1, 2), recon_tokens=256, live_dataset=str(txt),
+                      live_ctx=16, ce_contexts=2, steering=False, n_pairs=2, progress=False)
+    tcfg = TrainConfig(lr=1e-3, normalize=True, dead_window=4, checkpoint_every=6, log_every=3)
+    lm = LoadedModel(tiny, _CharTok(), "tiny", "decoder")
+    return tiny, lm, acts, ecfg, tcfg, root
+
+
+def _cfg(setup, out, **kw):
+    _, _, acts, ecfg, tcfg, _ = setup
+    base = dict(out=str(out), acts=str(acts), sparsifiers=("topk", "batchtopk"), seeds=2,
+                seed_base=3, batch_size=64, epochs=1.0,
+                sae={"d_sae": 32, "k": 4, "ranks": (16, 4, 4)}, train=tcfg, eval=ecfg,
+                progress=False)
+    base.update(kw)
+    return ReplicateConfig(**base)
+
+
+def test_replicate_cells_equal_separate_runs(setup, tmp_path):
+    _, lm, acts, ecfg, tcfg, _ = setup
+    cfg = _cfg(setup, tmp_path / "rep")
+    res = replicate(cfg, model=lm)
+    t = res.table
+    out = res.out
+    for rel in ("replicate.json", "replicate.md", "paired_f1.png"):
+        assert (out / rel).exists(), rel
+    assert json.loads((out / "replicate.json").read_text()) == t
+    assert [(c.sparsifier, c.seed) for c in res.cells] == [
+        ("topk", 3), ("topk", 4), ("batchtopk", 3), ("batchtopk", 4)]
+
+    # Each cell == an independent train + evaluate with the same seed (same init order, same
+    # data order), through the public API.
+    n_rows = ActivationStore(acts, HOOK, split="train").n_rows
+    for si, (sp, seed) in enumerate([("topk", 3), ("batchtopk", 4)]):
+        store = ActivationStore(acts, HOOK, batch_size=64, split="train", seed=seed)
+        common = dict(d_in=16, d_sae=32, k=4, ranks=(16, 4, 4), sparsifier=sp)
+        torch.manual_seed(seed)
+        saes = {"vanilla": SAE(SAEConfig(decoder="linear", **common)),
+                "poly": SAE(SAEConfig(decoder="poly", **common))}
+        sep = tmp_path / f"sep{si}"
+        tc = TrainConfig(**{**tcfg.to_dict(), "seed": seed, "progress": False,
+                            "steps": n_rows // 64})
+        Trainer(saes, tc, sep).fit(store)
+        m = evaluate({n: str(sep / n) for n in saes}, model=lm, hook=HOOK, acts=str(acts),
+                     config=ecfg)
+        block = t["sparsifiers"][sp]["metrics"]
+        idx = t["sparsifiers"][sp]["seeds"].index(seed)
+        for dec in ("vanilla", "poly"):
+            s = m["saes"][dec]
+            want = {"f1_k1": s["probing"]["f1"]["1"], "f1_k2": s["probing"]["f1"]["2"],
+                    "fvu": s["reconstruction"]["fvu"],
+                    "mse_saebench": s["reconstruction"]["mse_saebench"],
+                    "ce_recovered": s["reconstruction"]["ce"]["ce_loss_recovered"],
+                    "dead_fraction": s["reconstruction"]["dead_fraction"],
+                    "w1": s["probing"]["w1"], "w1_std": s["probing"]["w1_std"],
+                    "r_cov_count": s["interactions"]["r_cov_count"]}
+            for key, v in want.items():
+                got = block[key]["values"][dec][idx]
+                assert got == pytest.approx(v, rel=1e-6, abs=1e-9), (sp, seed, dec, key)
+
+    # Summaries and paired differences vs numpy / scipy on the cell values.
+    from scipy import stats
+
+    for sp, block in t["sparsifiers"].items():
+        for key in ("f1_k1", "fvu", "w1"):
+            e = block["metrics"][key]
+            a, b = np.array(e["values"]["vanilla"]), np.array(e["values"]["poly"])
+            assert e["vanilla"]["mean"] == pytest.approx(a.mean())
+            assert e["poly"]["std"] == pytest.approx(b.std(ddof=1), abs=1e-12)
+            d = e["diff"]
+            assert d["mean"] == pytest.approx((b - a).mean(), abs=1e-12)
+            if np.std(b - a) > 0:
+                ci = stats.ttest_rel(b, a).confidence_interval(0.95)
+                assert (d["t_low"], d["t_high"]) == pytest.approx((ci.low, ci.high))
+    md = (out / "replicate.md").read_text()
+    assert "Δ poly − vanilla" in md and "W1 (paper)" in md and "Protocol" in md
+    # the code-scale block is measured for every SAE
+    assert t["sparsifiers"]["topk"]["metrics"]["share_higher"]["vanilla"]["mean"] == 0.0
+    assert t["sparsifiers"]["topk"]["metrics"]["share_higher"]["poly"]["mean"] > 0.0
+
+    # A re-run skips every cell and reproduces the table.
+    again = replicate(cfg, model=lm)
+    assert all(c.skipped for c in again.cells)
+    strip = lambda d: {k: v for k, v in d.items() if k not in ("date", "seconds")}  # noqa: E731
+    assert strip(again.table) == strip(t)
+
+
+def test_replicate_resumes_an_interrupted_cell(setup, tmp_path, monkeypatch):
+    """A crash in the second cell's evaluation: the re-run skips the first cell and finishes."""
+    _, lm, *_ = setup
+    cfg = _cfg(setup, tmp_path / "rep", sparsifiers=("topk",))
+    import polysae.evaluate as ev
+
+    real = ev.evaluate
+    calls = {"n": 0}
+
+    def flaky(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("simulated crash")
+        return real(*a, **k)
+
+    monkeypatch.setattr(ev, "evaluate", flaky)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        replicate(cfg, model=lm)
+    assert not (tmp_path / "rep" / "replicate.json").exists()
+    monkeypatch.setattr(ev, "evaluate", real)
+    res = replicate(cfg, model=lm)
+    assert [c.skipped for c in res.cells] == [True, False]
+
+
+@pytest.mark.parametrize("kw, msg", [
+    ({"seeds": 1}, "seeds must be >= 2"),
+    ({"sparsifiers": ("topk", "gated")}, r"unknown \['gated'\]"),
+    ({"sparsifiers": ("relu",)}, r"unknown \['relu'\]"),
+    ({"sae": {"d_sae": 8, "k": 16}}, "k"),
+    ({"sae": {"decoder": "linear"}}, "set per cell"),
+    ({"epochs": 0}, "epochs must be > 0"),
+])
+def test_bad_config_is_named(setup, tmp_path, kw, msg):
+    with pytest.raises(ValueError, match=msg):
+        _cfg(setup, tmp_path / "x", **kw)
+
+
+def test_cli_errors(setup, tmp_path, capsys):
+    from polysae.__main__ import main
+
+    _, _, acts, *_ = setup
+    assert main(["replicate", "--acts", str(acts), "--seeds", "1", "--out",
+                 str(tmp_path / "a")]) != 0
+    assert "seeds must be >= 2" in capsys.readouterr().err
+    assert main(["replicate", "--acts", str(acts), "--sparsifiers", "topk", "bogus",
+                 "--out", str(tmp_path / "b")]) != 0
+    assert "bogus" in capsys.readouterr().err
+    assert main(["replicate", "--acts", str(acts), "--hook", "blocks.7.hook_resid_post",
+                 "--model", "smollm2-135m", "--no-eval.steering", "--out",
+                 str(tmp_path / "c")]) != 0
+    err = capsys.readouterr().err
+    assert "blocks.7.hook_resid_post" in err and HOOK in err
+    assert main(["replicate", "--acts", str(tmp_path / "nope"), "--out",
+                 str(tmp_path / "d")]) != 0
+    assert "nope" in capsys.readouterr().err
+    assert not (tmp_path / "c" / "cells").exists()
+
+
+def test_cli_flags_build_the_config():
+    """Every nested flag lands in its config; defaults equal ReplicateConfig()'s."""
+    from polysae.__main__ import build_parser
+    from polysae.cli.replicate import build_config
+
+    p = build_parser()
+    cfg = build_config(p.parse_args(["replicate"]))
+    d = ReplicateConfig()
+    assert cfg == d
+    cfg = build_config(p.parse_args([
+        "replicate", "--sparsifiers", "topk", "matryoshka", "--seeds", "5", "--sae.d-sae", "64",
+        "--sae.ranks", "16", "4", "4", "--train.lr", "0.01", "--eval.ks", "1", "3",
+        "--harvest.tokens", "777", "--no-eval.steering", "--no-train.normalize"]))
+    assert cfg.sparsifiers == ("topk", "matryoshka") and cfg.seeds == 5
+    assert cfg.sae == {"d_sae": 64, "k": 32, "ranks": (16, 4, 4)}
+    assert cfg.train.lr == 0.01 and cfg.train.normalize is False
+    assert cfg.train.dead_window == d.train.dead_window
+    assert cfg.eval.ks == (1, 3) and cfg.eval.steering is False
+    assert cfg.harvest.tokens == 777
+    assert not math.isnan(cfg.confidence)
