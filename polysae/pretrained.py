@@ -3,7 +3,10 @@ the network.
 
 Sources:
 
-- a registry name (``polysae list``), e.g. ``gpt2-small-res-jb-L8``;
+- a registry name (``polysae list``), e.g. ``gpt2-small-res-jb-L8``. The registry is data,
+  ``polysae/registry.json`` (:func:`load_registry`): every entry pins its repo to a commit, and
+  lists the sha256 of the files whose hash is published; those are checked on download, and an
+  entry lacking one for any file is shown as unverified;
 - ``hf://owner/repo/path/inside@revision`` (revision defaults to ``main``), fetched through
   ``huggingface_hub`` (so ``HF_ENDPOINT``, tokens and proxies work as usual);
 - an ``http(s)://`` URL of a checkpoint *folder*, fetched with plain ``urllib``.
@@ -85,7 +88,7 @@ class PretrainedEntry:
     path: str = ""
     """Folder inside the repo."""
     revision: str = "main"
-    """Git revision (branch, tag or commit) of the repo."""
+    """Git revision of the repo; registry entries pin a full commit hash."""
     url: str | None = None
     """Base URL of the folder for non-Hub entries."""
     sha256: Mapping[str, str] = field(default_factory=dict)
@@ -96,52 +99,82 @@ class PretrainedEntry:
     """Number of latents, for display."""
 
     @property
+    def verified(self) -> bool:
+        """Whether every file has a known sha256 (checked on download)."""
+        return bool(self.files) and all(self.sha256.get(f) for f in self.files)
+
+    @property
     def source(self) -> str:
         if self.repo:
             return f"hf://{self.repo}/{self.path}@{self.revision}".replace("/@", "@")
         return str(self.url)
 
 
-def _jb(layer: int) -> PretrainedEntry:
-    hook = "blocks.11.hook_resid_post" if layer == 12 else f"blocks.{layer}.hook_resid_pre"
-    return PretrainedEntry(
-        name=f"gpt2-small-res-jb-L{layer}",
-        description=f"GPT-2 small residual SAE (J. Bloom; SAELens 'gpt2-small-res-jb'), {hook}",
-        model="gpt2", hook=hook, architecture="relu", format="saelens",
-        files=("cfg.json", "sae_weights.safetensors"),
-        repo="jbloom/GPT2-Small-SAEs-Reformatted", path=hook, d_in=768, d_sae=24576)
+REGISTRY_FILE = "registry.json"
+"""The registry's data file inside the package (``polysae/registry.json``)."""
+_COMMIT = re.compile(r"[0-9a-f]{40}")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
-def _gemma_scope(layer: int, l0: int) -> PretrainedEntry:
-    return PretrainedEntry(
-        name=f"gemma-scope-2b-pt-res-L{layer}-16k",
-        description=f"Gemma Scope JumpReLU SAE, Gemma-2-2B residual after layer {layer}, 16k, "
-                    f"average L0 {l0}",
-        model="gemma-2-2b", hook=f"blocks.{layer}.hook_resid_post", architecture="jumprelu",
-        format="gemmascope", files=("params.npz",), repo="google/gemma-scope-2b-pt-res",
-        path=f"layer_{layer}/width_16k/average_l0_{l0}", d_in=2304, d_sae=16384)
+def load_registry(path: str | os.PathLike | None = None) -> dict[str, PretrainedEntry]:
+    """Read and check a registry file (default: the bundled ``registry.json``).
 
+    Every Hub entry must pin ``revision`` to a full 40-hex commit (a branch such as ``main``
+    could change under the same name); ``sha256`` values must be 64-hex digests of files the
+    entry lists. Errors are ``ValueError`` naming the file and the entry."""
+    if path is None:
+        from importlib import resources
 
-def _sparsify_pythia(layer: int) -> PretrainedEntry:
-    return PretrainedEntry(
-        name=f"pythia-160m-32k-L{layer}",
-        description=f"EleutherAI sparsify TopK SAE (k=32), Pythia-160M residual after layer "
-                    f"{layer}",
-        model="pythia-160m", hook=f"blocks.{layer}.hook_resid_post", architecture="topk",
-        format="sparsify", files=("cfg.json", "sae.safetensors"),
-        repo="EleutherAI/sae-pythia-160m-32k", path=f"layers.{layer}", d_in=768, d_sae=32768)
+        where = f"polysae/{REGISTRY_FILE}"
+        text = resources.files("polysae").joinpath(REGISTRY_FILE).read_text("utf-8")
+    else:
+        where = str(path)
+        text = Path(path).read_text("utf-8")
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{where}: not valid JSON ({e})") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("entries"), list):
+        raise ValueError(f"{where}: expected an object with a list 'entries'")
+    out: dict[str, PretrainedEntry] = {}
+    fields = {f for f in PretrainedEntry.__dataclass_fields__}
+    for n, raw in enumerate(doc["entries"]):
+        name = raw.get("name") if isinstance(raw, dict) else repr(raw)
+        label = f"{where}: entry {n} ({name})"
+        if not isinstance(raw, dict):
+            raise ValueError(f"{label}: expected an object")
+        unknown = sorted(set(raw) - fields)
+        if unknown:
+            raise ValueError(f"{label}: unknown fields {unknown}")
+        try:
+            e = PretrainedEntry(**{**raw, "files": tuple(raw.get("files", ())),
+                                   "sha256": dict(raw.get("sha256") or {})})
+        except TypeError as err:
+            raise ValueError(f"{label}: {err}") from None
+        if not e.files:
+            raise ValueError(f"{label}: lists no files")
+        if e.repo and not _COMMIT.fullmatch(e.revision):
+            raise ValueError(f"{label}: revision {e.revision!r} is not a 40-hex commit; pin "
+                             "every Hub entry to the commit its files were checked at")
+        if not e.repo and not e.url:
+            raise ValueError(f"{label}: needs a repo or a url")
+        for f, h in e.sha256.items():
+            if f not in e.files:
+                raise ValueError(f"{label}: sha256 given for {f!r}, which is not in its files")
+            if not isinstance(h, str) or not _SHA256.fullmatch(h):
+                raise ValueError(f"{label}: sha256 of {f!r} must be 64 lowercase hex digits")
+        if e.name in out:
+            raise ValueError(f"{label}: duplicate name {e.name!r}")
+        out[e.name] = e
+    return out
 
 
 # Public releases checked by name against code that loads them (SAELens loaders, sparsify's
-# load_from_hub users, Gemma Scope tutorials). Their sha256 is unknown until first download:
-# the cache marker then records the hash it saw, and later loads check the files against it.
-REGISTRY: dict[str, PretrainedEntry] = {
-    e.name: e for e in (
-        *(_jb(layer) for layer in range(13)),
-        _gemma_scope(4, 60), _gemma_scope(12, 82), _gemma_scope(20, 71),
-        *(_sparsify_pythia(layer) for layer in range(12)),
-    )
-}
+# load_from_hub users, Gemma Scope tutorials), each pinned to a commit of its repo. Where a
+# file's sha256 is published it is listed and checked on download; the other entries show as
+# unverified in `polysae list`, and their first download records the hash it saw in the cache
+# marker, against which later loads are checked.
+REGISTRY: dict[str, PretrainedEntry] = load_registry()
 
 
 class Source(NamedTuple):
@@ -496,10 +529,11 @@ def entry_info(e: PretrainedEntry, cache_dir: str | os.PathLike | None = None) -
     folder = cached_folder(e.name, cache_dir)
     return {"name": e.name, "model": e.model, "hook": e.hook, "architecture": e.architecture,
             "format": e.format, "d_in": e.d_in, "d_sae": e.d_sae, "source": e.source,
-            "files": list(e.files), "sha256": dict(e.sha256), "description": e.description,
+            "revision": e.revision if e.repo else None, "files": list(e.files),
+            "sha256": dict(e.sha256), "verified": e.verified, "description": e.description,
             "cached": str(folder) if folder else None}
 
 
-__all__ = ["REGISTRY", "PretrainedEntry", "DownloadError", "Source", "download", "fetch_folder",
-           "parse_source", "cache_root", "cached_folder", "is_offline", "is_remote",
-           "list_entries", "entry_info", "MARKER", "CACHE_ENV"]
+__all__ = ["REGISTRY", "REGISTRY_FILE", "load_registry", "PretrainedEntry", "DownloadError",
+           "Source", "download", "fetch_folder", "parse_source", "cache_root", "cached_folder",
+           "is_offline", "is_remote", "list_entries", "entry_info", "MARKER", "CACHE_ENV"]

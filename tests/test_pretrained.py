@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import threading
 import time
 from collections import Counter
@@ -302,7 +303,9 @@ def test_cli_list_and_download(tmp_path, server, cache, capsys):
     names = {r["name"] for r in rows}
     assert {"gemma-scope-2b-pt-res-L12-16k", "pythia-160m-32k-L6"} <= names
     gs = next(r for r in rows if r["name"] == "gemma-scope-2b-pt-res-L12-16k")
-    assert gs["source"] == "hf://google/gemma-scope-2b-pt-res/layer_12/width_16k/average_l0_82@main"
+    assert gs["source"] == ("hf://google/gemma-scope-2b-pt-res/layer_12/width_16k/average_l0_82@"
+                            + gs["revision"])
+    assert re.fullmatch(r"[0-9a-f]{40}", gs["revision"]) and gs["verified"] is False
     assert cli_main(["download", "no-such-sae"]) == 2
     assert cli_main(["download", f"{server.url}/e404/ckpt"]) == 1
     _, files = _checkpoint(tmp_path)
@@ -357,3 +360,87 @@ def test_registry_entries_load_through_their_converters(tmp_path, server, cache,
         assert out.sae.cfg.sparsifier == {"relu": "relu", "jumprelu": "jumprelu",
                                           "topk": "topk"}[e.architecture]
         assert torch.isfinite(out.sae(torch.randn(4, d))).all()
+
+
+# -- registry integrity -----------------------------------------------------------------------
+def test_every_registry_entry_is_pinned():
+    assert len(pretrained.REGISTRY) >= 28
+    for e in pretrained.REGISTRY.values():
+        assert e.repo and re.fullmatch(r"[0-9a-f]{40}", e.revision), e.name
+        assert e.source.endswith("@" + e.revision)
+        assert set(e.sha256) <= set(e.files), e.name
+        assert all(re.fullmatch(r"[0-9a-f]{64}", h) for h in e.sha256.values()), e.name
+        assert e.verified == all(f in e.sha256 for f in e.files)
+    # the entries whose hashes are published carry them
+    assert pretrained.REGISTRY["gpt2-small-res-jb-L7"].verified
+
+
+def _registry_file(tmp_path: Path, **entry) -> Path:
+    base = dict(name="x", description="d", model="m", hook="blocks.0.hook_resid_post",
+                architecture="topk", format="polysae", files=["config.json", "sae.safetensors"],
+                repo="org/saes", path="layer0", revision=COMMIT, sha256={})
+    base.update(entry)
+    p = tmp_path / "registry.json"
+    p.write_text(json.dumps({"format": "polysae-registry", "format_version": 1,
+                             "entries": [base]}))
+    return p
+
+
+@pytest.mark.parametrize("entry,match", [
+    ({"revision": "main"}, "revision 'main' is not a 40-hex commit"),
+    ({"revision": "0123abc"}, "not a 40-hex commit"),
+    ({"sha256": {"config.json": "abc"}}, "sha256 of 'config.json' must be 64 lowercase hex"),
+    ({"sha256": {"other.bin": "0" * 64}}, "'other.bin', which is not in its files"),
+    ({"files": []}, "lists no files"),
+    ({"colour": "red"}, r"unknown fields \['colour'\]"),
+])
+def test_load_registry_refuses_unpinned_or_malformed_entries(tmp_path, entry, match):
+    p = _registry_file(tmp_path, **entry)
+    with pytest.raises(ValueError, match=match) as err:
+        pretrained.load_registry(p)
+    assert str(p) in str(err.value) and "entry 0 (x)" in str(err.value)
+
+
+def test_pinned_entry_downloads_its_revision_and_checks_sha256(tmp_path, server, cache,
+                                                               monkeypatch):
+    sae, files = _checkpoint(tmp_path)
+    for name, body in files.items():
+        server.files[f"hub/org/saes/layer0/{name}"] = body
+    monkeypatch.setenv("HF_ENDPOINT", server.url)
+    sha = {n: hashlib.sha256(b).hexdigest() for n, b in files.items()}
+    good = pretrained.load_registry(_registry_file(tmp_path, name="pinned-ok", sha256=sha))
+    (tmp_path / "bad").mkdir()
+    bad = pretrained.load_registry(_registry_file(
+        tmp_path / "bad", name="pinned-bad", sha256={**sha, "sae.safetensors": "e" * 64}))
+    partial = pretrained.load_registry(_registry_file(
+        tmp_path / "bad", name="pinned-partial", sha256={"config.json": sha["config.json"]}))
+    for reg in (good, bad, partial):
+        for k, v in reg.items():
+            monkeypatch.setitem(pretrained.REGISTRY, k, v)
+    assert good["pinned-ok"].verified and not partial["pinned-partial"].verified
+    with pytest.raises(DownloadError, match="checksum mismatch for sae.safetensors"):
+        pretrained.download("pinned-bad")
+    assert _looks_valid_anywhere(cache) == []
+    _same(sae, polysae.load("pinned-ok"))
+    # the request went to the pinned commit, never to a branch
+    assert any(f"/resolve/{COMMIT}/layer0/sae.safetensors" in p for p in server.hits)
+    assert not any("/resolve/main/" in p for p in server.hits)
+    marker = json.loads((pretrained.cached_folder("pinned-ok") / MARKER).read_text())
+    assert {n: marker["files"][n]["sha256"] for n in sha} == sha
+
+
+def test_cli_list_marks_unverified_entries(cache, capsys, monkeypatch):
+    assert cli_main(["list", "gpt2-small-res-jb-L"]) == 0
+    out = capsys.readouterr().out
+    rows = {line.split()[0]: line for line in out.splitlines()[1:] if line.strip()
+            and line.startswith("gpt2")}
+    assert len(rows) == 13
+    assert rows["gpt2-small-res-jb-L7"].split()[-2] == "verified"
+    assert rows["gpt2-small-res-jb-L8"].split()[-2] == "unverified"
+    assert "57d08a4fd333" in rows["gpt2-small-res-jb-L8"]
+    assert "12 of 13 entries are unverified" in out
+    assert cli_main(["list", "--verified", "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown and all(r["verified"] for r in shown)
+    assert {r["name"] for r in shown} == {e.name for e in pretrained.REGISTRY.values()
+                                          if e.verified}

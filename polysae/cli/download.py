@@ -33,6 +33,10 @@ def main(args: argparse.Namespace) -> int:
     for s in args.source:
         folder = download(s, cache_dir=args.cache_dir, force=args.force, timeout=args.timeout)
         line = f"{s}: {folder}"
+        if s in REGISTRY:
+            line += (" (sha256 verified)" if REGISTRY[s].verified else
+                     " (unverified: no published sha256; pinned to revision "
+                     f"{REGISTRY[s].revision[:12]})")
         if args.check:
             from polysae.formats import read_checkpoint
 

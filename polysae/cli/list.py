@@ -1,4 +1,6 @@
-"""``polysae list``: the pretrained dictionaries the registry knows, and which are cached."""
+"""``polysae list``: the pretrained dictionaries the registry knows, whether their files' sha256
+is known (``verified``; an entry without one for every file is shown ``unverified``: its download
+is checked only against the pinned revision), and which are cached."""
 
 from __future__ import annotations
 
@@ -12,6 +14,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="show only entries whose name, model or hook contains this text")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument("--cached", action="store_true", help="show only downloaded entries")
+    parser.add_argument("--verified", action="store_true",
+                        help="show only entries whose every file has a known sha256")
     parser.add_argument("--cache-dir", default=None,
                         help="cache folder (default $POLYSAE_CACHE or ~/.cache/polysae)")
 
@@ -26,17 +30,33 @@ def main(args: argparse.Namespace) -> int:
             if f in f"{e.name} {e.model} {e.hook}".lower()]
     if args.cached:
         rows = [r for r in rows if r["cached"]]
+    if args.verified:
+        rows = [r for r in rows if r["verified"]]
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
     if not rows:
         print("no matching entries")
         return 0
-    cols = ("name", "model", "hook", "architecture", "d_sae", "cached")
-    table = [[str(r[c] if c != "cached" else ("yes" if r["cached"] else "-")) for c in cols]
-             for r in rows]
+    cols = ("name", "model", "hook", "architecture", "d_sae", "revision", "sha256", "cached")
+
+    def cell(r: dict, c: str) -> str:
+        if c == "cached":
+            return "yes" if r["cached"] else "-"
+        if c == "sha256":
+            return "verified" if r["verified"] else "unverified"
+        if c == "revision":
+            return (r["revision"] or "-")[:12]
+        return str(r[c])
+
+    table = [[cell(r, c) for c in cols] for r in rows]
     widths = [max(len(c), *(len(t[i]) for t in table)) for i, c in enumerate(cols)]
     print("  ".join(c.ljust(w) for c, w in zip(cols, widths)))
     for t in table:
-        print("  ".join(v.ljust(w) for v, w in zip(t, widths)))
+        print("  ".join(v.ljust(w) for v, w in zip(t, widths)).rstrip())
+    n_un = sum(not r["verified"] for r in rows)
+    if n_un:
+        print(f"\n{n_un} of {len(rows)} entries are unverified: no published sha256 for every "
+              "file; their download is pinned to the revision shown, and the cache records the "
+              "hash it saw")
     return 0
