@@ -172,8 +172,8 @@ def load_registry(path: str | os.PathLike | None = None) -> dict[str, Pretrained
 # Public releases checked by name against code that loads them (SAELens loaders, sparsify's
 # load_from_hub users, Gemma Scope tutorials), each pinned to a commit of its repo. Where a
 # file's sha256 is published it is listed and checked on download; the other entries show as
-# unverified in `polysae list`, and their first download records the hash it saw in the cache
-# marker, against which later loads are checked.
+# unverified in `polysae list`; their first download records the hash and size it saw in the
+# cache marker (later loads from the cache check the sizes against it).
 REGISTRY: dict[str, PretrainedEntry] = load_registry()
 
 
