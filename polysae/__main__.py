@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     except CLIError as e:
         print(f"polysae {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:  # bad data, or a file that is missing/unreadable/full
         print(f"polysae {args.command}: error: {e}", file=sys.stderr)
         return 1
 

@@ -142,7 +142,8 @@ class _Step(torch.autograd.Function):
 
 
 def _pack(z: Tensor) -> tuple[Tensor, Tensor]:
-    """Dense non-negative codes [N, F] -> (values, indices) [N, Kmax], Kmax = max nonzeros per row."""
+    """Dense non-negative codes [N, F] -> (values, indices) [N, Kmax], Kmax = max nonzeros per
+    row."""
     kmax = max(1, int((z != 0).sum(-1).max())) if z.numel() else 1
     values, indices = z.topk(kmax, dim=-1, sorted=False)
     return values, indices
@@ -162,7 +163,8 @@ class SAE(nn.Module):
         if cfg.sparsifier == "jumprelu":
             self.threshold = nn.Parameter(
                 torch.full((F_,), float(cfg.jumprelu_threshold_init), device=device, dtype=dt))
-        elif cfg.uses_threshold:  # BatchTopK EMA of the smallest kept activation, float64 as in the reference
+        elif cfg.uses_threshold:
+            # BatchTopK EMA of the smallest kept activation, float64 as in the reference
             self.register_buffer("threshold", torch.zeros(F_, device=device, dtype=torch.float64))
         self._init_encoder()
 
@@ -413,10 +415,14 @@ class SAE(nn.Module):
         d.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.cpu() for k, v in self.tensors().items()}
         tmp = d / f".{WEIGHTS_FILE}.tmp{os.getpid()}"
-        save_file(tensors, str(tmp), metadata={"format": "polysae", "format_version":
-                                               str(FORMAT_VERSION)})
-        digest = _fsync_and_hash(tmp)
-        os.replace(tmp, d / WEIGHTS_FILE)
+        try:
+            save_file(tensors, str(tmp), metadata={"format": "polysae", "format_version":
+                                                   str(FORMAT_VERSION)})
+            digest = _fsync_and_hash(tmp)
+            os.replace(tmp, d / WEIGHTS_FILE)
+        except BaseException:  # e.g. out of space: no partial temp file is left behind
+            tmp.unlink(missing_ok=True)
+            raise
         from polysae import __version__
 
         cfg_doc = {"format": "polysae", "format_version": FORMAT_VERSION,
@@ -440,11 +446,15 @@ def atomic_write_bytes(path: Path, payload: bytes) -> str:
     leaves either the old file or the complete new one. Returns the payload's sha256."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(payload)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # out of space, I/O error, Ctrl-C: leave no partial temp file behind
+        tmp.unlink(missing_ok=True)
+        raise
     fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -473,12 +483,21 @@ def load_checkpoint(directory: str | os.PathLike, device: torch.device | str | N
             raise FileNotFoundError(f"checkpoint {d}: missing file {p}")
     try:
         doc = json.loads(cfg_path.read_text())
-        cfg = SAEConfig.from_dict(doc["config"])
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        if not isinstance(doc, dict):
+            raise TypeError(f"expected a JSON object, got {type(doc).__name__}")
+        version = doc.get("format_version", 0)
+        if not isinstance(version, int):
+            raise TypeError(f"format_version {version!r} is not an integer")
+    except (ValueError, OSError, TypeError) as e:  # JSONDecodeError is a ValueError
         raise ValueError(f"checkpoint {d}: {cfg_path} is not a valid polysae config ({e})") from e
-    if int(doc.get("format_version", 0)) > FORMAT_VERSION:
-        raise ValueError(f"{cfg_path}: format_version {doc['format_version']} is newer than this "
-                         f"polysae reads ({FORMAT_VERSION}); upgrade polysae")
+    # Checked before the config is parsed: a newer writer may use fields this version rejects.
+    if version > FORMAT_VERSION:
+        raise ValueError(f"{cfg_path}: format_version {version} is newer than this polysae "
+                         f"reads ({FORMAT_VERSION}); upgrade polysae")
+    try:
+        cfg = SAEConfig.from_dict(doc["config"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"checkpoint {d}: {cfg_path} is not a valid polysae config ({e})") from e
     if verify and doc.get("weights_sha256"):
         h = hashlib.sha256()
         with open(w_path, "rb") as f:

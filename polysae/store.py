@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 
 _NP = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "I32": np.int32, "I64": np.int64}
 _TORCH_VIEW = {"BF16": torch.bfloat16}
+_ST_NAME = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}  # manifest dtype -> header
 SPLITS = ("train", "val", "all")
 _DEFAULT_BUFFER_BYTES = 256 << 20
 
@@ -115,16 +116,37 @@ def _to_torch(arr: np.ndarray, st_dtype: str) -> torch.Tensor:
 
 def read_manifest(path: str | Path) -> dict:
     """The manifest of a harvest folder, with a clear error for anything else."""
+    from polysae.harvest import FORMAT_VERSION, STORAGE_DTYPES
+
     f = Path(path) / MANIFEST
     if not f.exists():
         raise FileNotFoundError(f"{f}: no activation manifest (is {path} a `polysae harvest` "
                                 f"output folder?)")
     try:
         m = json.loads(f.read_text())
-    except ValueError as e:
+    except (ValueError, OSError) as e:
         raise ValueError(f"{f}: unreadable manifest ({e})") from None
-    if m.get("format") != FORMAT:
+    if not isinstance(m, dict) or m.get("format") != FORMAT:
         raise ValueError(f"{f}: not a polysae activation manifest")
+    v = m.get("format_version")
+    if not isinstance(v, int) or v > FORMAT_VERSION or v < 1:
+        raise ValueError(f"{f}: format_version {v!r} is not one this polysae reads "
+                         f"(1..{FORMAT_VERSION}); upgrade polysae or re-harvest")
+    if m.get("dtype") not in STORAGE_DTYPES:
+        raise ValueError(f"{f}: dtype {m.get('dtype')!r} is not one of {sorted(STORAGE_DTYPES)}")
+    hooks, d_in, shards = m.get("hooks"), m.get("d_in"), m.get("shards")
+    if not (isinstance(hooks, list) and isinstance(d_in, dict) and isinstance(shards, list)):
+        raise ValueError(f"{f}: corrupt manifest (hooks, d_in and shards must be a list, a dict "
+                         "and a list)")
+    for h in hooks:
+        if not (isinstance(d_in.get(h), int) and d_in[h] >= 1):
+            raise ValueError(f"{f}: corrupt manifest (d_in of hook {h!r} is {d_in.get(h)!r}, "
+                             "expected a positive integer)")
+    for i, e in enumerate(shards):
+        if not (isinstance(e, dict) and isinstance(e.get("rows"), int) and e["rows"] >= 0
+                and isinstance(e.get("files"), dict)):
+            raise ValueError(f"{f}: corrupt manifest (shard entry {i} needs integer rows >= 0 "
+                             "and files)")
     return m
 
 
@@ -159,7 +181,7 @@ class ActivationStore:
         hooks = list(self.manifest["hooks"])
         if hook is None:
             if len(hooks) != 1:
-                raise ValueError(f"{self.path} holds hooks {hooks}; pass one of them")
+                raise ValueError(f"{self.path} holds hooks {hooks}; pass one of them (--hook)")
             hook = hooks[0]
         if hook not in hooks:
             raise ValueError(f"hook {hook!r} is not in {self.path} (it holds {hooks})")
@@ -201,15 +223,29 @@ class ActivationStore:
     def _shard(self, local: int, key: str) -> _Shard:
         k = (local, key)
         if k not in self._opened:
-            f = self._entries[local]["files"][key]
-            self._opened[k] = _Shard(self.path / f["path"], f.get("sha256"), self.verify)
+            entry = self._entries[local]
+            f = entry["files"].get(key)
+            where = f"{self.path / MANIFEST}: shard {entry.get('index', local)}"
+            if not isinstance(f, dict) or not isinstance(f.get("path"), str):
+                raise ShardError(f"{where} lists no file for {key!r}")
+            rel = Path(f["path"])
+            # a manifest is data: never let it point the reader outside its own folder
+            if rel.is_absolute() or ".." in rel.parts or "\\" in f["path"]:
+                raise ShardError(f"{where}: refusing shard path {f['path']!r} (it leaves "
+                                 f"{self.path})")
+            self._opened[k] = _Shard(self.path / rel, f.get("sha256"), self.verify)
         return self._opened[k]
 
     def _acts(self, local: int) -> tuple[np.ndarray, str]:
-        arr, st = self._shard(local, self.hook).array("acts")
+        sh = self._shard(local, self.hook)
+        arr, st = sh.array("acts")
+        want = _ST_NAME[self.manifest["dtype"]]
+        if st != want:
+            raise ShardError(f"{sh.path}: corrupt shard (dtype {st}, manifest says "
+                             f"{self.manifest['dtype']})")
         if arr.shape != (self._rows[local], self.d_in):
-            raise ShardError(f"{self._shard(local, self.hook).path}: corrupt shard (shape "
-                             f"{arr.shape}, manifest says {(int(self._rows[local]), self.d_in)})")
+            raise ShardError(f"{sh.path}: corrupt shard (shape {arr.shape}, manifest says "
+                             f"{(int(self._rows[local]), self.d_in)})")
         return arr, st
 
     def _gather(self, order: np.ndarray, lo: int, hi: int) -> torch.Tensor:

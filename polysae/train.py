@@ -656,10 +656,15 @@ class Trainer:
             out = s.sae if self.act_scale is None else self.export(s.name)
             out.save(s.folder, metadata=meta)
             tmp = s.folder / f".{STATE_FILE}.tmp{os.getpid()}"
-            with open(tmp, "wb") as f:
-                torch.save(self._state(s), f)
-                f.flush()
-                os.fsync(f.fileno())
+            try:
+                with open(tmp, "wb") as f:
+                    torch.save(self._state(s), f)
+                    f.flush()
+                    os.fsync(f.fileno())
+            except BaseException:  # e.g. out of space: drop this and the other unpublished states
+                for p in [tmp, *(t for _, t in tmps)]:
+                    p.unlink(missing_ok=True)
+                raise
             tmps.append((s.folder, tmp))
         for folder, tmp in tmps:  # publish all states only once every one is on disk
             if (folder / STATE_FILE).exists():
@@ -710,7 +715,7 @@ class Trainer:
         """name -> (path, trainer state) at the newest step every SAE has, validated."""
         cands: dict[str, dict[int, Path]] = {}
         for s in self.slots.values():
-            found = {}
+            found, bad = {}, []
             for fn in (STATE_FILE, PREV_STATE_FILE):
                 p = s.folder / fn
                 if p.exists():
@@ -719,7 +724,11 @@ class Trainer:
                         found[int(st["step"])] = p
                     except Exception as e:  # noqa: BLE001 - a damaged file is skipped, named
                         log.warning("cannot read %s (%s); ignoring it", p, e)
+                        bad.append(f"{p.name}: {str(e).splitlines()[0][:200]}")
             if not found:
+                if bad:
+                    raise ValueError(f"resume: no readable trainer state in {s.folder} "
+                                     f"({'; '.join(bad)})")
                 raise FileNotFoundError(f"resume: no {STATE_FILE} in {s.folder}")
             cands[s.name] = found
         common = set.intersection(*(set(f) for f in cands.values()))

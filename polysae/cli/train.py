@@ -185,7 +185,7 @@ def _train_config(args: argparse.Namespace):
                            log_every=args.log_every, progress=not args.no_progress,
                            log_to=tuple(args.log_to))
     except ValueError as e:
-        raise CLIError(str(e).replace("TrainConfig.", "--").replace("_", "-")) from e
+        raise CLIError(_as_flag(e, "TrainConfig")) from e
 
 
 def _sae_configs(args: argparse.Namespace, d_in: int):
@@ -199,5 +199,12 @@ def _sae_configs(args: argparse.Namespace, d_in: int):
                                   decoder=dec, ranks=tuple(args.ranks) if args.ranks else None,
                                   order=args.order)
         except ValueError as e:
-            raise CLIError(f"{name}: {e}") from e
+            raise CLIError(f"{name}: {_as_flag(e, 'SAEConfig')}") from e
     return out
+
+
+def _as_flag(e: Exception, cls: str) -> str:
+    """``SAEConfig.d_sae: ...`` -> ``--d-sae: ...`` (the flag the user typed)."""
+    import re
+
+    return re.sub(rf"{cls}\.(\w+)", lambda m: "--" + m.group(1).replace("_", "-"), str(e))
