@@ -106,9 +106,9 @@ class SAELoss(nn.Module):
 def wrap(sae: nn.Module) -> nn.Module:
     """``SAELoss(sae)`` under DDP when a process group is up, else plain ``SAELoss(sae)``.
 
-    DDP broadcasts rank 0's parameters and buffers once, at construction. ``broadcast_buffers``
-    is off: the only SAE buffer is the BatchTopK threshold, which the trainer averages over ranks
-    after each step itself (a broadcast would silently replace it by rank 0's)."""
+    DDP broadcasts rank 0's parameters and buffers once, at construction. The per-forward buffer
+    broadcast is off: the only SAE buffer is the BatchTopK threshold, which the trainer averages
+    over ranks after each step itself (a broadcast would silently replace it by rank 0's)."""
     mod = SAELoss(sae)
     if world()[1] == 1:
         return mod
@@ -117,7 +117,14 @@ def wrap(sae: nn.Module) -> nn.Module:
     dev = next(sae.parameters()).device
     ids = [dev.index if dev.index is not None else torch.cuda.current_device()] \
         if dev.type == "cuda" else None
-    return DDP(mod, device_ids=ids, broadcast_buffers=False, find_unused_parameters=False)
+    # torch >= 2.13 names the per-forward buffer broadcast forward_sync_buffers (buffers are
+    # still synced once at construction); older versions call it broadcast_buffers
+    import inspect
+
+    no_sync = ({"forward_sync_buffers": False}
+               if "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters
+               else {"broadcast_buffers": False})
+    return DDP(mod, device_ids=ids, find_unused_parameters=False, **no_sync)
 
 
 def all_reduce(t: Tensor, op: str = "sum") -> Tensor:

@@ -686,15 +686,18 @@ class Trainer:
         error on rank 0 is raised on every rank."""
         if self.out_dir is None:
             raise ValueError("resume needs out_dir")
-        states, err = None, None
+        states, err, mine = None, None, None
         if self.rank == 0:
             try:
                 states = self._read_states()
-            except (ValueError, FileNotFoundError) as e:
-                err = (type(e), str(e))
+            except Exception as e:  # noqa: BLE001 - re-raised below, on every rank
+                mine, err = e, (type(e) if isinstance(e, (ValueError, OSError)) else RuntimeError,
+                                str(e))
         states, err = pdist.broadcast_object((states, err))
+        if mine is not None:
+            raise mine
         if err is not None:
-            raise err[0](err[1])
+            raise err[0](f"(rank 0) {err[1]}")
         for s in self.slots.values():
             path, st = states[s.name]
             if int(st["world_size"]) != self.world_size:
