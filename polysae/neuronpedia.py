@@ -131,8 +131,9 @@ def hook_layer(hook: str | None) -> int | None:
 
 
 def _round(x: Tensor, nd: int) -> list:
-    x = torch.nan_to_num(x.double(), nan=0.0, posinf=0.0, neginf=0.0)
-    return (torch.round(x * 10 ** nd) / 10 ** nd).tolist()
+    """Values rounded to ``nd`` decimals for the JSON (non-finite -> 0). Plain Python: the lists
+    are short, and per-call tensor overhead would dominate."""
+    return [round(v, nd) if math.isfinite(v) else 0.0 for v in x.tolist()]
 
 
 def count_prompts(positions: Tensor | None, n_rows: int) -> int:
@@ -205,8 +206,9 @@ def _check_out(out: Path) -> None:
 
 
 def _write_json(path: Path, doc: Any) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(doc, f, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    text = json.dumps(doc, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    with open(path, "w", encoding="utf-8") as f:  # dumps: the C encoder (dump is pure Python)
+        f.write(text)
         f.flush()
         os.fsync(f.fileno())
 
@@ -299,8 +301,9 @@ def export_neuronpedia_from_rows(
     if poly and cfg.n_pairs > 0:
         from polysae.interactions import cooccurrence, top_pairs
 
-        st_pairs = cooccurrence(sae, (b.to(dev) for b in _batches(read_rows, n_rows,
-                                                                   cfg.chunk_rows)))
+        # large batches: cooccurrence merges its pair table once per batch
+        st_pairs = cooccurrence(sae, (b.to(dev) for b in _batches(
+            read_rows, n_rows, max(cfg.chunk_rows, 4096))))
         top = top_pairs(sae, None, cfg.n_pairs, min_count=cfg.min_pair_count, stats=st_pairs)
         if top:
             pairs = PairCandidates(torch.tensor([p.i for p in top]),
