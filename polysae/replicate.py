@@ -452,7 +452,7 @@ def compare(cells: list[CellResult], cfg: ReplicateConfig) -> dict[str, Any]:
                     "vanilla": summarize(va)._asdict(), "poly": summarize(vb)._asdict(),
                     "diff": paired_diff(va, vb, confidence=cfg.confidence,
                                         n_boot=cfg.n_boot).to_dict()}
-        block["steering"] = _steering_summary(cs)
+        block["steering"] = _steering_summary(cs, cfg)
         block["w1_scale_reading"] = _w1_scale_reading(block["metrics"])
         out["sparsifiers"][sp] = block
     out["metrics"]["r_contrast_count"] = {
@@ -484,41 +484,38 @@ def _w1_scale_reading(block: dict[str, Any]) -> dict[str, Any] | None:
     return r
 
 
-def _steering_summary(cells: list[CellResult]) -> dict[str, Any] | None:
-    """Per-seed steering numbers of each SAE and mode from the cells' ``steering.summary``."""
-    per: dict[str, dict[str, list]] = {}
-    for c in cells:
-        st = c.metrics.get("steering")
-        if not st:
-            return None
-        for name in DECODERS:
-            s = st.get("summary", {}).get(name)
-            if not isinstance(s, dict):
-                continue
-            for mode, entry in _steering_modes(s).items():
-                for k, v in entry.items():
-                    per.setdefault(f"{name}:{mode}", {}).setdefault(k, []).append(_finite(v))
-    return {k: {m: summarize(v)._asdict() | {"values": v} for m, v in d.items()}
-            for k, d in per.items()}
+STEERING_NUMBERS = ("report_mean_log2_rank", "report_frac_improved", "concept_wins",
+                    "alpha_scale")
+"""Per-(SAE, mode) steering numbers carried over seeds (reported cases, alpha chosen on the
+selection cases; see :func:`polysae.steering.steering_eval`)."""
 
 
-def _steering_modes(s: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """{mode: {number name: value}} from one SAE's steering summary (flat numbers only)."""
-    modes = s.get("modes")
-    if isinstance(modes, dict):
-        return {m: _flat_numbers(v) for m, v in modes.items() if isinstance(v, dict)}
-    return {"linear": _flat_numbers(s)}
-
-
-def _flat_numbers(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, bool):
+def _steering_summary(cells: list[CellResult], cfg: ReplicateConfig) -> dict[str, Any] | None:
+    """Steering over seeds: for each SAE and mode the per-seed numbers of ``STEERING_NUMBERS``
+    with mean ± std, and the paired difference of each PolySAE mode's reported mean log2 rank
+    against the vanilla SAE's linear steering (negative = PolySAE steers better)."""
+    sums = [(c.metrics.get("steering") or {}).get("summary") for c in cells]
+    if not all(isinstance(s, dict) and "saes" in s for s in sums):
+        return None
+    out: dict[str, Any] = {"none": {"report_mean_log2_rank": summarize(
+        [_finite(s["none"].get("report_mean_log2_rank")) for s in sums])._asdict()}}
+    modes = sorted({(n, m) for s in sums for n in DECODERS for m in s["saes"].get(n, {})})
+    for name, mode in modes:
+        entry = {}
+        for key in STEERING_NUMBERS:
+            vals = [_finite(s["saes"].get(name, {}).get(mode, {}).get(key)) for s in sums]
+            entry[key] = summarize(vals)._asdict() | {"values": vals}
+        out[f"{name}:{mode}"] = entry
+    base = [_finite(s["saes"].get("vanilla", {}).get("linear", {}).get("report_mean_log2_rank"))
+            for s in sums]
+    out["poly_minus_vanilla_linear"] = {}
+    for name, mode in modes:
+        if name != "poly":
             continue
-        if isinstance(v, (int, float)):
-            out[prefix + k] = v
-        elif isinstance(v, dict):
-            out.update(_flat_numbers(v, prefix + k + "."))
+        vals = [_finite(s["saes"]["poly"].get(mode, {}).get("report_mean_log2_rank"))
+                for s in sums]
+        out["poly_minus_vanilla_linear"][mode] = paired_diff(
+            base, vals, confidence=cfg.confidence, n_boot=cfg.n_boot).to_dict()
     return out
 
 

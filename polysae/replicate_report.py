@@ -200,15 +200,28 @@ def render_markdown(t: dict[str, Any]) -> str:
     srows = []
     for sp, block in t["sparsifiers"].items():
         st = block.get("steering") or {}
-        for key, nums in sorted(st.items()):
-            for name in ("heldout.mean_log2_rank", "heldout.frac_improved", "mean_log2_rank",
-                         "frac_improved"):
-                if name in nums:
-                    srows.append([sp, key, name, _ms(nums[name])])
+        none = st.get("none", {}).get("report_mean_log2_rank")
+        if none:
+            srows.append([sp, "no steering", "–", _ms(none), "–", "–", "–"])
+        diffs = st.get("poly_minus_vanilla_linear", {})
+        for key, nums in st.items():
+            if ":" not in key:
+                continue
+            name, mode = key.split(":", 1)
+            alphas = sorted({v for v in nums["alpha_scale"]["values"] if v is not None})
+            srows.append([sp, key, " / ".join(f"{a:g}" for a in alphas),
+                          _ms(nums["report_mean_log2_rank"]), _ms(nums["report_frac_improved"]),
+                          _ms(nums["concept_wins"]),
+                          _diff(diffs.get(mode)) if name == "poly" else "–"])
     if srows:
-        lines += ["## Steering † (target-token rank; lower log2 rank is better)", "",
-                  *_table(["sparsifier", "SAE:mode", "number", "mean ± std over seeds"], srows),
-                  ""]
+        lines += ["## Steering † (rank of the target token; lower log2 rank is better)", "",
+                  "α (as a multiple of the median hook norm) is chosen per SAE, mode and seed on "
+                  "the selection prompts; the numbers are on the other (reported) prompts only. "
+                  "Δ = PolySAE mode − vanilla linear steering, paired over seeds (negative = "
+                  "PolySAE better).", "",
+                  *_table(["sparsifier", "SAE:mode", "α chosen", "mean log2 rank",
+                           "frac. improved", "concept wins vs none", "Δ vs vanilla linear"],
+                          srows), ""]
     lines += ["## Protocol: the paper's and ours, named apart", "",
               *_table(["quantity", "paper (reference code)", "this table"],
                       [list(r) for r in PROTOCOL_ROWS]), ""]

@@ -218,3 +218,42 @@ def test_cli_flags_build_the_config():
     assert cfg.eval.ks == (1, 3) and cfg.eval.steering is False
     assert cfg.harvest.tokens == 777
     assert not math.isnan(cfg.confidence)
+
+
+def test_steering_over_seeds_from_summaries(tmp_path):
+    """The steering block of replicate: per-seed numbers of each SAE/mode and the paired
+    difference of PolySAE's modes against vanilla linear steering, from real summaries built by
+    polysae.steering.summarise on synthetic ranks."""
+    from polysae.replicate import CellResult, _steering_summary
+    from polysae.steering import summarise
+
+    rng = np.random.default_rng(0)
+    roles = ["report", "select", "select", "report", "report"]
+    scales = [0.5, 1.0]
+    cells, want = [], {"poly:pair": [], "vanilla:linear": []}
+    for seed in range(3):
+        base = rng.integers(50, 500, size=(4, 5)).tolist()
+        cases = {"vanilla": {"linear": rng.integers(1, 500, size=(4, 5, 2)).tolist()},
+                 "poly": {m: rng.integers(1, 500, size=(4, 5, 2)).tolist()
+                          for m in ("linear", "pair", "linear+pair")}}
+        s = summarise(base, cases, roles, scales, scales, {"vanilla": "linear", "poly": "poly"})
+        want["poly:pair"].append(s["saes"]["poly"]["pair"]["report_mean_log2_rank"])
+        want["vanilla:linear"].append(s["saes"]["vanilla"]["linear"]["report_mean_log2_rank"])
+        cells.append(CellResult("topk", seed, tmp_path, {"steering": {"summary": s}}, True))
+    cfg = ReplicateConfig(sparsifiers=("topk",))
+    st = _steering_summary(cells, cfg)
+    assert set(st) >= {"none", "vanilla:linear", "poly:linear", "poly:pair", "poly:linear+pair"}
+    for key, vals in want.items():
+        e = st[key]["report_mean_log2_rank"]
+        assert e["values"] == pytest.approx(vals)
+        assert e["mean"] == pytest.approx(np.mean(vals))
+    d = st["poly_minus_vanilla_linear"]["pair"]
+    diff = np.array(want["poly:pair"]) - np.array(want["vanilla:linear"])
+    assert d["mean"] == pytest.approx(diff.mean())
+    from scipy import stats
+
+    ci = stats.ttest_rel(want["poly:pair"], want["vanilla:linear"]).confidence_interval()
+    assert (d["t_low"], d["t_high"]) == pytest.approx((ci.low, ci.high))
+    # a cell without steering: no steering block
+    cells.append(CellResult("topk", 9, tmp_path, {}, True))
+    assert _steering_summary(cells, cfg) is None
