@@ -78,12 +78,13 @@ PROTOCOL_ROWS = (
 
 
 def _f(v: Any, digits: int = 4) -> str:
+    """``digits`` significant digits; scientific notation for very large or small values."""
     if v is None or (isinstance(v, float) and not math.isfinite(v)):
         return "–"
     av = abs(v)
-    if av != 0 and (av >= 1e4 or av < 1e-3):
-        return f"{v:.{max(1, digits - 2)}e}"
-    return f"{v:.{digits}g}" if av >= 1 else f"{v:.{digits - 1}f}"
+    if av != 0 and (av >= 1e5 or av < 1e-3):
+        return f"{v:.{max(1, digits - 1)}e}"
+    return f"{v:#.{digits}g}".rstrip(".") if av != 0 else "0"
 
 
 def _ms(s: dict[str, Any] | None) -> str:
@@ -135,7 +136,7 @@ def render_markdown(t: dict[str, Any]) -> str:
         "# polysae replicate: vanilla vs PolySAE over seeds",
         "",
         f"Model `{t.get('model')}`, hook `{t.get('hook')}`, store `{t.get('acts')}`; "
-        f"{seeds} seeds per sparsifier (seeds {cfg.get('seed_base')}..."
+        f"{seeds} seeds per sparsifier (seeds {cfg.get('seed_base')}–"
         f"{(cfg.get('seed_base') or 0) + (seeds or 1) - 1}); SAE overrides `{cfg.get('sae')}`; "
         f"held out: {(t.get('held_out') or {}).get('source')}. Date {t.get('date')}, polysae "
         f"{t.get('polysae_version')}, torch {t.get('torch_version')}; "
