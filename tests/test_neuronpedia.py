@@ -290,3 +290,34 @@ def test_cli_export_neuronpedia(harvested, tmp_path, monkeypatch, capsys):
     assert cli_main(["export", str(ck), str(tmp_path / "x"), "--format", "neuronpedia",
                      "--acts", str(tmp_path)]) == 2
     assert not (tmp_path / "x").exists()
+
+
+def test_store_requirements_are_named(harvested, tmp_path):
+    from polysae.sae import load_checkpoint
+
+    model, _, acts, _, vanilla = harvested
+    sae, _ = load_checkpoint(vanilla)
+    real = _store(acts)
+
+    class Stub:
+        d_in, n_rows, manifest, path = real.d_in, real.n_rows, real.manifest, "stub"
+
+        def __init__(self, hook, has_tokens=True):
+            self.hook, self.has_tokens = hook, has_tokens
+
+        def read_rows(self, a, b):
+            return real.read_rows(a, b)
+
+        def tokens(self):
+            if not self.has_tokens:
+                raise FileNotFoundError("no tokens/ shards")
+            return real.tokens()
+
+    with pytest.raises(ValueError, match="hook blocks.0.attn.hook_z is not in the residual"):
+        export_neuronpedia(sae, Stub("blocks.0.attn.hook_z"), tmp_path / "a", model=model)
+    with pytest.raises(ValueError, match="has no token ids .*no tokens/ shards"):
+        export_neuronpedia(sae, Stub(HOOK, has_tokens=False), tmp_path / "b", model=model)
+    wide = SAE(SAEConfig(d_in=8, d_sae=16, k=2, decoder="linear"))
+    with pytest.raises(ValueError, match="holds d_in=32 activations but the SAE expects d_in=8"):
+        export_neuronpedia(wide, real, tmp_path / "c", model=model)
+    assert not any(p.exists() for p in (tmp_path / "a", tmp_path / "b", tmp_path / "c"))
