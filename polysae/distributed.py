@@ -128,24 +128,36 @@ def wrap(sae: nn.Module) -> nn.Module:
 
 
 def all_reduce(t: Tensor, op: str = "sum") -> Tensor:
-    """In-place all-reduce (``sum``, ``max`` or ``mean``); identity when not distributed."""
+    """In-place all-reduce (``sum``, ``max`` or ``mean``); identity when not distributed. A CPU
+    tensor under nccl travels through the GPU and is copied back."""
     _, n = world()
     if n == 1:
         return t
+    dev = _comm_device()
+    buf = t if t.device.type == dev.type else t.to(dev)
     if op == "max":
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        dist.all_reduce(buf, op=dist.ReduceOp.MAX)
     else:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        dist.all_reduce(buf, op=dist.ReduceOp.SUM)
         if op == "mean":
-            t /= n
+            buf /= n
+    if buf is not t:
+        t.copy_(buf)
     return t
 
 
-def any_rank(flag: bool, device: torch.device | str = "cpu") -> bool:
+def _comm_device() -> torch.device:
+    """Where a small tensor must live for a collective of the current backend."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def any_rank(flag: bool) -> bool:
     """True on every rank when ``flag`` is True on at least one (one tiny all-reduce)."""
     if world()[1] == 1:
         return bool(flag)
-    t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=_comm_device())
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
 

@@ -388,7 +388,7 @@ class Trainer:
             lo = sae.loss(x, dead_mask=dead) if s.ddp is None else s.ddp(x, dead)
         terms = ("loss", "mse", "aux", "sparsity", "inner")
         finite = bool(torch.isfinite(torch.stack([getattr(lo, t).float() for t in terms])).all())
-        if s.ddp is not None and pdist.any_rank(not finite, x.device) and finite:
+        if s.ddp is not None and pdist.any_rank(not finite) and finite:
             raise TrainingDiverged(f"step {self.step_count + 1}: {s.name}: NaN/inf loss on "
                                    "another rank (its log names the term); training stopped, "
                                    "the last checkpoint on disk is intact")
@@ -426,7 +426,7 @@ class Trainer:
         """:meth:`_check_finite` decided jointly: raises on every rank when any rank's ``t``
         holds a NaN/inf (the rank that holds it names the index)."""
         ok = bool(torch.isfinite(t).all())
-        if pdist.any_rank(not ok, t.device):
+        if pdist.any_rank(not ok):
             self._check_finite(t, what)
             raise TrainingDiverged(f"step {self.step_count + 1}: NaN/inf in the {what} of another "
                                    "rank; training stopped, the last checkpoint on disk is intact")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import os
 import shutil
 import threading
 import time
@@ -180,6 +181,15 @@ def test_manifest_unreadable_path(acts, tmp_path, capsys):
     (acts / "manifest.json").mkdir()
     code, err = train(capsys, acts, tmp_path / "run")
     assert code == 1 and f"{acts / 'manifest.json'}: unreadable manifest" in err
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0,
+                    reason="root reads files whatever their mode")
+def test_shard_without_read_permission(acts, tmp_path, capsys):
+    (acts / SHARD0).chmod(0)
+    code, err = train(capsys, acts, tmp_path / "run")
+    assert code == 1 and "Permission denied" in err and str(acts / SHARD0) in err
+    no_checkpoint(tmp_path / "run")
 
 
 def test_acts_folder_without_manifest(tmp_path, capsys):
@@ -407,8 +417,6 @@ def test_harvest_out_of_space_mid_run(tmp_path, monkeypatch):
     """ENOSPC while the second shard is flushed to disk: a clear error naming the folder, the
     manifest still lists only the whole first shard (not complete), the half-written temp file is
     removed, and what is listed reads back."""
-    import os
-
     np.save(tmp_path / "t.npy", (np.arange(320) * 7) % 60)
     real = os.fsync
     seen = Counter()
@@ -442,8 +450,6 @@ def test_harvest_out_of_space_mid_run(tmp_path, monkeypatch):
 
 
 def test_atomic_write_leaves_no_temp_file_when_the_disk_is_full(tmp_path, monkeypatch):
-    import os
-
     from polysae.sae import atomic_write_bytes
 
     target = tmp_path / "file.bin"
