@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import typing
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -17,8 +18,9 @@ import torch
 Sparsifier = Literal["topk", "batchtopk", "jumprelu", "relu", "matryoshka"]
 DecoderKind = Literal["linear", "poly"]
 
-SPARSIFIERS = ("topk", "batchtopk", "jumprelu", "relu", "matryoshka")
-DECODERS = ("linear", "poly")
+SPARSIFIERS: tuple[str, ...] = typing.get_args(Sparsifier)
+"""Every sparsifier, in the order the CLI and the docs list them (the one list of them)."""
+DECODERS: tuple[str, ...] = typing.get_args(DecoderKind)
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
           "float16": torch.float16}
 
@@ -103,7 +105,7 @@ class SAEConfig:
     apply_b_dec_to_input: bool = True
     """Encode ``x - b_dec`` rather than ``x`` (SAELens default, the reference code's choice)."""
 
-    dtype: str = "float32"
+    dtype: str = dataclasses.field(default="float32", metadata={"choices": tuple(DTYPES)})
     """Parameter dtype: float32 (default), float64, bfloat16 or float16."""
 
     check_finite: bool = False
@@ -216,4 +218,25 @@ class SAEConfig:
         return dataclasses.replace(self, **changes)
 
 
-__all__ = ["SAEConfig", "SPARSIFIERS", "DECODERS", "DTYPES", "default_matryoshka_widths"]
+def check_sae_overrides(overrides: dict[str, Any], *, fixed: tuple[str, ...], owner: str,
+                        fixed_why: str = "set per SAE, not shared") -> dict[str, Any]:
+    """Validate a dict of :class:`SAEConfig` overrides shared by several SAEs (``polysae run``,
+    ``polysae replicate``) before any work starts: no field in ``fixed`` (set per SAE), no unknown
+    field, and values a config accepts (k > d_sae, bad ranks ... fail here, with ``d_in`` taken
+    as large as the ranks need). ``owner`` names the dict in the error (``RunConfig.sae``).
+    Returns the overrides with JSON lists turned back into the tuples the fields hold."""
+    bad_keys = sorted(set(overrides) & set(fixed))
+    if bad_keys:
+        raise ValueError(f"{owner}: overrides {bad_keys} are {fixed_why}")
+    unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(SAEConfig)})
+    if unknown:
+        raise ValueError(f"{owner}: unknown SAEConfig fields {unknown}")
+    hints = typing.get_type_hints(SAEConfig)
+    out = {k: tuple(v) if isinstance(v, list) and "tuple" in str(hints[k]) else v
+           for k, v in overrides.items()}  # JSON gives lists
+    SAEConfig(**({"d_in": (out.get("ranks") or (1,))[0]} | out))
+    return out
+
+
+__all__ = ["SAEConfig", "SPARSIFIERS", "DECODERS", "DTYPES", "check_sae_overrides",
+           "default_matryoshka_widths"]

@@ -13,8 +13,9 @@ activations are computed once and shared. Stages and their definitions live in
 from __future__ import annotations
 
 import dataclasses
-import logging
 import datetime as dt
+import logging
+import math
 import os
 import sys
 import time
@@ -82,10 +83,39 @@ class EvalConfig:
     batch_size: int = 32
     """Texts or contexts per model forward (on CPU a forward's cost is dominated by streaming
     the weights, so larger batches are nearly free)."""
-    device: str = "cpu"
-    """Device for the model and SAEs."""
+    device: str | None = None
+    """Device for the model and SAEs (default: cuda when present, else cpu)."""
     progress: bool = True
     """Show progress bars on stderr."""
+
+    def __post_init__(self) -> None:
+        def bad(name: str, why: str) -> ValueError:
+            return ValueError(f"EvalConfig.{name} {why}")
+
+        if isinstance(self.datasets, str):
+            self.datasets = (self.datasets,)
+        self.datasets = tuple(d for d in self.datasets if d)
+        self.ks = tuple(self.ks)
+        self.alpha_scales = tuple(float(a) for a in self.alpha_scales)
+        for name in ("recon_tokens", "probe_train_per_class", "probe_test_per_class",
+                     "batch_size", "saebench_batch_tokens", "min_pair_count"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise bad(name, f"must be >= 1, got {v!r}")
+        for name in ("ce_contexts", "n_pairs", "n_pair_contexts"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise bad(name, f"must be >= 0, got {v!r}")
+        for name in ("probe_ctx", "live_ctx"):
+            if getattr(self, name) < 2:
+                raise bad(name, f"must be >= 2 (BOS plus a token), got {getattr(self, name)!r}")
+        if not self.ks or any(not isinstance(k, int) or k < 1 for k in self.ks):
+            raise bad("ks", f"must be positive integers, got {self.ks!r}")
+        if self.steering and (not self.alpha_scales
+                              or not all(math.isfinite(a) for a in self.alpha_scales)):
+            raise bad("alpha_scales", f"must be finite numbers, got {self.alpha_scales!r}")
+        if not 0 < self.dense_threshold <= 1:
+            raise bad("dense_threshold", f"must lie in (0, 1], got {self.dense_threshold!r}")
 
 
 def _bar(cfg: EvalConfig, total: int, desc: str):
@@ -197,7 +227,10 @@ def evaluate(saes: Any, *, model: Any = None, hook: str | None = None, acts: str
         config: sizes and switches (:class:`EvalConfig`).
         tokenizer: needed with a bare HookedTransformer that has none attached.
     """
+    from polysae.device import resolve_device
+
     cfg = config or EvalConfig()
+    cfg = dataclasses.replace(cfg, device=resolve_device(cfg.device))
     models, metas = _load_saes(saes, cfg.device)
     first_meta = next(iter(metas.values()))
     hook = hook or first_meta.get("hook")

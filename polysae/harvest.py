@@ -39,6 +39,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from polysae.data import BOS_POLICIES
 from polysae.sae import atomic_write_bytes
 
 FORMAT = "polysae-activations"
@@ -51,44 +52,69 @@ _KILL_ENV = "POLYSAE_HARVEST_TEST_KILL"  # "<shard>:<stage>" -> SIGKILL self the
 log = logging.getLogger(__name__)
 
 
+class HarvestError(ValueError):
+    """A harvest that cannot start or continue; the message names the folder, file or flag."""
+
+
 @dataclass
 class HarvestConfig:
     """What to harvest and where. Every field except ``out`` and ``progress`` must match when
-    resuming into an existing folder."""
+    resuming into an existing folder (``device`` as resolved: ``None`` on a CPU machine is
+    ``cpu``)."""
 
     model: str = "smollm2-135m"
-    """Model name (see :func:`polysae.models.load_model`)."""
+    """Model: smollm2-135m (bundled), minilm-l6 (bundled encoder), a TransformerLens model name
+    (needs a hub) or a local Hugging Face model folder (see :func:`polysae.models.load_model`)."""
     hooks: list[str] = field(default_factory=list)
-    """Hook points recorded in one forward; empty = ``blocks.<n_layers//2>.hook_resid_post``."""
+    """Hook points recorded in one forward (empty: the middle layer's hook_resid_post, i.e.
+    ``blocks.<n_layers//2>.hook_resid_post``); list them with ``polysae hooks --model M``."""
     dataset: str = "bbc"
-    """Bundled corpus, local .txt/.jsonl/.csv/.npy file, or Hugging Face dataset name."""
+    """Text to harvest: bbc, tweets, fortunes (bundled), a local .txt/.jsonl/.csv/.parquet file, a
+    pre-tokenized .npy, or hf:NAME[:config][@split] (a Hugging Face dataset streamed via
+    ``datasets``: hub id, local data folder or save_to_disk folder)."""
     tokens: int = 100_000
     """Tokens to forward (rounded up to whole contexts; fewer if the dataset runs out)."""
     ctx: int = 128
     """Context length in tokens."""
     out: str = "activations"
-    """Output folder."""
-    dtype: str = "float16"
-    """Storage dtype: float16 (default; 10 mantissa bits, half the disk of float32, range checked
-    per batch), bfloat16 (float32's range, 7 bits) or float32 (exact)."""
-    model_dtype: str = "float32"
+    """Output folder (re-run the same command to resume)."""
+    dtype: str = field(default="float16", metadata={"choices": tuple(STORAGE_DTYPES)})
+    """Storage dtype: float16 (default; 10 mantissa bits, half the disk of float32, overflow
+    detected per batch), bfloat16 (float32's range, 7 bits) or float32 (exact)."""
+    model_dtype: str = field(default="float32", metadata={"choices": tuple(STORAGE_DTYPES)})
     """Dtype the model runs in (bfloat16 is ~2.4x faster on AVX512-BF16 CPUs)."""
     batch_size: int = 32
     """Contexts per forward pass."""
     shard_size: int = 65_536
     """Rows per shard file."""
-    bos: str = "chunk"
-    """BOS policy: chunk | doc | none (see :mod:`polysae.data`)."""
+    bos: str = field(default="chunk", metadata={"choices": BOS_POLICIES})
+    """BOS policy: chunk = BOS starts every context; doc = BOS before every document; none (see
+    :mod:`polysae.data`)."""
     exclude_special: bool = False
     """Leave BOS/EOS/PAD/CLS/SEP positions out of the stored rows."""
     text_column: str | None = None
-    """Column holding the text in .jsonl/.csv/HF datasets."""
+    """Column holding the text in .jsonl/.csv/.parquet/hf: datasets (default ``text``)."""
     seed: int = 0
     """Seed of the bundled corpora's document order."""
-    device: str = "cpu"
-    """Device the model runs on."""
+    device: str | None = None
+    """Device the model runs on (default: cuda when present, else cpu)."""
     progress: bool = True
     """Show a progress bar (tokens/s) on stderr."""
+
+    def __post_init__(self) -> None:
+        for name in ("dtype", "model_dtype"):
+            if getattr(self, name) not in STORAGE_DTYPES:
+                raise HarvestError(f"HarvestConfig.{name} {getattr(self, name)!r}: expected one "
+                                   f"of {sorted(STORAGE_DTYPES)}")
+        for name in ("batch_size", "shard_size", "tokens", "ctx"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise HarvestError(f"HarvestConfig.{name} must be positive, got {v!r}")
+        if self.bos not in BOS_POLICIES:
+            raise HarvestError(f"HarvestConfig.bos {self.bos!r}: expected one of {BOS_POLICIES}")
+        if isinstance(self.hooks, str):
+            self.hooks = [self.hooks]
+        self.hooks = list(self.hooks)
 
 
 class HarvestResult(NamedTuple):
@@ -106,10 +132,6 @@ class HarvestResult(NamedTuple):
     """Tokens forwarded per second by this call."""
     cpu_seconds: float = 0.0
     """Process CPU time of the same loop (all threads, the writer's included)."""
-
-
-class HarvestError(ValueError):
-    """A harvest that cannot start or continue; the message names the folder, file or flag."""
 
 
 # Fields whose change makes an existing folder incompatible (everything that shapes the bytes).
@@ -130,16 +152,10 @@ def harvest(cfg: HarvestConfig, model: Any = None) -> HarvestResult:
     """Run (or resume, or confirm) a harvest. ``model`` may be a preloaded ``LoadedModel`` or a bare
     ``HookedTransformer``; by default ``cfg.model`` is loaded."""
     from polysae import data, models
+    from polysae.device import resolve_device
 
-    if cfg.dtype not in STORAGE_DTYPES:
-        raise HarvestError(f"--dtype {cfg.dtype!r}: expected one of {sorted(STORAGE_DTYPES)}")
-    if cfg.model_dtype not in STORAGE_DTYPES:
-        raise HarvestError(f"--model-dtype {cfg.model_dtype!r}: expected one of "
-                           f"{sorted(STORAGE_DTYPES)}")
-    for name in ("batch_size", "shard_size", "tokens"):
-        if getattr(cfg, name) < 1:
-            raise HarvestError(f"--{name.replace('_', '-')} must be positive, got "
-                               f"{getattr(cfg, name)}")
+    # (the values themselves were checked by HarvestConfig.__post_init__)
+    cfg = dataclasses.replace(cfg, device=resolve_device(cfg.device))
     out = Path(cfg.out)
     existing = _read_manifest(out)
     _refuse_foreign_folder(out, existing)

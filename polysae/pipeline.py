@@ -27,122 +27,162 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
+from polysae.config import SAEConfig, check_sae_overrides
+from polysae.device import resolve_device
+from polysae.evaluate import EvalConfig
+from polysae.harvest import HarvestConfig
 from polysae.sae import atomic_write_text
 from polysae.stages import Stages, checkpoint_key
+from polysae.train import TrainConfig
 
 log = logging.getLogger(__name__)
 
 
+def _default_harvest() -> HarvestConfig:
+    return HarvestConfig(hooks=["blocks.9.hook_resid_post"], shard_size=8192)
+
+
+def _default_train() -> TrainConfig:
+    # The paper's 3e-4 is tuned for ~73k steps; the default run makes a few hundred, where 1e-3
+    # on normalised activations converges much further (measured: per-token MSE after 60 steps
+    # 412 at 3e-4 vs 136 at 1e-3).
+    return TrainConfig(lr=1e-3, normalize=True)
+
+
+def _default_eval() -> EvalConfig:
+    return EvalConfig(probe_train_per_class=32, probe_test_per_class=16)
+
+
 @dataclass
 class RunConfig:
-    """Settings of ``polysae run``. Defaults fit a 2-core CPU in under 10 minutes on the bundled
-    SmolLM2-135M and BBC corpus; every size scales up by flag."""
+    """Settings of ``polysae run``: its own few fields plus the nested configs of each stage
+    (``harvest``, ``train``, ``eval``) and overrides of :class:`polysae.SAEConfig` shared by both
+    SAEs. Defaults fit a 2-core CPU in under 10 minutes on the bundled SmolLM2-135M and BBC
+    corpus; every size scales up by flag."""
 
     out: str = "polysae-run"
-    """Output folder of the whole run."""
-    model: str = "smollm2-135m"
-    """Model name (bundled ``smollm2-135m`` / ``minilm-l6``, a transformer-lens name, or a local
-    Hugging Face folder)."""
-    hooks: list[str] = field(default_factory=lambda: ["blocks.9.hook_resid_post"])
-    """Hook points harvested in one forward; the SAEs train on the first."""
-    dataset: str = "bbc"
-    """Text to harvest (bundled corpus, local file or Hugging Face dataset name)."""
-    tokens: int = 100_000
-    """Tokens to harvest (about 5 % are held out, by shard, for evaluation)."""
-    ctx: int = 128
-    """Context length of harvested sequences."""
-    model_dtype: str = "float32"
-    """Dtype the language model runs in (bfloat16 is faster on CPUs with AVX512-BF16)."""
-    store_dtype: str = "float16"
-    """Dtype of the stored activations."""
-    shard_size: int = 8192
-    """Rows per activation shard (the validation split is made of whole shards)."""
-    d_sae: int = 2048
-    """Latents per SAE."""
-    k: int = 32
-    """Active latents per token (TopK)."""
-    sparsifier: str = "topk"
-    """Sparsifier shared by both SAEs."""
-    ranks: tuple[int, int, int] | None = None
-    """PolySAE ranks (default: d_in, 64, 64, the paper's recipe)."""
+    """Output folder of the whole run (re-run the same command to resume)."""
     batch_size: int = 1024
     """Training batch in activation rows."""
-    lr: float = 1e-3
-    """Adam learning rate (constant). The paper's 3e-4 is tuned for ~73k steps; the default run
-    makes a few hundred, where 1e-3 on normalised activations converges much further
-    (measured: per-token MSE after 60 steps 412 at 3e-4 vs 136 at 1e-3)."""
-    normalize: bool = True
-    """Train on activations scaled to E||x||^2 = d_in (estimated once, folded into the saved
-    weights, so the saved SAEs take raw activations). The paper trains unnormalised."""
-    train_tokens: int | None = None
-    """Activation rows to train on (default: ``epochs`` passes over the training split)."""
     epochs: int = 3
-    """Passes over the training split when ``train_tokens`` is not given."""
+    """Passes over the training split when neither ``train.steps`` nor ``train.tokens`` is
+    given."""
+    scale_cadence: bool = True
+    """Derive the trainer's cadences from the run's length (dead_window = steps/8, at least 10;
+    checkpoint_every = steps/4; log_every = steps/50) instead of taking ``train``'s values, so
+    short runs still checkpoint, log and count dead latents sensibly."""
     seed: int = 42
-    """Seed of initialisation and data order."""
+    """Seed of everything random: the harvest's document order, initialisation and data order
+    (it sets ``harvest.seed`` and ``train.seed``)."""
     device: str | None = None
     """Device for the model and the SAEs (default: cuda when present, else cpu)."""
-    eval_recon_tokens: int = 8192
-    """Held-out rows for reconstruction metrics."""
-    eval_probe_train_per_class: int = 32
-    """Probing: training documents per class."""
-    eval_probe_test_per_class: int = 16
-    """Probing: test documents per class."""
-    eval_ce_contexts: int = 16
-    """Contexts for CE/KL loss recovered."""
     browser: bool = True
     """Build the feature browser of the PolySAE."""
     progress: bool = True
     """Show progress bars."""
+    sae: dict[str, Any] = field(default_factory=lambda: {"d_sae": 2048, "k": 32},
+                                metadata={"flags_from": SAEConfig})
+    """Overrides of :class:`polysae.SAEConfig` shared by both SAEs (``d_in`` comes from the
+    harvest, ``decoder`` is linear for one and poly for the other)."""
+    harvest: HarvestConfig = field(default_factory=_default_harvest)
+    """What to harvest (``out`` is ``<out>/acts``; ``device``, ``seed`` and ``progress`` are the
+    run's). The SAEs train on the first hook."""
+    train: TrainConfig = field(default_factory=_default_train)
+    """How to train both SAEs (``steps`` derived from ``epochs`` unless ``steps``/``tokens`` are
+    given; ``seed`` and ``progress`` are the run's; cadences see ``scale_cadence``)."""
+    eval: EvalConfig = field(default_factory=_default_eval)
+    """How to evaluate them side by side (``device`` and ``progress`` are the run's)."""
+
+    def __post_init__(self) -> None:
+        for name, cls in (("harvest", HarvestConfig), ("train", TrainConfig),
+                          ("eval", EvalConfig)):
+            v = getattr(self, name)
+            if isinstance(v, dict):  # e.g. read back from run_config.json
+                setattr(self, name, TrainConfig.from_dict(v) if cls is TrainConfig else cls(**v))
+        for name in ("batch_size", "epochs"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"RunConfig.{name} must be >= 1, got {v!r}")
+        if not self.harvest.hooks:
+            raise ValueError("RunConfig.harvest.hooks must name at least one hook")
+        self.sae = check_sae_overrides(self.sae, fixed=("d_in", "decoder"), owner="RunConfig.sae")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RunConfig:
+        """Read back ``run_config.json`` (unknown keys dropped)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    def to_dict(self) -> dict[str, Any]:
+        return json.loads(json.dumps(dataclasses.asdict(self), default=list))
 
 
-class RunResult(NamedTuple):
-    out: Path
-    """The run folder."""
-    metrics: dict
-    """The evaluation metrics (also in out/report/metrics.json)."""
-    seconds: dict
-    """Wall seconds spent in each stage by this call (0 for a skipped stage)."""
+class StageConfigs(NamedTuple):
+    """What each stage of a run gets, derived from a :class:`RunConfig` (:func:`stage_configs`)."""
+
+    harvest: HarvestConfig
+    """The harvest (into ``<out>/acts``)."""
+    saes: dict
+    """``{"vanilla": SAEConfig, "poly": SAEConfig}``: identical but for the decoder."""
+    train: TrainConfig
+    """Training settings of both SAEs, with the step count and cadences resolved."""
+    eval: EvalConfig
+    """Evaluation settings."""
 
 
-def _device(cfg: RunConfig) -> str:
-    return cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+def harvest_config(cfg: RunConfig, device: str) -> HarvestConfig:
+    """The harvest of ``cfg`` (into ``<out>/acts``, with the run's device, seed and progress)."""
+    return dataclasses.replace(cfg.harvest, out=str(Path(cfg.out) / "acts"), device=device,
+                               seed=cfg.seed, progress=cfg.progress)
+
+
+def stage_configs(cfg: RunConfig, *, device: str, d_in: int, n_rows: int) -> StageConfigs:
+    """The stage configs of ``cfg`` for a store of ``n_rows`` training rows of width ``d_in``."""
+    hcfg = harvest_config(cfg, device)
+    sae_cfgs = {"vanilla": SAEConfig(d_in=d_in, decoder="linear", **cfg.sae),
+                "poly": SAEConfig(d_in=d_in, decoder="poly", **cfg.sae)}
+    steps = cfg.train.steps
+    if steps is None:
+        rows = cfg.train.tokens or cfg.epochs * n_rows
+        steps = max(1, rows // cfg.batch_size)
+    cadence = dict(dead_window=max(10, steps // 8), checkpoint_every=max(1, steps // 4),
+                   log_every=max(1, steps // 50)) if cfg.scale_cadence else {}
+    tcfg = dataclasses.replace(cfg.train, steps=steps, tokens=None, seed=cfg.seed,
+                               progress=cfg.progress, **cadence)
+    ecfg = dataclasses.replace(cfg.eval, device=device, progress=cfg.progress)
+    return StageConfigs(hcfg, sae_cfgs, tcfg, ecfg)
 
 
 def run(cfg: RunConfig) -> RunResult:
     """Run (or resume) the whole job; see the module docstring."""
-    from polysae import SAE, SAEConfig
-    from polysae.evaluate import EvalConfig, evaluate
-    from polysae.harvest import HarvestConfig, harvest
+    from polysae import SAE
+    from polysae.evaluate import evaluate
+    from polysae.harvest import harvest
     from polysae.models import load_model
     from polysae.sae import load_checkpoint
     from polysae.store import ActivationStore
-    from polysae.train import TrainConfig, Trainer
+    from polysae.train import Trainer
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "run_config.json",
-                      json.dumps(dataclasses.asdict(cfg), indent=2, sort_keys=True, default=list))
-    device = _device(cfg)
+    atomic_write_text(out / "run_config.json", json.dumps(cfg.to_dict(), indent=2, sort_keys=True))
+    device = resolve_device(cfg.device)
     stages = Stages(out)
     seconds: dict[str, float] = {}
-    hook = cfg.hooks[0]
+    hook = cfg.harvest.hooks[0]
 
     t = time.perf_counter()
-    lm = load_model(cfg.model, device=device, dtype=getattr(torch, cfg.model_dtype))
+    lm = load_model(cfg.harvest.model, device=device,
+                    dtype=getattr(torch, cfg.harvest.model_dtype))
     seconds["load_model"] = time.perf_counter() - t
 
     # 1. harvest (resumes by itself; a no-op when complete)
     t = time.perf_counter()
-    hres = harvest(HarvestConfig(model=cfg.model, hooks=list(cfg.hooks), dataset=cfg.dataset,
-                                 tokens=cfg.tokens, ctx=cfg.ctx, out=str(out / "acts"),
-                                 dtype=cfg.store_dtype, model_dtype=cfg.model_dtype,
-                                 shard_size=cfg.shard_size, device=device, seed=cfg.seed,
-                                 progress=cfg.progress), model=lm)
+    hres = harvest(harvest_config(cfg, device), model=lm)
     seconds["harvest"] = time.perf_counter() - t
     log.info("harvest: %d rows per hook in %s (%.0f tok/s this call)", hres.n_rows, hres.out,
              hres.tokens_per_s)
@@ -151,14 +191,8 @@ def run(cfg: RunConfig) -> RunResult:
     t = time.perf_counter()
     store = ActivationStore(out / "acts", hook, batch_size=cfg.batch_size, split="train",
                             seed=cfg.seed, device=device)
-    common = dict(d_in=store.d_in, d_sae=cfg.d_sae, k=cfg.k, sparsifier=cfg.sparsifier)
-    sae_cfgs = {"vanilla": SAEConfig(decoder="linear", **common),
-                "poly": SAEConfig(decoder="poly", ranks=cfg.ranks, **common)}
-    rows = cfg.train_tokens or cfg.epochs * store.n_rows
-    steps = max(1, rows // cfg.batch_size)
-    tcfg = TrainConfig(lr=cfg.lr, steps=steps, seed=cfg.seed, progress=cfg.progress,
-                       normalize=cfg.normalize, dead_window=max(10, steps // 8),
-                       checkpoint_every=max(1, steps // 4), log_every=max(1, steps // 50))
+    stage = stage_configs(cfg, device=device, d_in=store.d_in, n_rows=store.n_rows)
+    sae_cfgs, tcfg = stage.saes, stage.train
     train_dir = out / "train"
     ckpts = {n: train_dir / n for n in sae_cfgs}
     train_key = hashlib.sha256(json.dumps(
@@ -170,8 +204,8 @@ def run(cfg: RunConfig) -> RunResult:
         resume = (train_dir / "run.json").exists()
         torch.manual_seed(cfg.seed)
         saes = {n: SAE(c, device=device) for n, c in sae_cfgs.items()}
-        meta = {"model": cfg.model, "hook": hook, "acts": str(out / "acts"),
-                "dataset": cfg.dataset}
+        meta = {"model": cfg.harvest.model, "hook": hook, "acts": str(out / "acts"),
+                "dataset": cfg.harvest.dataset}
         Trainer(saes, tcfg, train_dir, metadata=meta).fit(store, resume=resume)
         stages.mark("train", train_key)
     seconds["train"] = time.perf_counter() - t
@@ -183,13 +217,8 @@ def run(cfg: RunConfig) -> RunResult:
     if stages.done("eval", key) and (report_dir / "metrics.json").exists():
         metrics = json.loads((report_dir / "metrics.json").read_text())
     else:
-        ecfg = EvalConfig(recon_tokens=cfg.eval_recon_tokens,
-                          probe_train_per_class=cfg.eval_probe_train_per_class,
-                          probe_test_per_class=cfg.eval_probe_test_per_class,
-                          ce_contexts=cfg.eval_ce_contexts, device=device,
-                          progress=cfg.progress)
         metrics = evaluate({n: str(p) for n, p in ckpts.items()}, model=lm, hook=hook,
-                           acts=str(out / "acts"), out=report_dir, config=ecfg)
+                           acts=str(out / "acts"), out=report_dir, config=stage.eval)
         stages.mark("eval", key)
     seconds["eval"] = time.perf_counter() - t
 

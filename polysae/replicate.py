@@ -38,7 +38,8 @@ from typing import Any, Callable, NamedTuple
 
 import torch
 
-from polysae.config import SAEConfig
+from polysae.config import SAEConfig, check_sae_overrides
+from polysae.device import resolve_device
 from polysae.evaluate import EvalConfig
 from polysae.harvest import HarvestConfig
 from polysae.paired import paired_diff, summarize
@@ -128,14 +129,9 @@ class ReplicateConfig:
             raise ValueError(f"replicate: epochs must be > 0, got {self.epochs} (--epochs)")
         if not 0 < self.confidence < 1:
             raise ValueError(f"replicate: confidence must be in (0, 1), got {self.confidence}")
-        bad_keys = set(self.sae) & {"d_in", "sparsifier", "decoder"}
-        if bad_keys:
-            raise ValueError(f"replicate: sae overrides {sorted(bad_keys)} are set per cell")
-        unknown = set(self.sae) - {f.name for f in dataclasses.fields(SAEConfig)}
-        if unknown:
-            raise ValueError(f"replicate: unknown SAEConfig fields {sorted(unknown)} in sae")
         # Validate the shared SAE settings now (k > d_sae, bad ranks...), not after a harvest.
-        SAEConfig(d_in=(self.sae.get("ranks") or (1,))[0], **self.sae)
+        check_sae_overrides(self.sae, fixed=("d_in", "sparsifier", "decoder"),
+                            owner="replicate: sae", fixed_why="set per cell")
 
     @property
     def seed_list(self) -> list[int]:
@@ -240,10 +236,6 @@ def metrics_for(datasets: list[str], ks: tuple[int, ...]) -> list[Metric]:
 
 
 # -- running ------------------------------------------------------------------------------------
-def _device(cfg: ReplicateConfig) -> str:
-    return cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def _resolve_store(cfg: ReplicateConfig, out: Path, lm: Any, device: str) -> tuple[Path, str]:
     """The activation store (harvested into out/acts when none is given) and the hook."""
     from polysae.store import read_manifest
@@ -355,7 +347,7 @@ def replicate(cfg: ReplicateConfig | None = None, *, model: Any = None) -> Repli
     cfg = cfg or ReplicateConfig()
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    device = _device(cfg)
+    device = resolve_device(cfg.device)
     atomic_write_text(out / "replicate_config.json", json.dumps(cfg.to_dict(), indent=2))
     t0 = time.perf_counter()
     if cfg.acts is not None:

@@ -62,6 +62,10 @@ RUN_FILE = "run.json"
 STATE_FORMAT = 1
 
 
+LOGGERS = ("wandb", "tensorboard")
+"""Optional metric loggers (``TrainConfig.log_to``)."""
+
+
 @dataclass
 class TrainConfig:
     """How to train (identical for every SAE of a run). Defaults: the paper's recipe."""
@@ -75,7 +79,7 @@ class TrainConfig:
     eps: float = 1e-8
     """Adam epsilon."""
 
-    schedule: str = "constant"
+    schedule: str = dataclasses.field(default="constant", metadata={"choices": SCHEDULES})
     """``constant``, ``cosine`` (warm-up then cosine decay) or ``linear`` (warm-up, then linear
     decay over the last ``decay_steps`` steps). The paper used ``constant`` with no warm-up."""
 
@@ -130,7 +134,7 @@ class TrainConfig:
     progress: bool = True
     """Show a tqdm progress bar (rank 0 only)."""
 
-    log_to: tuple[str, ...] = ()
+    log_to: tuple[str, ...] = dataclasses.field(default=(), metadata={"choices": LOGGERS})
     """Extra loggers: ``wandb`` and/or ``tensorboard``; each is skipped with a warning when its
     package is not installed (never required)."""
 
@@ -164,8 +168,8 @@ class TrainConfig:
             raise bad("min_lr_ratio", f"must lie in [0, 1], got {self.min_lr_ratio!r}")
         self.log_to = tuple(self.log_to)
         for name in self.log_to:
-            if name not in ("wandb", "tensorboard"):
-                raise bad("log_to", f"unknown logger {name!r} (wandb, tensorboard)")
+            if name not in LOGGERS:
+                raise bad("log_to", f"unknown logger {name!r} ({', '.join(LOGGERS)})")
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

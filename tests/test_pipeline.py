@@ -12,16 +12,20 @@ import json
 import pytest
 
 import polysae
+from polysae.evaluate import EvalConfig
+from polysae.harvest import HarvestConfig
 from polysae.pipeline import RunConfig, run
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("smollm2")]
 
 
 def test_run_end_to_end_and_rerun_skips(tmp_path):
-    cfg = RunConfig(out=str(tmp_path / "run"), tokens=6000, shard_size=1024, d_sae=256, k=8,
-                    batch_size=256, epochs=1, eval_recon_tokens=1024,
-                    eval_probe_train_per_class=6, eval_probe_test_per_class=3,
-                    eval_ce_contexts=2, progress=False)
+    cfg = RunConfig(out=str(tmp_path / "run"), sae={"d_sae": 256, "k": 8}, batch_size=256,
+                    epochs=1, progress=False,
+                    harvest=HarvestConfig(hooks=["blocks.9.hook_resid_post"], tokens=6000,
+                                          shard_size=1024),
+                    eval=EvalConfig(recon_tokens=1024, probe_train_per_class=6,
+                                    probe_test_per_class=3, ce_contexts=2))
     res = run(cfg)
     out = res.out
     for rel in ("acts/manifest.json", "train/vanilla/sae.safetensors", "train/poly/config.json",
@@ -36,6 +40,7 @@ def test_run_end_to_end_and_rerun_skips(tmp_path):
     metrics = json.loads((out / "report/metrics.json").read_text())
     assert json.dumps(metrics).count('"poly"') and json.dumps(metrics).count('"vanilla"')
     stages = (out / "stages.json").read_text()
+    assert RunConfig.from_dict(json.loads((out / "run_config.json").read_text())) == cfg
 
     again = run(cfg)  # the same command again: nothing left to do
     assert again.seconds["train"] < 1.0 and again.seconds["eval"] < 1.0

@@ -24,7 +24,7 @@ SAE_EXCLUDE = ("d_in", "sparsifier", "decoder")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from polysae.cli.flags import add_config_flags, add_override_flags
+    from polysae.cli.flags import add_config_flags, add_override_flags, field_values
     from polysae.config import SAEConfig
     from polysae.evaluate import EvalConfig
     from polysae.harvest import HarvestConfig
@@ -35,17 +35,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_config_flags(p, ReplicateConfig)
     add_override_flags(p, SAEConfig, prefix="sae", exclude=SAE_EXCLUDE, defaults=d.sae)
     add_config_flags(p, TrainConfig, prefix="train", exclude=TRAIN_EXCLUDE,
-                     defaults=_field_values(d.train))
+                     defaults=field_values(d.train))
     add_config_flags(p, EvalConfig, prefix="eval", exclude=EVAL_EXCLUDE,
-                     defaults=_field_values(d.eval))
+                     defaults=field_values(d.eval))
     add_config_flags(p, HarvestConfig, prefix="harvest", exclude=HARVEST_EXCLUDE,
-                     defaults=_field_values(d.harvest))
-
-
-def _field_values(cfg) -> dict:
-    import dataclasses
-
-    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+                     defaults=field_values(d.harvest))
 
 
 def build_config(args: argparse.Namespace):
