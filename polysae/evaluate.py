@@ -230,7 +230,8 @@ def evaluate(saes: Any, *, model: Any = None, hook: str | None = None, acts: str
     from polysae.device import resolve_device
 
     cfg = config or EvalConfig()
-    cfg = dataclasses.replace(cfg, device=resolve_device(cfg.device))
+    cfg = dataclasses.replace(cfg, device=resolve_device(
+        cfg.device, None if isinstance(model, str) else model))
     models, metas = _load_saes(saes, cfg.device)
     first_meta = next(iter(metas.values()))
     hook = hook or first_meta.get("hook")

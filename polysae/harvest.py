@@ -155,7 +155,7 @@ def harvest(cfg: HarvestConfig, model: Any = None) -> HarvestResult:
     from polysae.device import resolve_device
 
     # (the values themselves were checked by HarvestConfig.__post_init__)
-    cfg = dataclasses.replace(cfg, device=resolve_device(cfg.device))
+    cfg = dataclasses.replace(cfg, device=resolve_device(cfg.device, model))
     out = Path(cfg.out)
     existing = _read_manifest(out)
     _refuse_foreign_folder(out, existing)

@@ -233,6 +233,9 @@ def test_one_device_rule(monkeypatch):
         monkeypatch.setattr(torch.cuda, "is_available", lambda avail=avail: avail)
         assert resolve_device(None) == want
         assert resolve_device("cpu") == "cpu" and resolve_device("cuda:1") == "cuda:1"
+        # a model passed in decides for None (an API call with a preloaded model)
+        meta = torch.nn.Linear(2, 2, device="meta")
+        assert resolve_device(None, meta) == "meta" and resolve_device("cpu", meta) == "cpu"
     for cfg in (HarvestConfig(), EvalConfig(), RunConfig(), ReplicateConfig()):
         assert cfg.device is None, type(cfg).__name__
     flags = {c: {s: a for a in _parser(m)._actions for s in a.option_strings}["--device"]
