@@ -9,27 +9,13 @@ import sys
 
 import pytest
 import torch
+from chartok import CharTok
 
 from polysae import SAE, SAEConfig
 from polysae.evaluate import EvalConfig, evaluate
 from polysae.report import write_report
 
 HOOK = "blocks.0.hook_resid_post"
-
-
-class _CharTok:
-    """A minimal character tokenizer (ids 3..) with BOS=1, EOS=2, PAD=0, enough for the
-    evaluator's text paths on a tiny random model."""
-
-    bos_token_id, eos_token_id, pad_token_id = 1, 2, 0
-    all_special_ids = [0, 1, 2]
-
-    def __call__(self, text, add_special_tokens=False):
-        enc = lambda t: [3 + (ord(c) % 60) for c in t]  # noqa: E731
-        return {"input_ids": enc(text) if isinstance(text, str) else [enc(t) for t in text]}
-
-    def decode(self, ids):
-        return "".join(chr(ord("a") + (i - 3) % 26) if i >= 3 else "<s>" for i in ids)
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +38,7 @@ def test_evaluate_api_on_tiny_model(tiny, tmp_path, capsys):
     cfg = EvalConfig(datasets=(str(csv),), probe_train_per_class=12, probe_test_per_class=6,
                      probe_ctx=16, ks=(1, 2), recon_tokens=300, live_dataset=str(txt),
                      live_ctx=16, ce_contexts=4, steering=False, progress=True, n_pairs=3)
-    m = evaluate(saes, model=tiny, hook=HOOK, tokenizer=_CharTok(), config=cfg, out=tmp_path / "ev")
+    m = evaluate(saes, model=tiny, hook=HOOK, tokenizer=CharTok(), config=cfg, out=tmp_path / "ev")
     err = capsys.readouterr().err
     # Long stages show progress bars (tqdm on stderr).
     for bar in ("held-out activations", "CE/KL contexts", "probing texts"):
@@ -239,7 +225,7 @@ def test_evaluate_hf_dataset_columns_and_unlabelled_error(tiny, tmp_path, monkey
                      probe_train_per_class=10, probe_test_per_class=5, probe_ctx=16, ks=(1, 2),
                      recon_tokens=100, live_dataset=str(txt), live_ctx=16, ce_contexts=0,
                      interactions=False, steering=False, progress=False)
-    m = evaluate({"v": sae}, model=tiny, hook=HOOK, tokenizer=_CharTok(), config=cfg)
+    m = evaluate({"v": sae}, model=tiny, hook=HOOK, tokenizer=CharTok(), config=cfg)
     sizes = m["probing_sizes"]["someone/toy:train"]
     assert sizes["classes"] == ["abc", "xyz"] and sizes["train_docs"] == 20
     assert m["activations_baseline"]["probing"]["f1"]["2"] > 0.9
@@ -249,4 +235,4 @@ def test_evaluate_hf_dataset_columns_and_unlabelled_error(tiny, tmp_path, monkey
                       live_ctx=16, ce_contexts=0, interactions=False, steering=False,
                       progress=False)
     with pytest.raises(ValueError, match=r"plain\.csv.*two classes.*--label-column"):
-        evaluate({"v": sae}, model=tiny, hook=HOOK, tokenizer=_CharTok(), config=cfg2)
+        evaluate({"v": sae}, model=tiny, hook=HOOK, tokenizer=CharTok(), config=cfg2)

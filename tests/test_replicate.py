@@ -10,6 +10,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from chartok import CharTok
 
 from polysae import SAE, SAEConfig
 from polysae.evaluate import EvalConfig, evaluate
@@ -20,20 +21,6 @@ from polysae.store import ActivationStore
 from polysae.train import TrainConfig, Trainer
 
 HOOK = "blocks.0.hook_resid_post"
-
-
-class _CharTok:
-    """Character tokenizer with BOS=1, EOS=2, PAD=0 (ids 3..62), enough for probing texts."""
-
-    bos_token_id, eos_token_id, pad_token_id = 1, 2, 0
-    all_special_ids = [0, 1, 2]
-
-    def __call__(self, text, add_special_tokens=False):
-        enc = lambda t: [3 + (ord(c) % 60) for c in t]  # noqa: E731
-        return {"input_ids": enc(text) if isinstance(text, str) else [enc(t) for t in text]}
-
-    def decode(self, ids):
-        return "".join(chr(ord("a") + (i - 3) % 26) if i >= 3 else "<s>" for i in ids)
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +44,7 @@ def setup(make_tiny_hooked, tmp_path_factory):
                       probe_ctx=12, ks=(1, 2), recon_tokens=256, live_dataset=str(txt),
                       live_ctx=16, ce_contexts=2, steering=False, n_pairs=2, progress=False)
     tcfg = TrainConfig(lr=1e-3, normalize=True, dead_window=4, checkpoint_every=6, log_every=3)
-    lm = LoadedModel(tiny, _CharTok(), "tiny", "decoder")
+    lm = LoadedModel(tiny, CharTok(), "tiny", "decoder")
     return tiny, lm, acts, ecfg, tcfg, root
 
 
