@@ -121,6 +121,15 @@ class RunConfig:
         return json.loads(json.dumps(dataclasses.asdict(self), default=list))
 
 
+class RunResult(NamedTuple):
+    out: Path
+    """The run folder."""
+    metrics: dict
+    """The evaluation metrics (also in out/report/metrics.json)."""
+    seconds: dict
+    """Wall seconds spent in each stage by this call (0 for a skipped stage)."""
+
+
 class StageConfigs(NamedTuple):
     """What each stage of a run gets, derived from a :class:`RunConfig` (:func:`stage_configs`)."""
 
