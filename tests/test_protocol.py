@@ -165,12 +165,13 @@ def test_code_scale_matches_dense_formulas(decoder):
 
     torch.manual_seed(2)
     sae = SAE(SAEConfig(d_in=12, d_sae=48, k=6, decoder=decoder, ranks=(12, 5, 5))).eval()
+    sae.requires_grad_(False)
     x = torch.randn(500, 12, dtype=torch.float64).float() * 3 + 1
     cs = code_scale(sae, torch.split(x, 97))
     with torch.no_grad():
         z = sae.encode(x).double()
         xh = sae.decoder.decode_dense(z.float(), sae.b_dec).double()
-        atoms = sae.decoder.linear_atoms().double()
+        atoms = sae.decoder.linear_atoms().detach().double()
     lin = z @ atoms
     hi = xh - sae.b_dec.double() - lin
     fired = (z > 0).any(0)
