@@ -271,7 +271,7 @@ def evaluate(saes: Any, *, model: Any = None, hook: str | None = None, acts: str
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "polysae_version": _version(), "torch_version": torch.__version__,
         "model": model_name, "hook": hook, "device": cfg.device,
-        "config": _jsonable(dataclasses.asdict(cfg)),
+        "config": jsonable(dataclasses.asdict(cfg)),
         "saes": {n: {"info": _describe(s, metas[n])} for n, s in models.items()},
     }
     plots: dict[str, Any] = {"pairs": {}, "density": {}}
@@ -349,7 +349,7 @@ def evaluate(saes: Any, *, model: Any = None, hook: str | None = None, acts: str
                 dict(p._asdict(), contexts=[inter.render_context(tok_ids, doc_ids, r, to_string)
                                             for r, _ in rr])
                 for p, rr in zip(pairs, ctx_rows)]
-            result["saes"][name]["interactions"] = _jsonable(block)
+            result["saes"][name]["interactions"] = jsonable(block)
             plots["pairs"][name] = (ps.count, strength if strength is not None else ps.cov,
                                     "strength" if is_poly else "cov")
             lap("interactions")
@@ -455,22 +455,22 @@ def _version() -> str:
     return polysae.__version__
 
 
-def _jsonable(x: Any) -> Any:
+def jsonable(x: Any) -> Any:
     """Tuples -> lists, tensors -> lists, NaN -> None, recursively (strict JSON)."""
     import math
 
     if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
+        return {str(k): jsonable(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
+        return [jsonable(v) for v in x]
     if isinstance(x, torch.Tensor):
-        return _jsonable(x.tolist())
+        return jsonable(x.tolist())
     if isinstance(x, float) and (math.isnan(x) or math.isinf(x)):
         return None
     return x
 
 
-__all__ = ["EvalConfig", "evaluate"]
+__all__ = ["EvalConfig", "evaluate", "jsonable"]
 
 
 _callable_module(__name__)  # polysae.evaluate(...) calls the function

@@ -40,7 +40,7 @@ import torch
 
 from polysae.config import SAEConfig, check_sae_overrides
 from polysae.device import resolve_device
-from polysae.evaluate import EvalConfig
+from polysae.evaluate import EvalConfig, jsonable
 from polysae.harvest import HarvestConfig
 from polysae.paired import paired_diff, summarize
 from polysae.sae import atomic_write_text
@@ -335,7 +335,7 @@ def run_cell(cfg: ReplicateConfig, sparsifier: str, seed: int, *, acts: Path, ho
     for n, p in ckpts.items():
         sae, _ = load_checkpoint(p, device=device)
         metrics["saes"][n]["scale"] = code_scale(sae, torch.split(rows, 4096))._asdict()
-    metrics = _clean(metrics)
+    metrics = jsonable(metrics)
     atomic_write_text(folder / "report" / "metrics.json", json.dumps(metrics, indent=1))
     stages.mark("eval", eval_key)
     return CellResult(sparsifier, seed, folder, metrics, False)
@@ -384,16 +384,6 @@ def _finite(v: Any) -> float | None:
     if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v)):
         return float(v)
     return None
-
-
-def _clean(x: Any) -> Any:
-    if isinstance(x, dict):
-        return {k: _clean(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_clean(v) for v in x]
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    return x
 
 
 def compare(cells: list[CellResult], cfg: ReplicateConfig) -> dict[str, Any]:
@@ -453,7 +443,7 @@ def compare(cells: list[CellResult], cfg: ReplicateConfig) -> dict[str, Any]:
     out["metrics"]["r_contrast_logcount"] = {
         "label": "r: poly strength vs vanilla cov (log N)", "protocol": "polysae",
         "higher_is_better": None}
-    return _clean(out)
+    return jsonable(out)
 
 
 def _w1_scale_reading(block: dict[str, Any]) -> dict[str, Any] | None:

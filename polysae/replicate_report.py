@@ -7,6 +7,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from polysae.report import markdown_table
+
 MAIN_COLUMNS = ("mse_saebench", "fvu", "ce_recovered", "l0", "dead_fraction", "f1_k1", "f1_k2",
                 "f1_k5", "w1", "w1_std")
 SCALE_COLUMNS = ("code_l2", "active_mean", "atom_norm", "contribution", "share_higher", "fvu",
@@ -102,11 +104,6 @@ def _diff(d: dict[str, Any] | None) -> str:
     return f"**{txt}**" if d.get("excludes_zero") else txt
 
 
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
-    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
-            *("| " + " | ".join(r) + " |" for r in rows)]
-
-
 def _rows(t: dict[str, Any], columns: tuple[str, ...], decoders=("vanilla", "poly")
           ) -> list[list[str]]:
     rows = []
@@ -150,7 +147,7 @@ def render_markdown(t: dict[str, Any]) -> str:
         "",
         "## Main table (rows = sparsifier × decoder, as the paper's Table 1)",
         "",
-        *_table(["sparsifier", "decoder", *(_label(t, c) for c in MAIN_COLUMNS)],
+        *markdown_table(["sparsifier", "decoder", *(_label(t, c) for c in MAIN_COLUMNS)],
                 _rows(t, MAIN_COLUMNS)),
         "",
     ]
@@ -158,14 +155,14 @@ def render_markdown(t: dict[str, Any]) -> str:
     if ds:
         cols = tuple(f"f1_k1:{d}" for d in ds)
         lines += ["## Probing F1@1 per dataset", "",
-                  *_table(["sparsifier", "decoder", *ds], _rows(t, cols)), ""]
+                  *markdown_table(["sparsifier", "decoder", *ds], _rows(t, cols)), ""]
     lines += ["## Code scale and the W1 confound", "",
               "Raw W1 is scale-equivariant and an SAE's code scale is free (vanilla trades it "
               "against ‖W_dec_i‖, PolySAE against C). These columns measure it on the held-out "
               "rows: ‖z‖ mean code norm, mean z>0 mean active value, ‖atom‖ median linear atom "
               "norm of latents that fired, z·‖atom‖ their product (scale-free), higher-order "
               "share E‖λ2y2+λ3y3‖²/E‖x̂−b‖², FVU with and without the higher-order terms.", "",
-              *_table(["sparsifier", "decoder", *(_label(t, c) for c in SCALE_COLUMNS)],
+              *markdown_table(["sparsifier", "decoder", *(_label(t, c) for c in SCALE_COLUMNS)],
                       _rows(t, SCALE_COLUMNS)), ""]
     reading = []
     for sp, block in t["sparsifiers"].items():
@@ -196,7 +193,7 @@ def render_markdown(t: dict[str, Any]) -> str:
         rrows.append([sp, "poly strength − vanilla cov", "–", "–",
                       _diff(m.get("r_contrast_count", {}).get("diff")),
                       _diff(m.get("r_contrast_logcount", {}).get("diff"))])
-    lines += _table(["sparsifier", "decoder", "r(cov,N) †", "r(cov,logN) †",
+    lines += markdown_table(["sparsifier", "decoder", "r(cov,N) †", "r(cov,logN) †",
                      "r(strength,N) †", "r(strength,logN) †"], rrows) + [""]
     srows = []
     for sp, block in t["sparsifiers"].items():
@@ -220,11 +217,11 @@ def render_markdown(t: dict[str, Any]) -> str:
                   "the selection prompts; the numbers are on the other (reported) prompts only. "
                   "Δ = PolySAE mode − vanilla linear steering, paired over seeds (negative = "
                   "PolySAE better).", "",
-                  *_table(["sparsifier", "SAE:mode", "α chosen", "mean log2 rank",
+                  *markdown_table(["sparsifier", "SAE:mode", "α chosen", "mean log2 rank",
                            "frac. improved", "concept wins vs none", "Δ vs vanilla linear"],
                           srows), ""]
     lines += ["## Protocol: the paper's and ours, named apart", "",
-              *_table(["quantity", "paper (reference code)", "this table"],
+              *markdown_table(["quantity", "paper (reference code)", "this table"],
                       [list(r) for r in PROTOCOL_ROWS]), ""]
     return "\n".join(lines) + "\n"
 

@@ -101,7 +101,7 @@ def _atomic_png(fig, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+def markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
             *["| " + " | ".join(r) + " |" for r in rows]]
 
@@ -118,7 +118,7 @@ def render_markdown(m: dict[str, Any]) -> str:
         rows.append([key] + [_fmt(m["saes"][n]["info"].get(key)) for n in names])
     rows.append(["parameters"] + [_fmt(m["saes"][n]["info"]["params"].get("total"))
                                   for n in names])
-    L += _table(["", *names], rows)
+    L += markdown_table(["", *names], rows)
 
     L += ["", "## Reconstruction (held-out)", ""]
     rec_keys = ["mse_per_token", "mse_saebench", "fvu", "explained_variance", "l0",
@@ -128,7 +128,7 @@ def render_markdown(m: dict[str, Any]) -> str:
     for k in ("ce_clean", "ce_sae", "ce_zero", "ce_loss_recovered", "kl_sae", "kl_recovered"):
         rows.append([k] + [_fmt(m["saes"][n].get("reconstruction", {}).get("ce", {}).get(k))
                            for n in names])
-    L += _table(["metric", *names], rows)
+    L += markdown_table(["metric", *names], rows)
     L += ["", "Density histograms: `density.png`.", ""]
 
     if any("probing" in m["saes"][n] for n in names):
@@ -141,7 +141,7 @@ def render_markdown(m: dict[str, Any]) -> str:
         for ds in blocks[0]["datasets"]:
             rows += [[f"{ds}, k={k}"] + [_fmt(b["datasets"][ds]["f1"][k], 3) for b in blocks]
                      for k in ks]
-        L += _table(["", *cols], rows)
+        L += markdown_table(["", *cols], rows)
         sizes = m.get("probing_sizes", {})
         L += ["", "Split sizes (documents): " + "; ".join(
             f"{ds}: {s['train_docs']} train / {s['test_docs']} test, "
@@ -153,7 +153,7 @@ def render_markdown(m: dict[str, Any]) -> str:
             rows.append([f"**{key}** (median over datasets)"] + [_fmt(b.get(key)) for b in blocks])
             for ds in blocks[0]["datasets"]:
                 rows.append([f"{key}, {ds}"] + [_fmt(b["datasets"][ds].get(key)) for b in blocks])
-        L += _table(["", *cols], rows)
+        L += markdown_table(["", *cols], rows)
         if len(names) == 2:
             # Paper direction: PolySAE over vanilla (2-10x raw W1 reported).
             kinds = [m["saes"][n]["info"]["decoder"] for n in names]
@@ -168,14 +168,14 @@ def render_markdown(m: dict[str, Any]) -> str:
         L += ["## Interactions (polysae's definitions)", ""]
         keys = ["n_pairs", "r_strength_count", "r_strength_logcount", "r_cov_count",
                 "r_cov_logcount"]
-        L += _table(["", *names], [[k] + [_fmt(m["saes"][n].get("interactions", {}).get(k), 3)
+        L += markdown_table(["", *names], [[k] + [_fmt(m["saes"][n].get("interactions", {}).get(k), 3)
                                           for n in names] for k in keys])
         for n in names:
             tp = m["saes"][n].get("interactions", {}).get("top_pairs", [])
             if not tp:
                 continue
             L += ["", f"Top pairs of `{n}` (by strength; by count for a linear decoder):", ""]
-            L += _table(["i", "j", "strength", "N_ij", "top contexts"], [
+            L += markdown_table(["i", "j", "strength", "N_ij", "top contexts"], [
                 [str(p["i"]), str(p["j"]), _fmt(p["strength"]), str(p["count"]),
                  " / ".join(_md_escape(c) for c in p["contexts"])] for p in tp])
         L += ["", "Plot: `interactions.png`.", ""]
@@ -210,12 +210,12 @@ def _steering_section(s: dict[str, Any]) -> list[str]:
                          _fmt(r["report_mean_log2_rank"], 2), _fmt(r["report_frac_improved"], 2),
                          f"{r['concept_wins']}/{r['n_concepts']}",
                          f"{_fmt(ins['mean_log2_rank'], 2)} (alpha {ins['alpha_scale']:g})"])
-    L += _table(["SAE", "direction", "alpha scale (selected)", "mean log2 rank",
+    L += markdown_table(["SAE", "direction", "alpha scale (selected)", "mean log2 rank",
                  "fraction improved", "concepts won vs none",
                  "in-sample best alpha, all prompts (optimistic)"], rows)
     if sm.get("poly_vs_vanilla"):
         L += ["", "PolySAE vs vanilla, per concept (reported prompts, each at its own alpha):", ""]
-        L += _table(["poly", "direction", "vanilla (linear)", "concepts poly better",
+        L += markdown_table(["poly", "direction", "vanilla (linear)", "concepts poly better",
                      "worse", "tied", "mean log2 rank difference", "fraction of cases better"],
                     [[f"`{r['poly']}`", r["mode"], f"`{r['vanilla']}`", str(r["concept_wins"]),
                       str(r["concept_losses"]), str(r["concept_ties"]),
