@@ -23,7 +23,7 @@ _LAZY = {
     "TrainConfig": "polysae.train",
     "train": "polysae.train",
     "evaluate": "polysae.evaluate",
-    "download": "polysae.pretrained",
+    "download": "polysae.cache",
 }
 
 

@@ -4,7 +4,7 @@
 
 - a local folder in any layout :mod:`polysae.formats` reads (polysae, SAELens, reference PolySAE,
   sparsify, Gemma Scope ``params.npz``), or a file inside such a folder;
-- a registry name (``polysae list``), downloaded once into the cache (:mod:`polysae.pretrained`);
+- a registry name (``polysae list``), downloaded once into the cache (:mod:`polysae.cache`);
 - ``hf://owner/repo/path/in/repo@revision`` (revision defaults to ``main``);
 - an ``http(s)://`` URL of a checkpoint folder.
 
@@ -25,16 +25,17 @@ from polysae.sae import SAE
 
 def resolve(source: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> Path:
     """The local folder ``source`` names, downloading it first when it is remote."""
-    from polysae import pretrained
+    from polysae.cache import download, is_remote
+    from polysae.registry import REGISTRY
 
     s = os.fspath(source)
-    if pretrained.is_remote(s):
-        return pretrained.download(s, cache_dir=cache_dir)
+    if is_remote(s):
+        return download(s, cache_dir=cache_dir)
     p = Path(s).expanduser()
     if p.exists():
         return p.parent if p.is_file() else p
-    if s in pretrained.REGISTRY:
-        return pretrained.download(s, cache_dir=cache_dir)
+    if s in REGISTRY:
+        return download(s, cache_dir=cache_dir)
     raise FileNotFoundError(
         f"polysae.load: {s!r} is neither a checkpoint folder, a registry name (see "
         "`polysae list`), hf://owner/repo/path@revision nor an http(s) URL")
@@ -43,11 +44,11 @@ def resolve(source: str | os.PathLike, cache_dir: str | os.PathLike | None = Non
 def load_with_metadata(source: str | os.PathLike, device: torch.device | str | None = None, *,
                        cache_dir: str | os.PathLike | None = None) -> ImportedSAE:
     """Like :func:`load`, also returning the provenance (model, hook, format) of the source."""
-    from polysae import pretrained
+    from polysae.registry import REGISTRY
 
     folder = resolve(source, cache_dir)
     out = read_checkpoint(folder, device=device)
-    entry = pretrained.REGISTRY.get(os.fspath(source))
+    entry = REGISTRY.get(os.fspath(source))
     if entry is not None and not Path(os.fspath(source)).exists():
         # the registry knows model and hook for formats that do not record them (Gemma Scope)
         meta = dict(out.metadata)

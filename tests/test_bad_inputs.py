@@ -668,15 +668,15 @@ def nothing_valid_in(cache: Path) -> None:
 
 
 def _registry_entry(monkeypatch, server, name, **kw):
-    from polysae import pretrained
+    from polysae.registry import REGISTRY, PretrainedEntry
 
     monkeypatch.setenv("HF_ENDPOINT", server.url)
     base = dict(name=name, description="t", model="tiny", hook="blocks.0.x", architecture="topk",
                 format="polysae", files=("config.json", "sae.safetensors"), repo="org/saes",
                 path="layer0")
     base.update(kw)
-    e = pretrained.PretrainedEntry(**base)
-    monkeypatch.setitem(pretrained.REGISTRY, name, e)
+    e = PretrainedEntry(**base)
+    monkeypatch.setitem(REGISTRY, name, e)
     return e
 
 
@@ -753,10 +753,10 @@ def test_download_unknown_registry_name_suggests_the_list(capsys):
 
 def test_registry_entry_replaced_after_download_is_not_trusted(server, cache, monkeypatch):
     """A cached download whose file was swapped afterwards fails its recorded checksum."""
-    from polysae import pretrained
+    from polysae.cache import download
 
     url = f"{server.url}/files/ckpt"
-    folder = pretrained.download(url)
+    folder = download(url)
     w = folder / "sae.safetensors"
     w.write_bytes(w.read_bytes()[:-4] + b"\0\0\0\0")
     with pytest.raises(ValueError, match="corrupt or was replaced"):

@@ -23,9 +23,10 @@ import pytest
 import torch
 
 import polysae
-from polysae import SAE, SAEConfig, pretrained
+from polysae import SAE, SAEConfig
 from polysae.__main__ import main as cli_main
-from polysae.pretrained import MARKER, DownloadError, PretrainedEntry, Source, fetch_folder
+from polysae.cache import MARKER, DownloadError, Source, cached_folder, download, fetch_folder
+from polysae.registry import REGISTRY, PretrainedEntry, load_registry
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
@@ -155,7 +156,7 @@ def test_url_folder_download_cache_and_offline(tmp_path, server, cache, monkeypa
     _same(sae, polysae.load(url))
     assert server.hits["/files/ckpt/config.json"] == 1
     assert server.hits["/files/ckpt/sae.safetensors"] == 1
-    folder = pretrained.cached_folder(url)
+    folder = cached_folder(url)
     assert folder is not None and folder.is_relative_to(cache)
     marker = json.loads((folder / MARKER).read_text())
     assert marker["files"]["sae.safetensors"]["sha256"] == \
@@ -186,8 +187,8 @@ def test_hub_endpoint_registry_download_and_checksum(tmp_path, server, cache, mo
     good = _entry(None, repo="org/saes", path="layer0", sha256=sha)
     bad = replace(good, name="test-bad", revision="v1",
                   sha256={**sha, "sae.safetensors": "0" * 64})
-    monkeypatch.setitem(pretrained.REGISTRY, good.name, good)
-    monkeypatch.setitem(pretrained.REGISTRY, bad.name, bad)
+    monkeypatch.setitem(REGISTRY, good.name, good)
+    monkeypatch.setitem(REGISTRY, bad.name, bad)
 
     with pytest.raises(DownloadError, match="checksum mismatch"):
         polysae.load("test-bad")
@@ -200,10 +201,10 @@ def test_hub_endpoint_registry_download_and_checksum(tmp_path, server, cache, mo
     _same(sae, polysae.load("hf://org/saes/layer0@main"))
     # a registry file the repo lacks: a clear 404 error, nothing left that looks valid
     missing = replace(good, name="test-missing", path="nope")
-    monkeypatch.setitem(pretrained.REGISTRY, missing.name, missing)
+    monkeypatch.setitem(REGISTRY, missing.name, missing)
     before = set(_looks_valid_anywhere(cache))
     with pytest.raises(DownloadError, match="not found"):
-        pretrained.download("test-missing")
+        download("test-missing")
     assert set(_looks_valid_anywhere(cache)) == before
     # offline: the cached entry still loads, with no request
     n = sum(server.hits.values())
@@ -227,7 +228,7 @@ def test_http_failures_leave_nothing_valid(tmp_path, server, cache, mode, match)
         fetch_folder(src, files=("sae.safetensors", "config.json"), sha256=sha, timeout=0.3)
     assert time.monotonic() - t0 < 10
     assert _looks_valid_anywhere(cache) == []
-    assert pretrained.cached_folder(src.url) is None
+    assert cached_folder(src.url) is None
     if mode == "checksum":  # a corrupt body is deleted, not kept for resume
         assert not any(p.name.endswith(".part") for p in cache.rglob("*"))
 
@@ -250,15 +251,15 @@ def test_probe_404_and_truncated_download_resumes(tmp_path, server, cache):
 def test_paths_escaping_the_cache_are_refused(tmp_path, server, cache, monkeypatch):
     for bad in ("hf://org/repo/../../etc@main", "hf://org/repo/a\\b", "hf://org/repo/x@.."):
         with pytest.raises((DownloadError, ValueError), match="refusing|expected"):
-            pretrained.download(bad)
+            download(bad)
     evil = _entry(None, name="test-evil", repo="org/saes", files=("../../outside.json",))
-    monkeypatch.setitem(pretrained.REGISTRY, evil.name, evil)
+    monkeypatch.setitem(REGISTRY, evil.name, evil)
     with pytest.raises(DownloadError, match="refusing"):
-        pretrained.download("test-evil")
+        download("test-evil")
     absolute = replace(evil, name="test-abs", files=("/tmp/x.json",))
-    monkeypatch.setitem(pretrained.REGISTRY, absolute.name, absolute)
+    monkeypatch.setitem(REGISTRY, absolute.name, absolute)
     with pytest.raises(DownloadError, match="refusing"):
-        pretrained.download("test-abs")
+        download("test-abs")
     # a symlink planted inside the cache is not followed
     outside = tmp_path / "outside"
     outside.mkdir()
@@ -280,7 +281,7 @@ def test_concurrent_downloads_share_one_transfer(tmp_path, server, cache):
 
     def worker():
         try:
-            out.append(pretrained.download(url, timeout=5))
+            out.append(download(url, timeout=5))
         except Exception as e:  # noqa: BLE001 - reported below
             errors.append(e)
 
@@ -326,9 +327,9 @@ def test_registry_entries_load_through_their_converters(tmp_path, server, cache,
     g = torch.Generator().manual_seed(1)
     d, f = 6, 10
     r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
-    jb = pretrained.REGISTRY["gpt2-small-res-jb-L8"]
-    gs = pretrained.REGISTRY["gemma-scope-2b-pt-res-L12-16k"]
-    sp = pretrained.REGISTRY["pythia-160m-32k-L6"]
+    jb = REGISTRY["gpt2-small-res-jb-L8"]
+    gs = REGISTRY["gemma-scope-2b-pt-res-L12-16k"]
+    sp = REGISTRY["pythia-160m-32k-L6"]
     layouts = {  # keyed by name: entries hold a sha256 dict, so they are not hashable
         jb.name: {"cfg.json": json.dumps({"model_name": "gpt2-small", "hook_point": jb.hook,
                                      "d_in": d, "d_sae": f}).encode(),
@@ -345,7 +346,7 @@ def test_registry_entries_load_through_their_converters(tmp_path, server, cache,
              b_dec=r(d).numpy(), threshold=r(f).abs().numpy())
     layouts[gs.name] = {"params.npz": buf.getvalue()}
     for name_, files in layouts.items():
-        e = pretrained.REGISTRY[name_]
+        e = REGISTRY[name_]
         assert set(files) == set(e.files)
         for name, body in files.items():
             server.files[f"hub/{e.repo}/{e.path}/{name}"] = body
@@ -353,7 +354,7 @@ def test_registry_entries_load_through_their_converters(tmp_path, server, cache,
     from polysae.loader import load_with_metadata
 
     for name_ in layouts:
-        e = pretrained.REGISTRY[name_]
+        e = REGISTRY[name_]
         out = load_with_metadata(e.name)
         assert out.format == e.format and out.metadata["hook"] == e.hook
         assert (out.sae.cfg.d_in, out.sae.cfg.d_sae) == (d, f)
@@ -364,15 +365,15 @@ def test_registry_entries_load_through_their_converters(tmp_path, server, cache,
 
 # -- registry integrity -----------------------------------------------------------------------
 def test_every_registry_entry_is_pinned():
-    assert len(pretrained.REGISTRY) >= 28
-    for e in pretrained.REGISTRY.values():
+    assert len(REGISTRY) >= 28
+    for e in REGISTRY.values():
         assert e.repo and re.fullmatch(r"[0-9a-f]{40}", e.revision), e.name
         assert e.source.endswith("@" + e.revision)
         assert set(e.sha256) <= set(e.files), e.name
         assert all(re.fullmatch(r"[0-9a-f]{64}", h) for h in e.sha256.values()), e.name
         assert e.verified == all(f in e.sha256 for f in e.files)
     # the entries whose hashes are published carry them
-    assert pretrained.REGISTRY["gpt2-small-res-jb-L7"].verified
+    assert REGISTRY["gpt2-small-res-jb-L7"].verified
 
 
 def _registry_file(tmp_path: Path, **entry) -> Path:
@@ -397,7 +398,7 @@ def _registry_file(tmp_path: Path, **entry) -> Path:
 def test_load_registry_refuses_unpinned_or_malformed_entries(tmp_path, entry, match):
     p = _registry_file(tmp_path, **entry)
     with pytest.raises(ValueError, match=match) as err:
-        pretrained.load_registry(p)
+        load_registry(p)
     assert str(p) in str(err.value) and "entry 0 (x)" in str(err.value)
 
 
@@ -408,24 +409,24 @@ def test_pinned_entry_downloads_its_revision_and_checks_sha256(tmp_path, server,
         server.files[f"hub/org/saes/layer0/{name}"] = body
     monkeypatch.setenv("HF_ENDPOINT", server.url)
     sha = {n: hashlib.sha256(b).hexdigest() for n, b in files.items()}
-    good = pretrained.load_registry(_registry_file(tmp_path, name="pinned-ok", sha256=sha))
+    good = load_registry(_registry_file(tmp_path, name="pinned-ok", sha256=sha))
     (tmp_path / "bad").mkdir()
-    bad = pretrained.load_registry(_registry_file(
+    bad = load_registry(_registry_file(
         tmp_path / "bad", name="pinned-bad", sha256={**sha, "sae.safetensors": "e" * 64}))
-    partial = pretrained.load_registry(_registry_file(
+    partial = load_registry(_registry_file(
         tmp_path / "bad", name="pinned-partial", sha256={"config.json": sha["config.json"]}))
     for reg in (good, bad, partial):
         for k, v in reg.items():
-            monkeypatch.setitem(pretrained.REGISTRY, k, v)
+            monkeypatch.setitem(REGISTRY, k, v)
     assert good["pinned-ok"].verified and not partial["pinned-partial"].verified
     with pytest.raises(DownloadError, match="checksum mismatch for sae.safetensors"):
-        pretrained.download("pinned-bad")
+        download("pinned-bad")
     assert _looks_valid_anywhere(cache) == []
     _same(sae, polysae.load("pinned-ok"))
     # the request went to the pinned commit, never to a branch
     assert any(f"/resolve/{COMMIT}/layer0/sae.safetensors" in p for p in server.hits)
     assert not any("/resolve/main/" in p for p in server.hits)
-    marker = json.loads((pretrained.cached_folder("pinned-ok") / MARKER).read_text())
+    marker = json.loads((cached_folder("pinned-ok") / MARKER).read_text())
     assert {n: marker["files"][n]["sha256"] for n in sha} == sha
 
 
@@ -442,5 +443,5 @@ def test_cli_list_marks_unverified_entries(cache, capsys, monkeypatch):
     assert cli_main(["list", "--verified", "--json"]) == 0
     shown = json.loads(capsys.readouterr().out)
     assert shown and all(r["verified"] for r in shown)
-    assert {r["name"] for r in shown} == {e.name for e in pretrained.REGISTRY.values()
+    assert {r["name"] for r in shown} == {e.name for e in REGISTRY.values()
                                           if e.verified}

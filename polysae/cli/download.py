@@ -21,8 +21,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    from polysae.cache import download, is_remote
     from polysae.cli import CLIError
-    from polysae.pretrained import REGISTRY, download, is_remote
+    from polysae.registry import REGISTRY
 
     if args.timeout <= 0:
         raise CLIError(f"--timeout must be positive, got {args.timeout}")

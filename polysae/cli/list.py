@@ -23,7 +23,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     import json
 
-    from polysae.pretrained import entry_info, list_entries
+    from polysae.cache import entry_info
+    from polysae.registry import list_entries
 
     f = args.filter.lower()
     rows = [entry_info(e, args.cache_dir) for e in list_entries()

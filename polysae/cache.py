@@ -1,12 +1,9 @@
-"""Pretrained dictionaries: a small registry and a download cache. The only module that touches
-the network.
+"""The download cache of pretrained dictionaries: the only module that touches the network.
 
-Sources:
+Sources (:func:`download`):
 
-- a registry name (``polysae list``), e.g. ``gpt2-small-res-jb-L8``. The registry is data,
-  ``polysae/registry.json`` (:func:`load_registry`): every entry pins its repo to a commit, and
-  lists the sha256 of the files whose hash is published; those are checked on download, and an
-  entry lacking one for any file is shown as unverified;
+- a registry name (``polysae list``, :mod:`polysae.registry`), e.g. ``gpt2-small-res-jb-L8``: the
+  entry's repo at its pinned commit; the files whose sha256 the registry lists are checked;
 - ``hf://owner/repo/path/inside@revision`` (revision defaults to ``main``), fetched through
   ``huggingface_hub`` (so ``HF_ENDPOINT``, tokens and proxies work as usual);
 - an ``http(s)://`` URL of a checkpoint *folder*, fetched with plain ``urllib``.
@@ -46,15 +43,20 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, NamedTuple, Sequence
+
+from polysae.fileio import atomic_write_text, sha256_file
+from polysae.registry import REGISTRY, PretrainedEntry
 
 log = logging.getLogger(__name__)
 
 CACHE_ENV = "POLYSAE_CACHE"
+"""Environment variable naming the cache folder (default ``~/.cache/polysae``)."""
 MARKER = ".polysae-download.json"
+"""The file that marks a cached folder complete (written last; records each file's sha256/size)."""
 DEFAULT_TIMEOUT = 60.0
+"""Network timeout per request, in seconds."""
 _CHUNK = 1 << 20
 
 
@@ -63,118 +65,6 @@ class DownloadError(ValueError):
 
     A ``ValueError`` so the CLI reports it as one line with exit code 1; nothing that looks like a
     complete download is left behind when it is raised."""
-
-
-@dataclass(frozen=True)
-class PretrainedEntry:
-    """One public dictionary the registry knows."""
-
-    name: str
-    """Registry name (``polysae download NAME``)."""
-    description: str
-    """One line for ``polysae list``."""
-    model: str
-    """Model the SAE reads (transformer-lens / Hugging Face name)."""
-    hook: str
-    """transformer-lens hook name of the activations it encodes."""
-    architecture: str
-    """Sparsifier family: ``relu`` (SAELens standard), ``topk``, ``jumprelu``, ``poly``..."""
-    format: str
-    """Checkpoint layout (see :mod:`polysae.formats`)."""
-    files: tuple[str, ...]
-    """File names inside the folder."""
-    repo: str | None = None
-    """Hugging Face repo id, or None for a plain URL."""
-    path: str = ""
-    """Folder inside the repo."""
-    revision: str = "main"
-    """Git revision of the repo; registry entries pin a full commit hash."""
-    url: str | None = None
-    """Base URL of the folder for non-Hub entries."""
-    sha256: Mapping[str, str] = field(default_factory=dict)
-    """Known sha256 per file; files not listed are recorded (not checked) on first download."""
-    d_in: int | None = None
-    """Input width, for display."""
-    d_sae: int | None = None
-    """Number of latents, for display."""
-
-    @property
-    def verified(self) -> bool:
-        """Whether every file has a known sha256 (checked on download)."""
-        return bool(self.files) and all(self.sha256.get(f) for f in self.files)
-
-    @property
-    def source(self) -> str:
-        if self.repo:
-            return f"hf://{self.repo}/{self.path}@{self.revision}".replace("/@", "@")
-        return str(self.url)
-
-
-REGISTRY_FILE = "registry.json"
-"""The registry's data file inside the package (``polysae/registry.json``)."""
-_COMMIT = re.compile(r"[0-9a-f]{40}")
-_SHA256 = re.compile(r"[0-9a-f]{64}")
-
-
-def load_registry(path: str | os.PathLike | None = None) -> dict[str, PretrainedEntry]:
-    """Read and check a registry file (default: the bundled ``registry.json``).
-
-    Every Hub entry must pin ``revision`` to a full 40-hex commit (a branch such as ``main``
-    could change under the same name); ``sha256`` values must be 64-hex digests of files the
-    entry lists. Errors are ``ValueError`` naming the file and the entry."""
-    if path is None:
-        from importlib import resources
-
-        where = f"polysae/{REGISTRY_FILE}"
-        text = resources.files("polysae").joinpath(REGISTRY_FILE).read_text("utf-8")
-    else:
-        where = str(path)
-        text = Path(path).read_text("utf-8")
-    try:
-        doc = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{where}: not valid JSON ({e})") from None
-    if not isinstance(doc, dict) or not isinstance(doc.get("entries"), list):
-        raise ValueError(f"{where}: expected an object with a list 'entries'")
-    out: dict[str, PretrainedEntry] = {}
-    fields = {f for f in PretrainedEntry.__dataclass_fields__}
-    for n, raw in enumerate(doc["entries"]):
-        name = raw.get("name") if isinstance(raw, dict) else repr(raw)
-        label = f"{where}: entry {n} ({name})"
-        if not isinstance(raw, dict):
-            raise ValueError(f"{label}: expected an object")
-        unknown = sorted(set(raw) - fields)
-        if unknown:
-            raise ValueError(f"{label}: unknown fields {unknown}")
-        try:
-            e = PretrainedEntry(**{**raw, "files": tuple(raw.get("files", ())),
-                                   "sha256": dict(raw.get("sha256") or {})})
-        except TypeError as err:
-            raise ValueError(f"{label}: {err}") from None
-        if not e.files:
-            raise ValueError(f"{label}: lists no files")
-        if e.repo and not _COMMIT.fullmatch(e.revision):
-            raise ValueError(f"{label}: revision {e.revision!r} is not a 40-hex commit; pin "
-                             "every Hub entry to the commit its files were checked at")
-        if not e.repo and not e.url:
-            raise ValueError(f"{label}: needs a repo or a url")
-        for f, h in e.sha256.items():
-            if f not in e.files:
-                raise ValueError(f"{label}: sha256 given for {f!r}, which is not in its files")
-            if not isinstance(h, str) or not _SHA256.fullmatch(h):
-                raise ValueError(f"{label}: sha256 of {f!r} must be 64 lowercase hex digits")
-        if e.name in out:
-            raise ValueError(f"{label}: duplicate name {e.name!r}")
-        out[e.name] = e
-    return out
-
-
-# Public releases checked by name against code that loads them (SAELens loaders, sparsify's
-# load_from_hub users, Gemma Scope tutorials), each pinned to a commit of its repo. Where a
-# file's sha256 is published it is listed and checked on download; the other entries show as
-# unverified in `polysae list`; their first download records the hash and size it saw in the
-# cache marker (later loads from the cache check the sizes against it).
-REGISTRY: dict[str, PretrainedEntry] = load_registry()
 
 
 class Source(NamedTuple):
@@ -194,6 +84,7 @@ class Source(NamedTuple):
 
 # -- sources ----------------------------------------------------------------------------------
 def is_remote(source: str) -> bool:
+    """Whether ``source`` names a remote folder (``hf://``, ``http://`` or ``https://``)."""
     return source.startswith(("hf://", "http://", "https://"))
 
 
@@ -366,14 +257,12 @@ def _fetch_locked(src: Source, files: Sequence[str] | None, sha256: dict[str, st
     record = {}
     for name in order:
         p = got[name]
-        record[name] = {"sha256": _sha256(p), "size": p.stat().st_size}
+        record[name] = {"sha256": sha256_file(p), "size": p.stat().st_size}
         dest = final / name
         dest.parent.mkdir(parents=True, exist_ok=True)
         os.replace(p, dest)
     doc = {"source": label, "files": record, "downloaded_at": time.strftime(
         "%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    from polysae.sae import atomic_write_text
-
     atomic_write_text(final / MARKER, json.dumps(doc, indent=2))
     shutil.rmtree(partial, ignore_errors=True)
     log.info("downloaded %s -> %s", label, final)
@@ -402,18 +291,10 @@ def _probe_layout(get: Callable[[str, bool], Path | None], label: str) -> dict[s
                         "params.npz exists)")
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(_CHUNK), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _verify(path: Path, want: str | None, label: str, name: str) -> None:
     if not want:
         return
-    got = _sha256(path)
+    got = sha256_file(path)
     if got != want.lower():
         path.unlink(missing_ok=True)
         raise DownloadError(f"{label}: checksum mismatch for {name} (sha256 {got[:16]}..., "
@@ -520,10 +401,6 @@ def _get_hf(src: Source, name: str, partial: Path, sha: str | None, timeout: flo
     return dest
 
 
-def list_entries() -> list[PretrainedEntry]:
-    return sorted(REGISTRY.values(), key=lambda e: e.name)
-
-
 def entry_info(e: PretrainedEntry, cache_dir: str | os.PathLike | None = None) -> dict[str, Any]:
     """A JSON-ready description of an entry, with its cache state."""
     folder = cached_folder(e.name, cache_dir)
@@ -534,6 +411,6 @@ def entry_info(e: PretrainedEntry, cache_dir: str | os.PathLike | None = None) -
             "cached": str(folder) if folder else None}
 
 
-__all__ = ["REGISTRY", "REGISTRY_FILE", "load_registry", "PretrainedEntry", "DownloadError",
-           "Source", "download", "fetch_folder", "parse_source", "cache_root", "cached_folder",
-           "is_offline", "is_remote", "list_entries", "entry_info", "MARKER", "CACHE_ENV"]
+__all__ = ["DownloadError", "Source", "download", "fetch_folder", "parse_source", "cache_root",
+           "cached_folder", "is_offline", "is_remote", "entry_info", "MARKER", "CACHE_ENV",
+           "DEFAULT_TIMEOUT"]
