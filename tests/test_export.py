@@ -124,11 +124,11 @@ def test_sparsify_poly_refused_or_linearised(tmp_path):
 
 
 def test_sparsify_hookpoint_inverts_the_reader():
-    from polysae.formats import _sparsify_hook
+    from polysae.formats import sparsify_hook
 
     for hook in ("blocks.0.hook_resid_post", "blocks.11.hook_mlp_out",
                  "blocks.4.hook_attn_out"):
-        assert _sparsify_hook(sparsify_hookpoint(hook)) == hook
+        assert sparsify_hook(sparsify_hookpoint(hook)) == hook
     assert sparsify_hookpoint("blocks.2.hook_resid_pre") is None
     assert sparsify_hookpoint(None) is None
 
@@ -143,7 +143,7 @@ def test_export_refuses_a_folder_of_another_layout(tmp_path):
 
 
 def test_interrupted_sparsify_export_leaves_no_valid_looking_folder(tmp_path, monkeypatch):
-    import polysae.formats as fm
+    import polysae.formats.sparsify as fm  # the module that writes sparsify's cfg.json
 
     def boom(*a, **k):
         raise OSError("disk full")
