@@ -33,6 +33,20 @@ class DecodeTerms(NamedTuple):
     cubic: Tensor
     """[N, D] ``lambda3 * y3``."""
 
+class PairFactors(NamedTuple):
+    """The factors of a poly decoder's pairwise atoms: ``B_ij = C2 (u[i] * v[j])``, so
+    ``y2 = sum_ij z_i z_j B_ij`` (see :meth:`PolyDecoder.pair_factors`)."""
+
+    u: Tensor
+    """[F, R2] ``U[:, :R2]``: the first factor of every latent."""
+    v: Tensor
+    """[F, R2] ``U2[:, :R2]`` with a separate U2, else ``U[:, :R2]`` (the same tensor as ``u``)."""
+    C2: Tensor
+    """[D, R2] the quadratic output map."""
+    shared: bool
+    """True when U is shared (``v`` is ``u``, so ``B_ij = B_ji``)."""
+
+
 
 class LinearDecoder(nn.Module):
     """x_hat = b_dec + z @ W_dec, W_dec [F, D]. Initialised by the SAE (rows of norm 0.1)."""
@@ -67,6 +81,10 @@ class LinearDecoder(nn.Module):
         return self.W_dec
 
     def pair_atoms(self, i: Tensor, j: Tensor) -> Tensor:
+        raise ValueError("a linear decoder has no pairwise atoms (use decoder='poly')")
+
+    def pair_factors(self) -> PairFactors:
+        """Poly decoders only: a linear decoder has no pairwise atoms (ValueError)."""
         raise ValueError("a linear decoder has no pairwise atoms (use decoder='poly')")
 
     def triple_atoms(self, i: Tensor, j: Tensor, k: Tensor) -> Tensor:
@@ -190,6 +208,15 @@ class PolyDecoder(nn.Module):
         r2 = self.C2.shape[1]
         i, j = torch.as_tensor(i, device=self.U.device), torch.as_tensor(j, device=self.U.device)
         return (self.U[i, :r2] * self._u2()[j, :r2]) @ self.C2.T
+
+    def pair_factors(self) -> PairFactors:
+        """The factors of every pairwise atom at once, ``B_ij = C2 (u[i] * v[j])`` (views of the
+        parameters, not copies): for computations over all pairs that must not build the
+        F x F x D tensor of atoms (e.g. :func:`polysae.interactions.pair_candidates`)."""
+        if self.C2 is None:
+            raise ValueError("order < 2: this decoder has no pairwise atoms")
+        r2 = self.C2.shape[1]
+        return PairFactors(self.U[:, :r2], self._u2()[:, :r2], self.C2, self.U2 is None)
 
     def triple_atoms(self, i: Tensor, j: Tensor, k: Tensor) -> Tensor:
         """[P, D]: Gamma_ijk = C3 (u_i[:R3] * u'_j[:R3] * u''_k[:R3])."""

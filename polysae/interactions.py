@@ -118,6 +118,112 @@ def pair_strength(sae: Any, i: Tensor, j: Tensor, *, chunk: int = 65536) -> Tens
     return out
 
 
+@torch.no_grad()
+def interaction_atoms(sae: Any, i: Tensor, j: Tensor) -> Tensor:
+    """[P, D] the output direction of each pair: lambda2 * B_ij, symmetrised to
+    lambda2 * (B_ij + B_ji) / 2 with a separate U2 (so it is the atom whose norm
+    :func:`pair_strength` reports). ValueError for a decoder without pairwise atoms."""
+    dec = sae.decoder
+    lam = float(dec.lambda2.detach())
+    atoms = lam * dec.pair_atoms(i, j)
+    if getattr(dec, "U2", None) is not None:
+        atoms = 0.5 * (atoms + lam * dec.pair_atoms(j, i))
+    return atoms
+
+
+class PairCandidates(NamedTuple):
+    """Candidate latent pairs (i < j) with their interaction strength, strongest first."""
+
+    i: Tensor
+    """[P] int64 first latent."""
+    j: Tensor
+    """[P] int64 second latent."""
+    strength: Tensor
+    """[P] float |lambda2| * ||B_ij||."""
+
+
+@torch.no_grad()
+def pair_candidates(sae: Any, n: int, block: int = 2048) -> PairCandidates:
+    """The ``n`` pairs i < j with the largest |lambda2| * ||B_ij|| over all d_sae^2 / 2 pairs,
+    strongest first (B_ij = C2 (u_i[:R2] * u_j[:R2]); with a separate U2 the symmetrised
+    (B_ij + B_ji) / 2, as :func:`pair_strength` defines it). Empty for a decoder without pairwise
+    atoms (linear, or order 1) and for ``n <= 0``.
+
+    Built on the decoder's factors (``decoder.pair_factors()``), never the F x F x D atoms:
+    ||B_ij||^2 = sum_ab G_ab u_ia u_ib v_ja v_jb with G = C2^T C2, i.e. p_i^T diag(g) p'_j with
+    p_i = vec(u_i u_i^T): one GEMM per ``block`` x ``block`` latents. With a shared U (the
+    paper's mode) p is symmetric, so only a <= b is kept (off-diagonal weight 2)."""
+    dec = sae.decoder
+    empty = PairCandidates(torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int64),
+                           torch.zeros(0))
+    if n <= 0:
+        return empty
+    try:
+        fac = dec.pair_factors()
+    except (AttributeError, ValueError):  # no pairwise atoms
+        return empty
+    r2 = fac.C2.shape[1]
+    U = fac.u.detach().float().cpu()
+    U2 = fac.v.detach().float().cpu()
+    G = (fac.C2.T @ fac.C2).detach().float().cpu()
+    if fac.shared:
+        a, b = torch.triu_indices(r2, r2)
+        g = G[a, b] * torch.where(a == b, 1.0, 2.0)
+
+        def right(rows: Tensor) -> Tensor:
+            M = U[rows]
+            return M[:, a] * M[:, b]
+
+        def left(rows: Tensor) -> Tensor:
+            return right(rows) * g
+    else:
+        # separate U2: the pair's output direction is the symmetrised (B_ij + B_ji) / 2. With
+        # a = U[:, :R2], b = U2[:, :R2]:
+        # ||C2 (a_i*b_j + a_j*b_i) / 2||^2 = (P_a[i] g P_b[j] + P_b[i] g P_a[j]
+        #                                    + 2 M[i] g M'[j]) / 4,
+        # P_x[i] = vec(x_i x_i^T), M[i] = vec(a_i b_i^T), M'[j] = vec(b_j a_j^T).
+        g = G.reshape(-1)
+
+        def outer(x: Tensor, y: Tensor) -> Tensor:
+            return (x[:, :, None] * y[:, None, :]).reshape(x.shape[0], -1)
+
+        def left(rows: Tensor) -> Tensor:
+            a, b = U[rows], U2[rows]
+            return torch.cat([outer(a, a) * g, outer(b, b) * g, 2 * outer(a, b) * g], 1) / 4
+
+        def right(rows: Tensor) -> Tensor:
+            a, b = U[rows], U2[rows]
+            return torch.cat([outer(b, b), outer(a, a), outer(b, a)], 1)
+    F_ = U.shape[0]
+    best_v = torch.zeros(0)
+    best_i = torch.zeros(0, dtype=torch.int64)
+    best_j = torch.zeros(0, dtype=torch.int64)
+    for s in range(0, F_, block):
+        e = min(F_, s + block)
+        P = left(torch.arange(s, e))
+        for t in range(s, F_, block):
+            f = min(F_, t + block)
+            S = P @ right(torch.arange(t, f)).T  # [bs, bt] squared norms
+            ii = torch.arange(s, e)[:, None]
+            jj = torch.arange(t, f)[None, :]
+            S = S.masked_fill(jj <= ii, float("-inf"))
+            k = min(n, S.numel())
+            v, flat = S.flatten().topk(k)
+            v_i = flat // (f - t) + s
+            v_j = flat % (f - t) + t
+            best_v = torch.cat([best_v, v])
+            best_i = torch.cat([best_i, v_i])
+            best_j = torch.cat([best_j, v_j])
+            if best_v.numel() > n:
+                v, o = best_v.topk(n)
+                best_v, best_i, best_j = v, best_i[o], best_j[o]
+    ok = torch.isfinite(best_v)
+    best_v, best_i, best_j = best_v[ok], best_i[ok], best_j[ok]
+    o = torch.argsort(best_v, descending=True, stable=True)
+    lam = abs(float(dec.lambda2.detach()))
+    return PairCandidates(best_i[o], best_j[o], lam * best_v[o].clamp_min(0).sqrt())
+
+
 def _pearson(a: np.ndarray, b: np.ndarray) -> float | None:
     if len(a) < 3 or np.std(a) == 0 or np.std(b) == 0:
         return None

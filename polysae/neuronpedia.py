@@ -15,10 +15,12 @@ SAEDashboard fills from analyses polysae does not run (correlated neurons / feat
 head weights) are present and empty.
 
 The statistics come from the feature browser's one streaming pass
-(:func:`polysae.browser.stream_stats`); interaction pairs are the ``n_pairs`` co-active pairs with
-the largest |lambda2| * ||B_ij|| (:func:`polysae.interactions.top_pairs`, counted exactly by
-:func:`polysae.interactions.cooccurrence` in a first pass), and their contexts are collected in the
-same pass as the features'. The folder is written under a temporary name and renamed into place.
+(:func:`polysae.browser.stats.stream_stats`, summarised by
+:func:`~polysae.browser.stats.feature_summary`); interaction pairs are the ``n_pairs`` co-active
+pairs with the largest |lambda2| * ||B_ij|| (:func:`polysae.interactions.top_pairs`, counted
+exactly by :func:`polysae.interactions.cooccurrence` in a first pass), and their contexts are
+collected in the same pass as the features'. The folder is written under a temporary name and
+renamed into place.
 """
 
 from __future__ import annotations
@@ -36,6 +38,12 @@ from typing import Any, Callable, Iterator, NamedTuple
 
 import torch
 from torch import Tensor
+
+from polysae.browser.site import residual_space
+from polysae.browser.stats import BrowseConfig, feature_summary, hist_centres, stream_stats
+from polysae.browser.text import TokenText, context_windows
+from polysae.fileio import atomic_write_text
+from polysae.interactions import PairCandidates, cooccurrence, interaction_atoms, top_pairs
 
 log = logging.getLogger(__name__)
 
@@ -206,11 +214,9 @@ def _check_out(out: Path) -> None:
 
 
 def _write_json(path: Path, doc: Any) -> None:
-    text = json.dumps(doc, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
-    with open(path, "w", encoding="utf-8") as f:  # dumps: the C encoder (dump is pure Python)
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
+    # dumps, not dump: the C encoder (dump is pure Python)
+    atomic_write_text(path, json.dumps(doc, ensure_ascii=False, allow_nan=False,
+                                       separators=(",", ":")))
 
 
 class _Windows:
@@ -218,16 +224,12 @@ class _Windows:
 
     def __init__(self, token_ids: Tensor, doc_ids: Tensor | None, positions: Tensor | None,
                  tokenizer: Any, left: int, right: int):
-        from polysae.browser import TokenText
-
         self.token_ids, self.doc_ids, self.positions = token_ids, doc_ids, positions
         self.text = TokenText(tokenizer)
         self.left, self.right = left, right
 
     def get(self, rows: Tensor) -> tuple[Tensor, Tensor, list[list[str]]]:
         """rows [M] -> (ids [M, W], valid [M, W], pieces per window)."""
-        from polysae.browser import context_windows
-
         ids, ok, ov = context_windows(rows, self.token_ids, self.doc_ids, self.left, self.right,
                                       self.text, self.positions)
         pieces = []
@@ -266,8 +268,6 @@ def export_neuronpedia_from_rows(
     ``token_ids`` / ``doc_ids`` / ``positions`` [n_rows] align with the rows; ``tokenizer``
     (``.decode(list[int]) -> str``) gives the token text; ``W_U`` [d_in, vocab] the logit
     effects. ``meta`` may name ``model``, ``hook``, ``dataset`` and ``ctx`` (tokens per prompt)."""
-    from polysae.browser import BrowseConfig, PairCandidates, stream_stats
-
     cfg = config or NeuronpediaConfig()
     meta = dict(meta or {})
     out = Path(out_dir)
@@ -299,8 +299,6 @@ def export_neuronpedia_from_rows(
     dec = sae.decoder
     poly = getattr(dec, "kind", "") == "poly" and getattr(dec, "C2", None) is not None
     if poly and cfg.n_pairs > 0:
-        from polysae.interactions import cooccurrence, top_pairs
-
         # large batches: cooccurrence merges its pair table once per batch
         st_pairs = cooccurrence(sae, (b.to(dev) for b in _batches(
             read_rows, n_rows, max(cfg.chunk_rows, 4096))))
@@ -325,9 +323,9 @@ def export_neuronpedia_from_rows(
     al_v, al_i = atoms.abs().topk(n_al, dim=1)
     al_signed = atoms.gather(1, al_i)
     al_l1 = al_v / atoms.abs().sum(1, keepdim=True).clamp_min(1e-12)
-    density = st.count.double() / st.n_rows
-    edges = torch.linspace(cfg.hist_lo, cfg.hist_hi, cfg.hist_bins + 1, dtype=torch.float64)
-    centres = 10 ** ((edges[:-1] + edges[1:]) / 2)
+    summary = feature_summary(st)
+    density = summary.density
+    centres = hist_centres(cfg.hist_lo, cfg.hist_hi, cfg.hist_bins)
     n_prompts = count_prompts(positions, n_rows)
     ctx_len = meta.get("ctx")
     dataset = str(meta.get("dataset") or "")
@@ -347,7 +345,7 @@ def export_neuronpedia_from_rows(
             ents = windows.entries(st.top_row[b0:b1], st.top_val[b0:b1])
             feats = []
             for f in range(b0, b1):
-                mx = float(st.top_val[f, 0]) if math.isfinite(float(st.top_val[f, 0])) else 0.0
+                mx = float(summary.max[f])
                 acts = []
                 for t, (toks, keep, peak) in enumerate(ents[f - b0]):
                     vals = st.top_ctx[f, t, keep].clamp_min(0)
@@ -416,10 +414,7 @@ def _write_interactions(path: Path, sae, top: list, st, windows: _Windows, W_U: 
     ii = torch.tensor([p.i for p in top])
     jj = torch.tensor([p.j for p in top])
     lam = float(dec.lambda2.detach())
-    with torch.no_grad():
-        atoms = lam * dec.pair_atoms(ii, jj)
-        if getattr(dec, "U2", None) is not None:
-            atoms = 0.5 * (atoms + lam * dec.pair_atoms(jj, ii))
+    atoms = interaction_atoms(sae, ii, jj)
     eff = logit_effects(atoms.float().cpu(), W_U, cfg.n_logit_tokens, cfg.logit_hist_bins)
     ents = windows.entries(st.pair_row, st.pair_val)
     rows = []
@@ -457,8 +452,6 @@ def export_neuronpedia(sae, store, out_dir: str | os.PathLike, model=None, token
                        progress: bool = False) -> NeuronpediaExport:
     """The export over an :class:`~polysae.store.ActivationStore` (unshuffled, e.g. the held-out
     split); ``model`` (a HookedTransformer) supplies ``W_U`` and the tokenizer."""
-    from polysae.browser import residual_space
-
     if model is not None and tokenizer is None:
         tokenizer = getattr(model, "tokenizer", None)
     W_U = getattr(model, "W_U", None) if model is not None else None

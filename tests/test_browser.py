@@ -28,9 +28,11 @@ from polysae import SAE, SAEConfig
 from polysae.browser import (
     BrowseConfig,
     TokenText,
-    _logit_tops,
-    _TopPool,
+    TopPool,
     build_site_from_arrays,
+    feature_summary,
+    hist_centres,
+    logit_tops,
     pair_candidates,
     stream_stats,
 )
@@ -153,7 +155,7 @@ def expected_window(token_ids, doc_ids, row, left, right) -> str:
 def test_top_pool_matches_dense_topk(gen):
     S, T, N = 6, 5, 400
     vals = torch.rand(N, S, generator=gen) * (torch.rand(N, S, generator=gen) < 0.3)
-    pool = _TopPool(S, T, 1, 3)
+    pool = TopPool(S, T, 1, 3)
     for s in range(0, N, 37):  # chunked, uneven
         chunk = vals[s:s + 37]
         r, sl = chunk.nonzero(as_tuple=True)
@@ -228,6 +230,15 @@ def test_stream_stats_match_dense_encode(gen):
             want = torch.stack([z[q, f] if 0 <= q < 700 else torch.tensor(0.0)
                                 for q in range(r - 3, r + 3)])
             torch.testing.assert_close(st.top_ctx[f, t], want)
+    summ = feature_summary(st)  # density, mean active value, max: dense references
+    fired = (z > 0).sum(0)
+    torch.testing.assert_close(summ.density, fired.double() / 700)
+    ref_mean = torch.where(fired > 0, z.double().sum(0) / fired.clamp(min=1), 0.0)
+    torch.testing.assert_close(summ.mean, ref_mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(summ.max, z.max(0).values.clamp(min=0))
+    edges = np.linspace(-2, 1, 13)
+    np.testing.assert_allclose(hist_centres(-2, 1, 12).numpy(),
+                               np.sqrt(10 ** edges[:-1] * 10 ** edges[1:]))
     both = (z[:, pairs.i] > 0) & (z[:, pairs.j] > 0)
     assert torch.equal(st.pair_co, both.sum(0))
     prod = (z[:, pairs.i] * z[:, pairs.j]) * both
@@ -255,7 +266,7 @@ def test_token_text_split_characters():
 def test_logit_tops_match_dense(gen):
     dirs = torch.randn(7, 5, generator=gen)
     W_U = torch.randn(5, 30, generator=gen)
-    up, upv, dn, dnv = _logit_tops(dirs, W_U, 4, block=3)
+    up, upv, dn, dnv = logit_tops(dirs, W_U, 4, block=3)
     ref = dirs @ W_U
     v, i = ref.topk(4, dim=1)
     assert torch.equal(up, i)

@@ -7,8 +7,16 @@ import pytest
 import torch
 
 from polysae import SAE, SAEConfig
-from polysae.interactions import (cooccurrence, correlations, pair_strength, render_context,
-                                  top_pair_rows, top_pairs)
+from polysae.interactions import (
+    cooccurrence,
+    correlations,
+    interaction_atoms,
+    pair_candidates,
+    pair_strength,
+    render_context,
+    top_pair_rows,
+    top_pairs,
+)
 
 
 def _sae(decoder, order=2, **kw):
@@ -110,3 +118,62 @@ def test_max_tokens_cuts_the_stream(gen):
     a = cooccurrence(sae, [x[:120], x[120:]], max_tokens=200)
     b = cooccurrence(sae, x[:200])
     assert a.n_tokens == 200 and torch.equal(a.count, b.count) and torch.equal(a.i, b.i)
+
+
+def _dense_pair_atoms(sae):
+    """Every pair's output direction from the raw parameters U, U2, C2 (no decoder method):
+    [F, F, D] lambda2 * B_ij with B_ij = C2 (U[i, :R2] * U'[j, :R2]), U' = U2 when separate,
+    symmetrised (B_ij + B_ji) / 2 in that case."""
+    dec = sae.decoder
+    r2 = dec.C2.shape[1]
+    U = dec.U.detach()[:, :r2].double()
+    V = (dec.U if dec.U2 is None else dec.U2).detach()[:, :r2].double()
+    C2 = dec.C2.detach().double()
+    B = torch.einsum("ir,jr,dr->ijd", U, V, C2)
+    if dec.U2 is not None:
+        B = 0.5 * (B + B.transpose(0, 1))
+    return float(dec.lambda2.detach()) * B
+
+
+@pytest.mark.parametrize("shared_u", [True, False])
+def test_pair_candidates_match_dense_formula(shared_u):
+    torch.manual_seed(0)
+    sae = SAE(SAEConfig(d_in=12, d_sae=40, k=4, ranks=(12, 6, 6), shared_u=shared_u,
+                        dtype="float64"))
+    with torch.no_grad():
+        sae.decoder.lambda2.fill_(-0.7)
+    dense = _dense_pair_atoms(sae)                      # [F, F, D]
+    i, j = torch.triu_indices(40, 40, 1)
+    ref = dense[i, j].norm(dim=-1)                      # |lambda2| * ||B_ij||, all i < j
+    pc = pair_candidates(sae, 25, block=16)             # several blocks, diagonal and off-diagonal
+    v, o = ref.topk(25)
+    torch.testing.assert_close(pc.strength.double(), v, rtol=1e-4, atol=1e-6)
+    assert torch.equal(pc.i, i[o]) and torch.equal(pc.j, j[o])
+    assert bool((pc.i < pc.j).all())
+    # more candidates than pairs: every pair, strongest first
+    pc_all = pair_candidates(sae, 10_000, block=7)
+    assert pc_all.i.numel() == i.numel()
+    torch.testing.assert_close(pc_all.strength.double(), ref.sort(descending=True).values,
+                               rtol=1e-4, atol=1e-6)
+    # the same atoms through the public helpers
+    torch.testing.assert_close(interaction_atoms(sae, pc.i, pc.j).double(), dense[pc.i, pc.j])
+    torch.testing.assert_close(pair_strength(sae, pc.i, pc.j), v, rtol=1e-4, atol=1e-6)
+
+
+def test_pair_factors_are_the_pair_atoms_factors():
+    for shared_u in (True, False):
+        sae = _sae("poly", shared_u=shared_u)
+        dec = sae.decoder
+        fac = dec.pair_factors()
+        assert fac.shared is shared_u and fac.u.shape == fac.v.shape == (30, 6)
+        i, j = torch.tensor([0, 4, 9]), torch.tensor([2, 4, 29])
+        with torch.no_grad():
+            torch.testing.assert_close((fac.u[i] * fac.v[j]) @ fac.C2.T, dec.pair_atoms(i, j))
+    with pytest.raises(ValueError, match="no pairwise atoms"):
+        _sae("linear").decoder.pair_factors()
+    order1 = SAE(SAEConfig(d_in=10, d_sae=30, k=5, order=1, ranks=(10, 6, 6)))
+    with pytest.raises(ValueError, match="no pairwise atoms"):
+        order1.decoder.pair_factors()
+    assert pair_candidates(_sae("linear"), 10).i.numel() == 0
+    assert pair_candidates(order1, 10).i.numel() == 0
+    assert pair_candidates(_sae("poly"), 0).i.numel() == 0

@@ -5,11 +5,11 @@ from __future__ import annotations
 import argparse
 import html
 import logging
-import os
 from pathlib import Path
 
 from polysae.cli import CLIError
 from polysae.cli.eval import _checkpoints  # same RUN layout rules as `polysae eval`
+from polysae.fileio import atomic_write_text
 
 HELP = "build a static HTML feature browser (latents, interactions) from a run and activations"
 log = logging.getLogger("polysae.browse")
@@ -44,7 +44,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="device for the SAE and model (cpu)")
 
 
-def _store(acts: Path, hook: str | None, split: str, device: str):
+def open_store(acts: Path, hook: str | None, split: str, device: str):
+    """The unshuffled :class:`~polysae.store.ActivationStore` of harvest folder ``acts`` for
+    ``hook`` and ``split`` (also used by ``polysae export --format neuronpedia``). A harvest with
+    no held-out shards falls back from ``split="val"`` to all rows, with a warning; any other
+    problem is a :class:`~polysae.cli.CLIError` naming ``--acts``."""
     from polysae.store import ActivationStore
 
     if not (acts / "manifest.json").is_file():
@@ -77,7 +81,7 @@ def main(args: argparse.Namespace) -> int:
     for name, ck in cks:
         sae, meta = load_checkpoint(ck, device=args.device)
         hook = args.hook or meta.get("hook")
-        store = _store(acts, hook, args.split, args.device)
+        store = open_store(acts, hook, args.split, args.device)
         if store.d_in != sae.cfg.d_in:
             raise CLIError(f"--sae {ck} reads d_in={sae.cfg.d_in} but --acts {acts} hook "
                            f"{store.hook!r} holds d_in={store.d_in}; pass the matching --hook")
@@ -119,10 +123,5 @@ def main(args: argparse.Namespace) -> int:
                 "\"Content-Security-Policy\" content=\"default-src 'self'\">\n<title>polysae "
                 f"browsers</title></head>\n<body><h1>polysae browsers</h1><ul>\n{links}\n</ul>"
                 "</body></html>\n")
-        tmp = out / ".index.html.tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(page)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, out / "index.html")
+        atomic_write_text(out / "index.html", page)
     return 0

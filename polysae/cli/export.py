@@ -101,7 +101,7 @@ def _neuronpedia(args: argparse.Namespace, out_dir) -> int:
     from pathlib import Path
 
     from polysae.cli import CLIError
-    from polysae.cli.browse import _store
+    from polysae.cli.browse import open_store
     from polysae.loader import load_with_metadata
     from polysae.neuronpedia import NeuronpediaConfig, export_neuronpedia
 
@@ -119,7 +119,7 @@ def _neuronpedia(args: argparse.Namespace, out_dir) -> int:
     sae = src.sae
     hook = args.hook or src.metadata.get("hook")
     acts = Path(args.acts)
-    store = _store(acts, hook, args.split, args.device)
+    store = open_store(acts, hook, args.split, args.device)
     if store.d_in != sae.cfg.d_in:
         raise CLIError(f"{args.source} reads d_in={sae.cfg.d_in} but --acts {acts} hook "
                        f"{store.hook!r} holds d_in={store.d_in}; pass the matching --hook")
