@@ -33,6 +33,7 @@ class DecodeTerms(NamedTuple):
     cubic: Tensor
     """[N, D] ``lambda3 * y3``."""
 
+
 class PairFactors(NamedTuple):
     """The factors of a poly decoder's pairwise atoms: ``B_ij = C2 (u[i] * v[j])``, so
     ``y2 = sum_ij z_i z_j B_ij`` (see :meth:`PolyDecoder.pair_factors`)."""
@@ -45,7 +46,6 @@ class PairFactors(NamedTuple):
     """[D, R2] the quadratic output map."""
     shared: bool
     """True when U is shared (``v`` is ``u``, so ``B_ij = B_ji``)."""
-
 
 
 class LinearDecoder(nn.Module):
