@@ -55,7 +55,7 @@ def prepare(work: Path, tokens: int, d_in: int, d_sae: int, k: int) -> None:
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
     from polysae import SAE, SAEConfig
-    from polysae.harvest import HarvestConfig, harvest
+    from polysae.harvesting import HarvestConfig, harvest
 
     stamp = work / "prepared.json"
     want = {"tokens": tokens, "d_in": d_in, "d_sae": d_sae, "k": k}

@@ -4,7 +4,7 @@ Three paths over the same token batches (BBC text, ``--batch`` contexts of ``--c
 
 - ``bare``: ``model(tokens, stop_at_layer=L+1)`` in inference mode: the forward alone, stopped after
   the hooked layer, nothing kept; the ceiling for any harvester.
-- ``harvest``: ``polysae.harvest`` end to end into a fresh folder (capture, dtype cast, shards
+- ``harvest``: ``polysae.harvesting`` end to end into a fresh folder (capture, dtype cast, shards
   written by the background thread, manifest), its loop time.
 - ``run_with_cache``: TransformerLens ``run_with_cache(tokens, names_filter=hook)``, a full forward
   keeping only the wanted hook (the strict baseline);
@@ -67,7 +67,7 @@ def main() -> int:
     import transformer_lens
 
     from polysae import __version__, data, models
-    from polysae.harvest import HarvestConfig, harvest
+    from polysae.harvesting import HarvestConfig, harvest
 
     dtype = getattr(torch, args.model_dtype)
     t = time.perf_counter()

@@ -1,4 +1,4 @@
-"""End-to-end training throughput (tokens/s) through ``polysae.train.Trainer``: linear vs poly
+"""End-to-end training throughput (tokens/s) through ``polysae.training.Trainer``: linear vs poly
 decoders, with and without the orthogonality retraction every step (issue 5, item 9).
 
 Variants, each its own SAE with the same width, k and batch, stepped side by side in one process
@@ -40,8 +40,8 @@ import torch
 import polysae
 import polysae.kernels as pk
 from polysae import SAE, SAEConfig
-from polysae.sae import atomic_write_text
-from polysae.train import TrainConfig, Trainer
+from polysae.fileio import atomic_write_text
+from polysae.training import TrainConfig, Trainer
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .sparse_gather import BLOCK_N, NUM_WARPS, _block_r, _row_col_tile
+from .sparse_gather import BLOCK_N, NUM_WARPS, block_cols, row_col_tile
 
 
 @triton.jit
@@ -39,7 +39,7 @@ def _poly_chain_bwd_kernel(
     # the host sums the partials in a fixed order, so the result is deterministic (no atomics).
     n_prog = tl.num_programs(0) * tl.num_programs(1)
     pid = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
-    rows, cols, rmask = _row_col_tile(N, BLOCK_N, BLOCK_C)
+    rows, cols, rmask = row_col_tile(N, BLOCK_N, BLOCK_C)
     m1 = rmask[:, None] & (cols < R1)[None, :]
     m2 = rmask[:, None] & (cols < R2)[None, :]
     m3 = rmask[:, None] & (cols < R3)[None, :]
@@ -93,7 +93,7 @@ def poly_chain_backward(dH, H, A2, A3, lambda2, lambda3, r1: int, r2: int, r3: i
     da1 = torch.empty(N, r1, device=dev, dtype=torch.float32)
     da2 = torch.empty(N, r2, device=dev, dtype=torch.float32) if not shared and order >= 2 else None
     da3 = torch.empty(N, r3, device=dev, dtype=torch.float32) if not shared and order >= 3 else None
-    bc = _block_r(r1)
+    bc = block_cols(r1)
     grid = (triton.cdiv(N, BLOCK_N), triton.cdiv(r1, bc))
     partials = torch.zeros(2, grid[0] * grid[1], device=dev, dtype=torch.float32)
     if N:

@@ -43,7 +43,7 @@ BLOCK_R = 128
 BLOCK_P = 32  # sorted (row, value) pairs reduced per iteration in the feature-major scatter
 
 
-def _block_r(width: int) -> int:
+def block_cols(width: int) -> int:
     """Column block: a power of two (tl.arange needs one), at most BLOCK_R, at least 16."""
     return max(16, min(BLOCK_R, triton.next_power_of_2(max(width, 1))))
 
@@ -67,7 +67,7 @@ def check_indices(indices: torch.Tensor, n_latents: int, what: str = "indices") 
 
 
 @triton.jit
-def _row_col_tile(N, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
+def row_col_tile(N, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
     """This program's tile on a (row block, column block) grid: int64 row ids (so that row * stride
     cannot overflow int32), column ids, and the row mask."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -96,7 +96,7 @@ def _gather_fwd_kernel(
     # (R3) have no quadratic (cubic) term: those lanes are masked off.
     # Memory traffic: per row, K index/value pairs plus K gathered row segments of BLOCK_C columns
     # from each U (the dominant N*K*R_U reads, mostly L2 hits for hot latents), then one write of H.
-    rows64, cols, rmask = _row_col_tile(N, BLOCK_N, BLOCK_C)
+    rows64, cols, rmask = row_col_tile(N, BLOCK_N, BLOCK_C)
     m1 = cols < R1
     m2 = cols < R2
     m3 = cols < R3
@@ -170,7 +170,7 @@ def _launch_gather(values, indices, w1, w2, w3, order, bias, lambda2, lambda3, R
     a3 = torch.empty(N, R3, device=w1.device, dtype=w1.dtype) if not shared and order >= 3 else None
     if N == 0:
         return h, a2, a3
-    bc = _block_r(R1)
+    bc = block_cols(R1)
     grid = (triton.cdiv(N, BLOCK_N), triton.cdiv(R1, bc))
     dummy = w1  # never dereferenced: the constexpr flags compile those branches out
     _gather_fwd_kernel[grid](
@@ -234,7 +234,7 @@ def gather_dot(grads, weights, indices):
             g = g.contiguous()
         _gather_dot_kernel[(triton.cdiv(N, BLOCK_N),)](
             g, g.stride(0), w.contiguous(), indices, out, N, K, R,
-            ACCUMULATE=i > 0, BLOCK_N=BLOCK_N, BLOCK_C=_block_r(R), num_warps=NUM_WARPS)
+            ACCUMULATE=i > 0, BLOCK_N=BLOCK_N, BLOCK_C=block_cols(R), num_warps=NUM_WARPS)
     return out
 
 
@@ -308,7 +308,7 @@ def _scatter_atomic_kernel(
     # Program mapping: token-major, one program per (BLOCK_N rows, BLOCK_C columns): the dA tile is
     # loaded once and scattered K times with fp32 atomics. No sort, fewer passes, but the order of
     # the atomic additions varies run to run (not bitwise reproducible): opt-in only.
-    rows64, cols, rmask = _row_col_tile(N, BLOCK_N, BLOCK_C)
+    rows64, cols, rmask = row_col_tile(N, BLOCK_N, BLOCK_C)
     cmask = cols < R
     g = tl.load(g_ptr + rows64[:, None] * g_stride + cols[None, :],
                 mask=rmask[:, None] & cmask[None, :], other=0.0).to(tl.float32)
@@ -329,7 +329,7 @@ def scatter_weight_grad(grad, rev: ReverseIndex | None, values, indices, n_laten
     N, R = grad.shape
     if grad.stride(1) != 1:
         grad = grad.contiguous()
-    bc = _block_r(R)
+    bc = block_cols(R)
     if deterministic:
         if out is None:
             out = torch.empty(n_latents, R, device=grad.device, dtype=dtype)

@@ -13,37 +13,21 @@ __version__ = "0.1.0"
 from polysae.config import SAEConfig  # noqa: E402
 from polysae.sae import SAE, LossOutput, ParamCounts, SparseCodes, count_params  # noqa: E402
 
-# name -> module that defines it; imported on first access (PEP 562).
+# name -> module that defines it; imported on first access (PEP 562). The modules are named for
+# their concept (harvesting, training, evaluation), so importing one never rebinds the functions
+# polysae.harvest / polysae.train / polysae.evaluate.
 _LAZY = {
     "load": "polysae.loader",
     "ActivationStore": "polysae.store",
-    "harvest": "polysae.harvest",
-    "HarvestConfig": "polysae.harvest",
-    "Trainer": "polysae.train",
-    "TrainConfig": "polysae.train",
-    "train": "polysae.train",
-    "evaluate": "polysae.evaluate",
+    "harvest": "polysae.harvesting",
+    "HarvestConfig": "polysae.harvesting",
+    "Trainer": "polysae.training",
+    "TrainConfig": "polysae.training",
+    "train": "polysae.training",
+    "evaluate": "polysae.evaluation",
+    "EvalConfig": "polysae.evaluation",
     "download": "polysae.cache",
 }
-
-
-class _FunctionModule(type(importlib)):
-    """A module whose call runs its namesake function (``polysae.train(...)``).
-
-    ``polysae.harvest``, ``polysae.train`` and ``polysae.evaluate`` are both submodules and the
-    functions they define. Once a submodule is imported, the import system binds the *module* as
-    the package attribute, shadowing the lazy function; a callable module keeps
-    ``polysae.train(...)`` working whatever was imported first."""
-
-    def __call__(self, *args, **kwargs):
-        return getattr(self, self.__name__.rsplit(".", 1)[1])(*args, **kwargs)
-
-
-def _callable_module(module_name: str) -> None:
-    """Make ``sys.modules[module_name]`` callable as its namesake function (see above)."""
-    import sys
-
-    sys.modules[module_name].__class__ = _FunctionModule
 
 
 def __getattr__(name: str):

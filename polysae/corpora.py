@@ -154,17 +154,10 @@ def _load_csv(path: Path, text_column: str, label_column: str | None) -> list[Do
 
 
 def _load_parquet(path: Path, text_column: str, label_column: str | None) -> list[Document]:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    from polysae.data import open_parquet
 
-    try:
-        f = pq.ParquetFile(path)
-    except (OSError, pa.ArrowException) as e:
-        raise ValueError(f"{path}: not a readable parquet file ({e})") from None
+    f = open_parquet(path, text_column)
     names = list(f.schema_arrow.names)
-    if text_column not in names:
-        raise ValueError(f"{path} has no text column {text_column!r} (columns: {names}); pass "
-                         "text_column= / --text-column")
     if label_column == "label" and "label" not in names:
         label_column = None  # an absent *default* label column means an unlabelled file
     if label_column is not None and label_column not in names:
@@ -179,10 +172,10 @@ def _load_hf_spec(spec: str, text_column: str, label_column: str | None) -> list
     """``hf:NAME[:config][@split]``, streamed through :func:`polysae.data.open_hf_dataset`."""
     import datasets
 
-    from polysae.data import _columns, open_hf_dataset
+    from polysae.data import dataset_columns, open_hf_dataset
 
     ds = open_hf_dataset(spec)
-    names = _columns(ds)
+    names = dataset_columns(ds)
     if names is not None:
         if text_column not in names:
             raise ValueError(f"dataset {spec!r} has no text column {text_column!r} (columns: "

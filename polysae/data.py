@@ -160,7 +160,8 @@ def open_hf_dataset(spec: str, default_split: str = "train") -> Any:
                          ) from None
 
 
-def _columns(ds: Any) -> list[str] | None:
+def dataset_columns(ds: Any) -> list[str] | None:
+    """Column names of a Hugging Face dataset (streamed or not); None when it does not say."""
     names = getattr(ds, "column_names", None)
     if names is None and getattr(ds, "features", None) is not None:
         names = list(ds.features)
@@ -172,7 +173,7 @@ def iter_hf_texts(spec: str, text_column: str | None = None, max_docs: int | Non
     """Texts of a streamed ``hf:`` dataset, in its order, read lazily."""
     ds = open_hf_dataset(spec, default_split)
     col = text_column or "text"
-    names = _columns(ds)
+    names = dataset_columns(ds)
     if names is not None and col not in names:
         raise ValueError(f"dataset {spec!r} has no text column {col!r} (columns: {names}); "
                          f"pass --text-column")
@@ -185,23 +186,29 @@ def iter_hf_texts(spec: str, text_column: str | None = None, max_docs: int | Non
         yield "" if row[col] is None else str(row[col])
 
 
-def iter_parquet_texts(path: str | Path, text_column: str | None = None,
-                       max_docs: int | None = None, batch_rows: int = 1024) -> Iterator[str]:
-    """Texts of one column of a local ``.parquet`` file, streamed in record batches."""
+def open_parquet(path: str | Path, text_column: str):
+    """A local ``.parquet`` file as a ``pyarrow.parquet.ParquetFile`` that has ``text_column``;
+    a ValueError names the file when it is unreadable or lacks the column."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    p = Path(path)
-    col = text_column or "text"
     try:
-        f = pq.ParquetFile(p)
+        f = pq.ParquetFile(path)
     except (OSError, pa.ArrowException) as e:
-        raise ValueError(f"{p}: not a readable parquet file ({e})") from None
+        raise ValueError(f"{path}: not a readable parquet file ({e})") from None
     names = list(f.schema_arrow.names)
-    if col not in names:
-        raise ValueError(f"{p} has no text column {col!r} (columns: {names}); pass --text-column")
+    if text_column not in names:
+        raise ValueError(f"{path} has no text column {text_column!r} (columns: {names}); pass "
+                         "text_column= / --text-column")
+    return f
+
+
+def iter_parquet_texts(path: str | Path, text_column: str | None = None,
+                       max_docs: int | None = None, batch_rows: int = 1024) -> Iterator[str]:
+    """Texts of one column of a local ``.parquet`` file, streamed in record batches."""
+    f = open_parquet(Path(path), text_column or "text")
     n = 0
-    for batch in f.iter_batches(batch_size=batch_rows, columns=[col]):
+    for batch in f.iter_batches(batch_size=batch_rows, columns=[text_column or "text"]):
         for v in batch.column(0).to_pylist():
             if max_docs is not None and n >= max_docs:
                 return

@@ -69,6 +69,11 @@ class LinearDecoder(nn.Module):
     def retract_(self, fast: bool = True) -> None:
         """Nothing to constrain (decoder norms are free, as in the paper's runs)."""
 
+    @torch.no_grad()
+    def scale_output_(self, s: float) -> None:
+        """Multiply the decoder's output (without bias) by ``s``: ``W_dec -> s W_dec``."""
+        self.W_dec.mul_(s)
+
     def decode_terms(self, codes: Tensor) -> DecodeTerms:
         """Dense codes [N, F] -> the output by order (only ``linear`` is nonzero)."""
         y1 = codes.to(self.W_dec.dtype) @ self.W_dec
@@ -191,6 +196,15 @@ class PolyDecoder(nn.Module):
         if qs is not None:
             for u, q in zip(us, qs):
                 u.copy_(q)
+
+    @torch.no_grad()
+    def scale_output_(self, s: float) -> None:
+        """Multiply the decoder's output (without bias) by ``s``. Each order's term is linear in
+        its own ``C``, and ``U`` must stay orthonormal while the lambdas are shared by the
+        orders, so the scale goes into ``C1, C2, C3``."""
+        for C in (self.C1, self.C2, self.C3):
+            if C is not None:
+                C.mul_(s)
 
     # -- analysis -----------------------------------------------------------------------------
     def linear_atoms(self) -> Tensor:

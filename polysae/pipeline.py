@@ -3,8 +3,8 @@
 Every stage is resumable and skipped when already complete, so re-running the same command after a
 crash continues where it stopped:
 
-- harvest resumes shard by shard (byte-identical to an uninterrupted run, :mod:`polysae.harvest`);
-- training resumes from the last checkpoint of both SAEs (:class:`polysae.train.Trainer`);
+- harvest resumes shard by shard (byte-identical to an uninterrupted run, :mod:`polysae.harvesting`);
+- training resumes from the last checkpoint of both SAEs (:class:`polysae.training.Trainer`);
 - evaluation and the browser rerun only when their inputs changed (a stage file records the
   sha256 of the checkpoints they read).
 
@@ -33,11 +33,11 @@ import torch
 
 from polysae.config import SAEConfig, check_sae_overrides
 from polysae.device import resolve_device
-from polysae.evaluate import EvalConfig
-from polysae.harvest import HarvestConfig
-from polysae.sae import atomic_write_text
+from polysae.evaluation import EvalConfig
+from polysae.harvesting import HarvestConfig
+from polysae.fileio import atomic_write_text
 from polysae.stages import Stages, checkpoint_key
-from polysae.train import TrainConfig
+from polysae.training import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -169,12 +169,12 @@ def stage_configs(cfg: RunConfig, *, device: str, d_in: int, n_rows: int) -> Sta
 def run(cfg: RunConfig) -> RunResult:
     """Run (or resume) the whole job; see the module docstring."""
     from polysae import SAE
-    from polysae.evaluate import evaluate
-    from polysae.harvest import harvest
+    from polysae.evaluation import evaluate
+    from polysae.harvesting import harvest
     from polysae.models import load_model
     from polysae.sae import load_checkpoint
     from polysae.store import ActivationStore
-    from polysae.train import Trainer
+    from polysae.training import Trainer
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -5,7 +5,7 @@ Pipeline per labelled dataset:
 
 1. **Split** (:func:`make_split`): per class, ``n_train`` train and ``n_test`` test documents drawn
    with a fixed seed (SAEBench: 4000/1000 per class, seed 42; our defaults are smaller, see
-   :class:`polysae.evaluate.EvalConfig`). A class with too few documents is split 80/20.
+   :class:`polysae.evaluation.EvalConfig`). A class with too few documents is split 80/20.
 2. **Pooling** (:func:`pool_texts`): each text is truncated to ``ctx`` tokens after BOS; the model
    runs once; positions holding special tokens (BOS/PAD/EOS) are dropped; the SAE encodes every
    remaining token and codes are **mean-pooled over those tokens**. Raw hook activations are pooled

@@ -264,7 +264,7 @@ def plot_paired_f1(t: dict[str, Any], path: Path) -> None:
     fig.tight_layout()
     import io
 
-    from polysae.sae import atomic_write_bytes
+    from polysae.fileio import atomic_write_bytes
 
     buf = io.BytesIO()
     fig.savefig(buf, dpi=110, bbox_inches="tight", format="png")

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from polysae.sae import atomic_write_text
+from polysae.fileio import atomic_write_text
 
 #: Printed above the definitions: where the protocol and its rationale are written down.
 METHOD_NOTE = ("The evaluation protocol, its rationale and where polysae departs from the PolySAE "

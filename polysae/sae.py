@@ -21,8 +21,8 @@ MSE, AuxK, sparsity and Matryoshka terms; ``save(dir)`` and :func:`load_checkpoi
 
 from __future__ import annotations
 
-import hashlib
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from polysae import kernels
 from polysae.config import SAEConfig
 from polysae.decoders import make_decoder
+from polysae.fileio import atomic_write_text, atomic_write_with, sha256_file
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "sae.safetensors"
@@ -329,6 +330,28 @@ class SAE(nn.Module):
         self.decoder.retract_(fast)
 
     # -- analysis accessors -------------------------------------------------------------------
+    @torch.no_grad()
+    def fold_scale_(self, s: float) -> SAE:
+        """Rewrite this SAE (trained on ``x / s``) in place to take raw ``x``; returns it.
+
+        Trained: ``pre = (x/s - b_dec) W_enc + b_enc`` and ``x_hat_n = b_dec + dec(z)``. Wanted:
+        the same codes ``z`` for raw ``x`` and ``x_hat(x) = s * x_hat_n(x/s)``.
+
+        - Encoder: ``(x - s b_dec) (W_enc/s) + b_enc = (x/s - b_dec) W_enc + b_enc``, so
+          ``W_enc/s`` with ``b_dec -> s b_dec`` gives identical pre-activations (and codes, so
+          every sparsifier's threshold is unchanged). Without ``apply_b_dec_to_input``,
+          ``x (W_enc/s) = (x/s) W_enc``.
+        - Decoder: ``s * (b_dec + dec(z)) = s b_dec + s dec(z)``: the decoder scales its own
+          output (:meth:`LinearDecoder.scale_output_`, :meth:`PolyDecoder.scale_output_`).
+        """
+        s = float(s)
+        if not (math.isfinite(s) and s > 0):
+            raise ValueError(f"fold_scale_: scale must be positive and finite, got {s}")
+        self.W_enc.div_(s)
+        self.b_dec.mul_(s)
+        self.decoder.scale_output_(s)
+        return self
+
     def linear_atoms(self) -> Tensor:
         """[F, D] linear atom of every latent (W_dec, or U C1^T for the poly decoder)."""
         return self.decoder.linear_atoms()
@@ -414,15 +437,9 @@ class SAE(nn.Module):
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.cpu() for k, v in self.tensors().items()}
-        tmp = d / f".{WEIGHTS_FILE}.tmp{os.getpid()}"
-        try:
-            save_file(tensors, str(tmp), metadata={"format": "polysae", "format_version":
-                                                   str(FORMAT_VERSION)})
-            digest = _fsync_and_hash(tmp)
-            os.replace(tmp, d / WEIGHTS_FILE)
-        except BaseException:  # e.g. out of space: no partial temp file is left behind
-            tmp.unlink(missing_ok=True)
-            raise
+        meta = {"format": "polysae", "format_version": str(FORMAT_VERSION)}
+        digest = atomic_write_with(d / WEIGHTS_FILE,
+                                   lambda tmp: save_file(tensors, str(tmp), metadata=meta))
         from polysae import __version__
 
         cfg_doc = {"format": "polysae", "format_version": FORMAT_VERSION,
@@ -430,42 +447,6 @@ class SAE(nn.Module):
                    "weights_sha256": digest, "metadata": metadata or {}}
         atomic_write_text(d / CONFIG_FILE, json.dumps(cfg_doc, indent=2, sort_keys=True))
         return d
-
-
-def _fsync_and_hash(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb+") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-        os.fsync(f.fileno())
-    return h.hexdigest()
-
-
-def atomic_write_bytes(path: Path, payload: bytes) -> str:
-    """temp name in the same folder -> write -> fsync -> rename -> fsync the folder, so a crash
-    leaves either the old file or the complete new one. Returns the payload's sha256."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:  # out of space, I/O error, Ctrl-C: leave no partial temp file behind
-        tmp.unlink(missing_ok=True)
-        raise
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    return hashlib.sha256(payload).hexdigest()
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """:func:`atomic_write_bytes` for UTF-8 text."""
-    atomic_write_bytes(path, text.encode())
 
 
 def load_checkpoint(directory: str | os.PathLike, device: torch.device | str | None = None,
@@ -499,13 +480,10 @@ def load_checkpoint(directory: str | os.PathLike, device: torch.device | str | N
     except (ValueError, KeyError, TypeError) as e:
         raise ValueError(f"checkpoint {d}: {cfg_path} is not a valid polysae config ({e})") from e
     if verify and doc.get("weights_sha256"):
-        h = hashlib.sha256()
-        with open(w_path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 22), b""):
-                h.update(block)
-        if h.hexdigest() != doc["weights_sha256"]:
+        got = sha256_file(w_path)
+        if got != doc["weights_sha256"]:
             raise ValueError(f"checkpoint {d}: {w_path} is corrupt or was replaced (sha256 "
-                             f"{h.hexdigest()[:12]}... does not match {cfg_path})")
+                             f"{got[:12]}... does not match {cfg_path})")
     try:
         tensors = load_file(str(w_path))
     except (SafetensorError, OSError, ValueError) as e:

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from polysae.sae import atomic_write_text
+from polysae.fileio import atomic_write_text
 
 
 def config_key(*parts: Any) -> str:

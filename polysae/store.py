@@ -33,13 +33,12 @@ from typing import Any, Iterable, Iterator, NamedTuple
 import numpy as np
 import torch
 
-from polysae.harvest import FORMAT, MANIFEST, TOKENS_DIR
+from polysae.actformat import HEADER_DTYPES, MANIFEST, TOKENS_DIR, read_manifest, storage_dtype
 
 log = logging.getLogger(__name__)
 
 _NP = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "I32": np.int32, "I64": np.int64}
 _TORCH_VIEW = {"BF16": torch.bfloat16}
-_ST_NAME = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}  # manifest dtype -> header
 SPLITS = ("train", "val", "all")
 _DEFAULT_BUFFER_BYTES = 256 << 20
 
@@ -114,42 +113,6 @@ def _to_torch(arr: np.ndarray, st_dtype: str) -> torch.Tensor:
     return t.view(_TORCH_VIEW[st_dtype]) if st_dtype in _TORCH_VIEW else t
 
 
-def read_manifest(path: str | Path) -> dict:
-    """The manifest of a harvest folder, with a clear error for anything else."""
-    from polysae.harvest import FORMAT_VERSION, STORAGE_DTYPES
-
-    f = Path(path) / MANIFEST
-    if not f.exists():
-        raise FileNotFoundError(f"{f}: no activation manifest (is {path} a `polysae harvest` "
-                                f"output folder?)")
-    try:
-        m = json.loads(f.read_text())
-    except (ValueError, OSError) as e:
-        raise ValueError(f"{f}: unreadable manifest ({e})") from None
-    if not isinstance(m, dict) or m.get("format") != FORMAT:
-        raise ValueError(f"{f}: not a polysae activation manifest")
-    v = m.get("format_version")
-    if not isinstance(v, int) or v > FORMAT_VERSION or v < 1:
-        raise ValueError(f"{f}: format_version {v!r} is not one this polysae reads "
-                         f"(1..{FORMAT_VERSION}); upgrade polysae or re-harvest")
-    if m.get("dtype") not in STORAGE_DTYPES:
-        raise ValueError(f"{f}: dtype {m.get('dtype')!r} is not one of {sorted(STORAGE_DTYPES)}")
-    hooks, d_in, shards = m.get("hooks"), m.get("d_in"), m.get("shards")
-    if not (isinstance(hooks, list) and isinstance(d_in, dict) and isinstance(shards, list)):
-        raise ValueError(f"{f}: corrupt manifest (hooks, d_in and shards must be a list, a dict "
-                         "and a list)")
-    for h in hooks:
-        if not (isinstance(d_in.get(h), int) and d_in[h] >= 1):
-            raise ValueError(f"{f}: corrupt manifest (d_in of hook {h!r} is {d_in.get(h)!r}, "
-                             "expected a positive integer)")
-    for i, e in enumerate(shards):
-        if not (isinstance(e, dict) and isinstance(e.get("rows"), int) and e["rows"] >= 0
-                and isinstance(e.get("files"), dict)):
-            raise ValueError(f"{f}: corrupt manifest (shard entry {i} needs integer rows >= 0 "
-                             "and files)")
-    return m
-
-
 def split_shards(n_shards: int, split: str, val_fraction: float = 0.05) -> list[int]:
     """Indices of the shards in ``split`` (see the module docstring)."""
     if split not in SPLITS:
@@ -202,7 +165,7 @@ class ActivationStore:
         self.n_rows = int(self._rows.sum())
         if self.n_rows == 0:
             raise ValueError(f"{self.path}: split {split!r} of hook {hook!r} has no rows")
-        itemsize = torch.empty(0, dtype=_storage_dtype(self.manifest)).element_size()
+        itemsize = torch.empty(0, dtype=storage_dtype(self.manifest)).element_size()
         g = batch_size * world_size
         default = max(_DEFAULT_BUFFER_BYTES // (self.d_in * itemsize), 1)
         self.buffer_rows = max(int(buffer_rows or default), g)
@@ -239,7 +202,7 @@ class ActivationStore:
     def _acts(self, local: int) -> tuple[np.ndarray, str]:
         sh = self._shard(local, self.hook)
         arr, st = sh.array("acts")
-        want = _ST_NAME[self.manifest["dtype"]]
+        want = HEADER_DTYPES[self.manifest["dtype"]]
         if st != want:
             raise ShardError(f"{sh.path}: corrupt shard (dtype {st}, manifest says "
                              f"{self.manifest['dtype']})")
@@ -266,11 +229,11 @@ class ActivationStore:
         ends = np.cumsum(rows)
         starts = ends - rows
         if len(idx) == 0:
-            return torch.empty(0, self.d_in, dtype=_storage_dtype(self.manifest))
+            return torch.empty(0, self.d_in, dtype=storage_dtype(self.manifest))
         srt = np.argsort(idx, kind="stable")
         sidx = idx[srt]
         which = np.searchsorted(ends, sidx, side="right")
-        out = torch.empty(len(idx), self.d_in, dtype=_storage_dtype(self.manifest))
+        out = torch.empty(len(idx), self.d_in, dtype=storage_dtype(self.manifest))
         cut = np.flatnonzero(np.diff(which)) + 1
         for a, b in zip(np.r_[0, cut], np.r_[cut, len(sidx)]):
             j = int(which[a])
@@ -320,7 +283,7 @@ class ActivationStore:
         for b in range(start, len(self)):
             lo, hi = b * g, min((b + 1) * g, n)
             pos = torch.arange(lo + rank, hi, ws)
-            out = torch.empty(len(pos), self.d_in, dtype=_storage_dtype(self.manifest))
+            out = torch.empty(len(pos), self.d_in, dtype=storage_dtype(self.manifest))
             for k in range(lo // w, (hi - 1) // w + 1):
                 data, key = window(k)
                 sel = (pos >= k * w) & (pos < (k + 1) * w)
@@ -351,12 +314,6 @@ class ActivationStore:
                                      f"manifest says {int(self._rows[i])} rows)")
                 cols[k].append(_to_torch(arr, st).to(torch.int64))
         return TokenInfo(*(torch.cat(cols[k]) for k in ("token_ids", "doc_ids", "positions")))
-
-
-def _storage_dtype(manifest: dict) -> torch.dtype:
-    from polysae.harvest import STORAGE_DTYPES
-
-    return STORAGE_DTYPES[manifest["dtype"]]
 
 
 class LiveActivations:

@@ -29,9 +29,9 @@ from safetensors.torch import load_file, save_file
 import polysae
 from polysae import SAE, SAEConfig
 from polysae.__main__ import main as cli_main
-from polysae.harvest import HarvestConfig, HarvestError, harvest
+from polysae.harvesting import HarvestConfig, HarvestError, harvest
 from polysae.store import ActivationStore
-from polysae.train import TensorSource, TrainConfig, Trainer, TrainingDiverged
+from polysae.training import TensorSource, TrainConfig, Trainer, TrainingDiverged
 
 HOOK, HOOK2 = "blocks.0.hook_resid_post", "blocks.0.hook_mlp_out"
 SHARD0 = f"{HOOK}/shard_00000.safetensors"
@@ -402,7 +402,7 @@ def test_empty_token_file(tmp_path):
 
 
 def test_harvest_refuses_when_the_disk_is_too_small(tmp_path, monkeypatch):
-    import polysae.harvest as H
+    import polysae.harvesting as H
 
     np.save(tmp_path / "t.npy", np.arange(400) % 60)
     monkeypatch.setattr(H.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(1, 1, 1000))
@@ -450,7 +450,7 @@ def test_harvest_out_of_space_mid_run(tmp_path, monkeypatch):
 
 
 def test_atomic_write_leaves_no_temp_file_when_the_disk_is_full(tmp_path, monkeypatch):
-    from polysae.sae import atomic_write_bytes
+    from polysae.fileio import atomic_write_bytes
 
     target = tmp_path / "file.bin"
     target.write_bytes(b"old")
@@ -480,7 +480,8 @@ def test_harvest_cli_flags_and_foreign_out_folder(tmp_path, capsys):
 def test_harvest_into_a_folder_from_a_newer_format(acts, capsys):
     edit_manifest(acts, lambda m: m.update(format_version=5))
     code, err = cli(capsys, "harvest", "--model", "tiny", "--out", acts, "--no-progress")
-    assert code == 2 and f"{acts / 'manifest.json'}: format version 5 is not 1" in err
+    want = f"{acts / 'manifest.json'}: format_version 5 is not one this polysae reads"
+    assert code == 2 and want in err
 
 
 # -- checkpoints (through `polysae export` and polysae.load) -------------------------------------

@@ -295,7 +295,8 @@ def build_planted(out: Path, report=None) -> tuple:
     return sae, x, token_ids, doc_ids
 
 
-# shaped like polysae.evaluate's metrics.json: one block per SAE, the browsed one picked by info
+# shaped like the metrics.json of polysae.evaluate: one block per SAE, the browsed one picked
+# by info
 REPORT = {"schema_version": 1, "date": "2026-01-01", "model": "toy",
           "saes": {
               "vanilla": {"info": {"decoder": "linear", "d_sae": F, "d_in": D},
@@ -623,12 +624,13 @@ def test_real_browser(served, planted_site):
 # -- store path and CLI ---------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def harvested(tmp_path_factory):
+    from test_harvest import word_tokenizer  # a real fast tokenizer over a word vocabulary;
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-    from polysae.harvest import HarvestConfig, harvest
+    from polysae.harvesting import HarvestConfig, harvest
 
-    from test_harvest import word_tokenizer  # a real fast tokenizer over a word vocabulary;
-    # its single-token pieces lack the spaces its decode inserts, so windows are span-decoded
+    # the tokenizer's single-token pieces lack the spaces its decode inserts, so windows are
+    # span-decoded
     tok = word_tokenizer()
     torch.manual_seed(0)
     model = HookedTransformer(HookedTransformerConfig(

@@ -12,7 +12,7 @@ import torch
 from chartok import CharTok
 
 from polysae import SAE, SAEConfig
-from polysae.evaluate import EvalConfig, evaluate
+from polysae.evaluation import EvalConfig, evaluate
 from polysae.report import write_report
 
 HOOK = "blocks.0.hook_resid_post"
@@ -180,7 +180,7 @@ def test_evaluate_with_activation_store(tiny, tmp_path):
     """--acts: reconstruction runs on the store's held-out val split, rows in store order."""
     import numpy as np
 
-    from polysae.harvest import HarvestConfig, harvest
+    from polysae.harvesting import HarvestConfig, harvest
     from polysae.reconstruction import reconstruction_stats
     from polysae.store import ActivationStore
 
@@ -194,7 +194,7 @@ def test_evaluate_with_activation_store(tiny, tmp_path):
     cfg = EvalConfig(datasets=(), recon_tokens=50, steering=False, progress=False, n_pairs=2)
     import polysae
 
-    # The package-level name works even though the polysae.evaluate module is already imported.
+    # The package-level name is the function (the module is polysae.evaluation).
     m = polysae.evaluate({"poly": sae}, model=tiny, hook=HOOK, acts=str(tmp_path / "acts"),
                          config=cfg)
     assert m["held_out"]["source"].startswith("store:") and m["held_out"]["n_tokens"] == 50

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from polysae import data, models
-from polysae.harvest import HarvestConfig, HarvestError, harvest
+from polysae.harvesting import HarvestConfig, HarvestError, harvest
 from polysae.store import ActivationStore
 
 HOOKS = ["blocks.0.hook_resid_pre", "blocks.1.attn.hook_z", "blocks.1.hook_mlp_out",
@@ -146,7 +146,7 @@ KILL_SCRIPT = textwrap.dedent("""
     import sys, torch
     sys.path.insert(0, {tests!r})
     from test_harvest import tiny_model, cfg_for
-    from polysae.harvest import harvest
+    from polysae.harvesting import harvest
     from pathlib import Path
     harvest(cfg_for(Path({npy!r}), Path({out!r})), model=tiny_model())
 """)
@@ -226,7 +226,7 @@ def test_bad_inputs_name_the_problem(model, npy, tmp_path):
 def test_short_disk_stops_before_writing(model, npy, tmp_path, monkeypatch, capsys):
     import shutil
 
-    from polysae import harvest as hv
+    from polysae import harvesting as hv
 
     monkeypatch.setattr(hv.shutil, "disk_usage",
                         lambda p: shutil._ntuple_diskusage(10**12, 10**12 - 1000, 1000))
@@ -296,7 +296,7 @@ def test_hooks_cli_lists_names(tmp_path, capsys):
 
 
 def test_error_mid_harvest_leaves_resumable_incomplete_folder(model, npy, tmp_path, monkeypatch):
-    from polysae import harvest as hv
+    from polysae import harvesting as hv
 
     real, calls = models.capture, {"n": 0}
 

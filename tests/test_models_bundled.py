@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from polysae import data, models
-from polysae.harvest import HarvestConfig, harvest
+from polysae.harvesting import HarvestConfig, harvest
 from polysae.store import ActivationStore
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("smollm2")]

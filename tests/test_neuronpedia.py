@@ -33,7 +33,7 @@ def harvested(tmp_path_factory):
     from test_harvest import word_tokenizer  # a real fast tokenizer over a word vocabulary
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-    from polysae.harvest import HarvestConfig, harvest
+    from polysae.harvesting import HarvestConfig, harvest
 
     tok = word_tokenizer()
     torch.manual_seed(0)

@@ -200,10 +200,10 @@ def test_every_replicate_config_field_has_a_flag_with_help():
 
     from polysae.cli import replicate as cli
     from polysae.cli.flags import field_docs, flag_name
-    from polysae.evaluate import EvalConfig
-    from polysae.harvest import HarvestConfig
+    from polysae.evaluation import EvalConfig
+    from polysae.harvesting import HarvestConfig
     from polysae.replicate import ReplicateConfig
-    from polysae.train import TrainConfig
+    from polysae.training import TrainConfig
 
     p = argparse.ArgumentParser()
     cli.add_arguments(p)

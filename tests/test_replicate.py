@@ -13,12 +13,12 @@ import torch
 from chartok import CharTok
 
 from polysae import SAE, SAEConfig
-from polysae.evaluate import EvalConfig, evaluate
-from polysae.harvest import HarvestConfig, harvest
+from polysae.evaluation import EvalConfig, evaluate
+from polysae.harvesting import HarvestConfig, harvest
 from polysae.models import LoadedModel
 from polysae.replicate import ReplicateConfig, replicate
 from polysae.store import ActivationStore
-from polysae.train import TrainConfig, Trainer
+from polysae.training import TrainConfig, Trainer
 
 HOOK = "blocks.0.hook_resid_post"
 
@@ -131,7 +131,7 @@ def test_replicate_resumes_an_interrupted_cell(setup, tmp_path, monkeypatch):
     """A crash in the second cell's evaluation: the re-run skips the first cell and finishes."""
     _, lm, *_ = setup
     cfg = _cfg(setup, tmp_path / "rep", sparsifiers=("topk",))
-    import polysae.evaluate as ev
+    import polysae.evaluation as ev
 
     real = ev.evaluate
     calls = {"n": 0}
@@ -211,7 +211,8 @@ def test_steering_over_seeds_from_summaries(tmp_path):
     """The steering block of replicate: per-seed numbers of each SAE/mode and the paired
     difference of PolySAE's modes against vanilla linear steering, from real summaries built by
     polysae.steering.summarise on synthetic ranks."""
-    from polysae.replicate import CellResult, _steering_summary
+    from polysae.replicate import CellResult
+    from polysae.replicate_compare import steering_summary
     from polysae.steering import summarise
 
     rng = np.random.default_rng(0)
@@ -228,7 +229,7 @@ def test_steering_over_seeds_from_summaries(tmp_path):
         want["vanilla:linear"].append(s["saes"]["vanilla"]["linear"]["report_mean_log2_rank"])
         cells.append(CellResult("topk", seed, tmp_path, {"steering": {"summary": s}}, True))
     cfg = ReplicateConfig(sparsifiers=("topk",))
-    st = _steering_summary(cells, cfg)
+    st = steering_summary(cells, cfg)
     assert set(st) >= {"none", "vanilla:linear", "poly:linear", "poly:pair", "poly:linear+pair"}
     for key, vals in want.items():
         e = st[key]["report_mean_log2_rank"]
@@ -243,4 +244,4 @@ def test_steering_over_seeds_from_summaries(tmp_path):
     assert (d["t_low"], d["t_high"]) == pytest.approx((ci.low, ci.high))
     # a cell without steering: no steering block
     cells.append(CellResult("topk", 9, tmp_path, {}, True))
-    assert _steering_summary(cells, cfg) is None
+    assert steering_summary(cells, cfg) is None

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from polysae.harvest import HarvestConfig, harvest
+from polysae.harvesting import HarvestConfig, harvest
 from polysae.store import ActivationStore, LiveActivations, ShardError, split_shards
 
 HOOK = "blocks.0.hook_resid_post"

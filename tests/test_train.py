@@ -24,7 +24,7 @@ import torch
 import polysae
 from polysae import SAE, SAEConfig
 from polysae.schedule import lr_at
-from polysae.train import (TensorSource, TrainConfig, Trainer, TrainingDiverged, fold_scale,
+from polysae.training import (TensorSource, TrainConfig, Trainer, TrainingDiverged,
                            train)
 
 
@@ -204,7 +204,7 @@ def test_fold_scale_equals_unfolded_model(decoder, b_dec_in, sp, gen):
     sae.eval()
     s = 7.3
     x = torch.randn(50, 12, generator=gen, dtype=torch.float64) * s
-    folded = fold_scale(copy.deepcopy(sae), s)
+    folded = copy.deepcopy(sae).fold_scale_(s)
     torch.testing.assert_close(folded(x), s * sae(x / s), rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(folded.encode(x), sae.encode(x / s), rtol=1e-10, atol=1e-12)
 
@@ -391,7 +391,7 @@ def acts(tmp_path_factory):
     """A tiny harvested store: 1-layer random HookedTransformer, 40 contexts of 16 tokens."""
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-    from polysae.harvest import HarvestConfig, harvest
+    from polysae.harvesting import HarvestConfig, harvest
 
     torch.manual_seed(0)
     model = HookedTransformer(HookedTransformerConfig(

@@ -33,7 +33,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import polysae
 from polysae import SAE, SAEConfig
 from polysae import distributed as pdist
-from polysae.train import TensorSource, TrainConfig, Trainer, TrainingDiverged
+from polysae.training import TensorSource, TrainConfig, Trainer, TrainingDiverged
 
 STEPS, GLOBAL_BATCH = 25, 64
 
@@ -212,7 +212,7 @@ def test_store_ranks_read_only_their_rows(tmp_path):
     window), and the three streams interleaved are the 1-process stream of 3x the batch."""
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-    from polysae.harvest import HarvestConfig, harvest
+    from polysae.harvesting import HarvestConfig, harvest
     from polysae.store import ActivationStore
 
     torch.manual_seed(0)

@@ -27,7 +27,7 @@ SCRIPT = textwrap.dedent("""
     import torch
     torch.set_num_threads(1)
     from polysae import SAE, SAEConfig
-    from polysae.train import TensorSource, TrainConfig, Trainer
+    from polysae.training import TensorSource, TrainConfig, Trainer
 
     out, kill_at, resume = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1"
     g = torch.Generator().manual_seed(0)

@@ -8,7 +8,7 @@ import logging
 from pathlib import Path
 
 from polysae.cli import CLIError
-from polysae.cli.eval import _checkpoints  # same RUN layout rules as `polysae eval`
+from polysae.cli.eval import checkpoint_folders  # same RUN layout rules as `polysae eval`
 from polysae.fileio import atomic_write_text
 
 HELP = "build a static HTML feature browser (latents, interactions) from a run and activations"
@@ -74,7 +74,7 @@ def main(args: argparse.Namespace) -> int:
                            right=args.right, chunk_rows=args.chunk_rows)
     except ValueError as e:
         raise CLIError(str(e)) from e
-    cks = _checkpoints(run, "--sae")
+    cks = checkpoint_folders(run, "--sae")
     model = None
     loaded_name = None
     built = []

@@ -140,10 +140,12 @@ class _Typed(argparse.Action):
             print(f"polysae: {option_string} is deprecated, use {use}", file=sys.stderr)
 
 
-class _Store(_Typed, argparse._StoreAction):
+class _Store(_Typed):
+    """Stores the parsed value (what argparse's default ``store`` action does)."""
+
     def __call__(self, parser, namespace, values, option_string=None):
         self.record(namespace, option_string)
-        super().__call__(parser, namespace, values, option_string)
+        setattr(namespace, self.dest, values)
 
 
 class _Seq(_Store):

@@ -26,10 +26,10 @@ SAE_EXCLUDE = ("d_in", "sparsifier", "decoder")
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from polysae.cli.flags import add_config_flags, add_override_flags, field_values
     from polysae.config import SAEConfig
-    from polysae.evaluate import EvalConfig
-    from polysae.harvest import HarvestConfig
+    from polysae.evaluation import EvalConfig
+    from polysae.harvesting import HarvestConfig
     from polysae.replicate import ReplicateConfig
-    from polysae.train import TrainConfig
+    from polysae.training import TrainConfig
 
     d = ReplicateConfig()
     add_config_flags(p, ReplicateConfig)
@@ -45,10 +45,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def build_config(args: argparse.Namespace):
     from polysae.cli.flags import config_from_args, overrides_from_args
     from polysae.config import SAEConfig
-    from polysae.evaluate import EvalConfig
-    from polysae.harvest import HarvestConfig
+    from polysae.evaluation import EvalConfig
+    from polysae.harvesting import HarvestConfig
     from polysae.replicate import ReplicateConfig
-    from polysae.train import TrainConfig
+    from polysae.training import TrainConfig
 
     d = ReplicateConfig()
     sae = dict(d.sae, **overrides_from_args(args, SAEConfig, prefix="sae"))

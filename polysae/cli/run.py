@@ -42,9 +42,9 @@ ALIASES = {
 
 
 def _nested():
-    from polysae.evaluate import EvalConfig
-    from polysae.harvest import HarvestConfig
-    from polysae.train import TrainConfig
+    from polysae.evaluation import EvalConfig
+    from polysae.harvesting import HarvestConfig
+    from polysae.training import TrainConfig
 
     return (("harvest", HarvestConfig, HARVEST_EXCLUDE), ("train", TrainConfig, TRAIN_EXCLUDE),
             ("eval", EvalConfig, EVAL_EXCLUDE))

@@ -1,14 +1,6 @@
 """Harvest activations of many hook points in one forward pass, to resumable safetensors shards.
 
-On-disk layout of ``OUT``::
-
-    manifest.json                       # config, hooks, d_in per hook, shard list with sha256
-    <hook>/shard_00000.safetensors      # one tensor "acts" [rows, d_in] in the storage dtype
-    tokens/shard_00000.safetensors      # "token_ids", "doc_ids", "positions" int32 [rows]
-
-Row ``r`` of every hook's shard ``k`` and of ``tokens/shard_k`` describe the same token.
-``positions`` is the token's position in its model context (0 = first token fed), so a context is
-a run of rows with increasing positions; ``doc_ids`` index the dataset's documents.
+The on-disk layout and manifest are defined in :mod:`polysae.actformat`.
 
 Crash safety: every file is written to a temp name, fsynced and renamed; a shard's entry (with the
 sha256 of its files) is added to ``manifest.json`` only after all its files are in place, and the
@@ -24,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import logging
 import os
 import queue
@@ -39,14 +30,11 @@ from typing import Any, NamedTuple
 
 import torch
 
+from polysae.actformat import (FORMAT_VERSION, MANIFEST, STORAGE_DTYPES, TOKENS_DIR, ManifestError,
+                               hook_dir, new_manifest, read_manifest, shard_name, write_manifest)
 from polysae.data import BOS_POLICIES
-from polysae.sae import atomic_write_bytes
+from polysae.fileio import atomic_write_bytes
 
-FORMAT = "polysae-activations"
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
-TOKENS_DIR = "tokens"
-STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _KILL_ENV = "POLYSAE_HARVEST_TEST_KILL"  # "<shard>:<stage>" -> SIGKILL self there (crash tests)
 
 log = logging.getLogger(__name__)
@@ -139,15 +127,6 @@ _IDENTITY = ("model", "hooks", "dataset", "tokens", "ctx", "dtype", "model_dtype
              "shard_size", "bos", "exclude_special", "text_column", "seed", "device")
 
 
-def hook_dir(hook: str) -> str:
-    """Folder name of a hook's shards (hook names are dotted identifiers; '/' is replaced)."""
-    return hook.replace("/", "_").replace(os.sep, "_")
-
-
-def shard_name(index: int) -> str:
-    return f"shard_{index:05d}.safetensors"
-
-
 def harvest(cfg: HarvestConfig, model: Any = None) -> HarvestResult:
     """Run (or resume, or confirm) a harvest. ``model`` may be a preloaded ``LoadedModel`` or a bare
     ``HookedTransformer``; by default ``cfg.model`` is loaded."""
@@ -157,7 +136,7 @@ def harvest(cfg: HarvestConfig, model: Any = None) -> HarvestResult:
     # (the values themselves were checked by HarvestConfig.__post_init__)
     cfg = dataclasses.replace(cfg, device=resolve_device(cfg.device, model))
     out = Path(cfg.out)
-    existing = _read_manifest(out)
+    existing = _existing_manifest(out)
     _refuse_foreign_folder(out, existing)
 
     lm = _as_loaded(model, cfg)
@@ -225,7 +204,7 @@ def harvest(cfg: HarvestConfig, model: Any = None) -> HarvestResult:
         stale.unlink()
     if existing is None:
         # The manifest goes first, so a folder killed right after this is recognised as ours.
-        _write_manifest(out, manifest)
+        write_manifest(out, manifest)
     for d in [TOKENS_DIR, *(hook_dir(h) for h in hooks)]:
         (out / d).mkdir(exist_ok=True)
         for stale in (out / d).glob(".*.tmp*"):  # leftovers of a killed writer
@@ -352,30 +331,27 @@ def _new_manifest(cfg: HarvestConfig, lm, identity: dict, d_in: dict, chunks) ->
     from polysae import __version__, data
 
     sp = data.special_tokens(lm.tokenizer, lm.kind)
-    return {
-        "format": FORMAT, "format_version": FORMAT_VERSION, "polysae_version": __version__,
-        "torch_version": torch.__version__, "config": identity,
-        "model": lm.name, "model_kind": lm.kind, "hooks": list(cfg.hooks), "d_in": d_in,
-        "hook_dirs": {h: hook_dir(h) for h in cfg.hooks}, "dtype": cfg.dtype, "ctx": cfg.ctx,
-        "dataset": cfg.dataset, "bos_policy": cfg.bos, "exclude_special": cfg.exclude_special,
-        "special_token_ids": sorted(sp.all_ids), "bos_token_ids": sp.prefix,
-        "n_contexts": int(chunks.tokens.shape[0]), "n_tokens": int(chunks.tokens.numel()),
-        "shard_size": cfg.shard_size, "shards": [], "n_rows": 0, "complete": False,
-    }
+    return new_manifest(
+        polysae_version=__version__, torch_version=torch.__version__, config=identity,
+        model=lm.name, model_kind=lm.kind, hooks=list(cfg.hooks), d_in=d_in,
+        hook_dirs={h: hook_dir(h) for h in cfg.hooks}, dtype=cfg.dtype, ctx=cfg.ctx,
+        dataset=cfg.dataset, bos_policy=cfg.bos, exclude_special=cfg.exclude_special,
+        special_token_ids=sorted(sp.all_ids), bos_token_ids=sp.prefix,
+        n_contexts=int(chunks.tokens.shape[0]), n_tokens=int(chunks.tokens.numel()),
+        shard_size=cfg.shard_size)
 
 
-def _read_manifest(out: Path) -> dict | None:
-    path = out / MANIFEST
-    if not path.exists():
+def _existing_manifest(out: Path) -> dict | None:
+    """The folder's manifest to resume from (None for a new folder); it must be of exactly this
+    polysae's format version, since the harvest appends to it."""
+    if not (out / MANIFEST).exists():
         return None
     try:
-        m = json.loads(path.read_text())
-    except ValueError as e:
-        raise HarvestError(f"{path}: unreadable manifest ({e})") from None
-    if not isinstance(m, dict) or m.get("format") != FORMAT:
-        raise HarvestError(f"{path}: not a polysae activation manifest")
-    if m.get("format_version") != FORMAT_VERSION:
-        raise HarvestError(f"{path}: format version {m.get('format_version')} is not "
+        m = read_manifest(out)
+    except ManifestError as e:
+        raise HarvestError(str(e)) from None
+    if m["format_version"] != FORMAT_VERSION:
+        raise HarvestError(f"{out / MANIFEST}: format version {m['format_version']} is not "
                            f"{FORMAT_VERSION}; re-harvest with this polysae")
     return m
 
@@ -388,13 +364,6 @@ def _refuse_foreign_folder(out: Path, manifest: dict | None) -> None:
                                                  for p in out.iterdir()):
         raise HarvestError(f"--out {out} is not empty and holds no polysae harvest "
                            f"({MANIFEST} missing); use an empty or new folder")
-
-
-def _write_manifest(out: Path, manifest: dict) -> None:
-    _atomic_write(out / MANIFEST, json.dumps(manifest, indent=1).encode())
-
-
-_atomic_write = atomic_write_bytes  # temp name, fsync, rename, fsync the folder; -> sha256
 
 
 def _maybe_kill(shard: int, stage: str) -> None:
@@ -455,18 +424,18 @@ class _ShardWriter(threading.Thread):
                     return
                 if item is _FINISH:
                     m = dict(self.manifest, complete=True)
-                    _write_manifest(self.out, m)
+                    write_manifest(self.out, m)
                     self.manifest = m
                     return
                 index, t, nxt = item
                 files = {}
                 for hook, d in self.manifest["hook_dirs"].items():
                     rel = f"{d}/{shard_name(index)}"
-                    files[hook] = {"path": rel, "sha256": _atomic_write(
+                    files[hook] = {"path": rel, "sha256": atomic_write_bytes(
                         self.out / rel, save({"acts": t[hook]}, metadata={"hook": hook}))}
                     _maybe_kill(index, "mid_shard")
                 rel = f"{TOKENS_DIR}/{shard_name(index)}"
-                files[TOKENS_DIR] = {"path": rel, "sha256": _atomic_write(self.out / rel, save(
+                files[TOKENS_DIR] = {"path": rel, "sha256": atomic_write_bytes(self.out / rel, save(
                     {"token_ids": t["_tok"], "doc_ids": t["_doc"], "positions": t["_pos"]}))}
                 _maybe_kill(index, "before_manifest")
                 rows = int(t["_tok"].shape[0])
@@ -474,7 +443,7 @@ class _ShardWriter(threading.Thread):
                 m["shards"] = [*m["shards"], {"index": index, "rows": rows, "files": files,
                                               "next": list(nxt)}]
                 m["n_rows"] = m["n_rows"] + rows
-                _write_manifest(self.out, m)
+                write_manifest(self.out, m)
                 self.manifest = m
                 _maybe_kill(index, "after_manifest")
         except BaseException as e:  # noqa: BLE001 - handed to the main thread
@@ -485,8 +454,3 @@ class _ShardWriter(threading.Thread):
                     self.q.get_nowait()
                 except queue.Empty:
                     break
-
-
-import polysae  # noqa: E402
-
-polysae._callable_module(__name__)  # polysae.harvest(...) calls the function

@@ -25,7 +25,6 @@ from typing import Any
 
 import torch
 
-from polysae import _callable_module
 from polysae.sae import SAE
 
 
@@ -471,6 +470,3 @@ def jsonable(x: Any) -> Any:
 
 
 __all__ = ["EvalConfig", "evaluate", "jsonable"]
-
-
-_callable_module(__name__)  # polysae.evaluate(...) calls the function

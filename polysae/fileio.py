@@ -1,0 +1,95 @@
+"""Crash-safe file writes and sha256 hashing, shared by every module that writes to disk.
+
+The rule everywhere in polysae: a file is written under a temporary name in its own folder,
+flushed and fsynced, renamed over the final name, and the folder is fsynced. A crash (power loss,
+SIGKILL, out of space) therefore leaves either the old file or the complete new one, never a
+truncated file under the final name. Manifests and config files that record hashes are written
+last, so a folder whose data files were damaged afterwards fails its checksum instead of loading.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+_BLOCK = 1 << 22  # 4 MiB read blocks for hashing
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file's bytes, read in blocks (constant memory)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(_BLOCK), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def fsync_and_hash(path: str | os.PathLike) -> str:
+    """Flush a just-written file to stable storage and return its hex sha256."""
+    h = hashlib.sha256()
+    with open(path, "rb+") as f:
+        for block in iter(lambda: f.read(_BLOCK), b""):
+            h.update(block)
+        os.fsync(f.fileno())
+    return h.hexdigest()
+
+
+def fsync_dir(folder: str | os.PathLike) -> None:
+    """fsync a folder so a rename inside it survives a crash (no-op where unsupported)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # e.g. Windows cannot open folders
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def temp_name(path: str | os.PathLike) -> Path:
+    """The temporary sibling a file is written under before it is renamed into place."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.tmp{os.getpid()}")
+
+
+def atomic_write_with(path: str | os.PathLike, write: Callable[[Path], None]) -> str:
+    """Run ``write(tmp)`` on a temporary sibling of ``path``, then fsync, rename and fsync the
+    folder. For writers that want a path (``safetensors.save_file``, ``torch.save``). Returns the
+    file's sha256. On any error (out of space, Ctrl-C) the temporary file is removed."""
+    path = Path(path)
+    tmp = temp_name(path)
+    try:
+        write(tmp)
+        digest = fsync_and_hash(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+    return digest
+
+
+def atomic_write_bytes(path: str | os.PathLike, payload: bytes) -> str:
+    """Write ``payload`` to ``path`` crash-safely (see the module docstring); returns its sha256."""
+    path = Path(path)
+    tmp = temp_name(path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # out of space, I/O error, Ctrl-C: leave no partial temp file behind
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+    return hashlib.sha256(payload).hexdigest()
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """:func:`atomic_write_bytes` for UTF-8 text."""
+    atomic_write_bytes(path, text.encode())
