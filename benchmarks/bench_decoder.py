@@ -55,6 +55,7 @@ if __name__ == "__main__" and "--dry-run" in sys.argv:
 
 import polysae.kernels as pk  # noqa: E402
 from polysae.kernels import reference as ref  # noqa: E402
+
 from polysae.fileio import atomic_write_text  # noqa: E402
 
 # --- roofline model (docs/kernels.md#roofline-model, H100 constants; decoder part only) ---------

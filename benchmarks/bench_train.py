@@ -35,10 +35,10 @@ import sys
 import time
 from pathlib import Path
 
+import polysae.kernels as pk
 import torch
 
 import polysae
-import polysae.kernels as pk
 from polysae import SAE, SAEConfig
 from polysae.fileio import atomic_write_text
 from polysae.training import TrainConfig, Trainer

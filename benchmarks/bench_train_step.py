@@ -29,13 +29,13 @@ import sys
 import time
 from pathlib import Path
 
+import polysae.kernels as pk
 import torch
 import torch.nn.functional as F
-
-import polysae.kernels as pk
-from polysae import SAE, SAEConfig
 from polysae.kernels.reference import densify
-from polysae.sae import atomic_write_text
+
+from polysae import SAE, SAEConfig
+from polysae.fileio import atomic_write_text
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_decoder import device_tag, environment, resolve_device  # noqa: E402

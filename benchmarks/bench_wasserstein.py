@@ -36,7 +36,7 @@ import scipy
 import torch
 from scipy.stats import wasserstein_distance
 
-from polysae.sae import atomic_write_text
+from polysae.fileio import atomic_write_text
 from polysae.wasserstein import wasserstein_1d
 
 

@@ -14,7 +14,8 @@ from polysae.cli import COMMANDS, CLIError
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="polysae",
-        description="Sparse autoencoders with polynomial decoders: harvest, train, evaluate, share.",
+        description="Sparse autoencoders with polynomial decoders: harvest, train, evaluate, "
+                    "share.",
     )
     parser.add_argument("--version", action="version", version=f"polysae {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")

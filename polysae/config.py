@@ -26,7 +26,8 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.
 
 
 def default_matryoshka_widths(d_sae: int) -> tuple[int, ...]:
-    """Nested prefix widths: d_sae/32, d_sae/8, d_sae (the reference's [512, 2048, 16384] at 16k)."""
+    """Nested prefix widths: d_sae/32, d_sae/8, d_sae (the reference's [512, 2048, 16384] at
+    16k)."""
     widths = sorted({w for w in (d_sae // 32, d_sae // 8) if w >= 1} | {d_sae})
     return tuple(widths)
 

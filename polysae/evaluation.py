@@ -362,9 +362,7 @@ def evaluate(saes: Any, *, model: Any = None, hook: str | None = None, acts: str
 
     # -- steering -----------------------------------------------------------------------------
     if cfg.steering and tokenizer is not None:
-        from polysae.steering import steering_eval
-
-        from polysae.steering import DEFAULT_CONCEPTS, load_concepts
+        from polysae.steering import DEFAULT_CONCEPTS, load_concepts, steering_eval
 
         concepts = DEFAULT_CONCEPTS if cfg.concepts is None else load_concepts(cfg.concepts)
         print("[eval] steering", file=sys.stderr)
@@ -384,8 +382,14 @@ def evaluate(saes: Any, *, model: Any = None, hook: str | None = None, acts: str
 
 def _probing(models, model, tokenizer, hook, cfg, specials, result) -> None:
     from polysae.corpora import load_corpus
-    from polysae.probing import (aggregate, collect_text_acts, make_split, pool_texts,
-                                 probe_dataset, tokenize_texts)
+    from polysae.probing import (
+        aggregate,
+        collect_text_acts,
+        make_split,
+        pool_texts,
+        probe_dataset,
+        tokenize_texts,
+    )
 
     per: dict[str, dict[str, Any]] = {n: {} for n in [*models, "__acts__"]}
     sizes = {}

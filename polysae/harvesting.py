@@ -30,8 +30,18 @@ from typing import Any, NamedTuple
 
 import torch
 
-from polysae.actformat import (FORMAT_VERSION, MANIFEST, STORAGE_DTYPES, TOKENS_DIR, ManifestError,
-                               hook_dir, new_manifest, read_manifest, shard_name, write_manifest)
+from polysae.actformat import (
+    FORMAT_VERSION,
+    MANIFEST,
+    STORAGE_DTYPES,
+    TOKENS_DIR,
+    ManifestError,
+    hook_dir,
+    new_manifest,
+    read_manifest,
+    shard_name,
+    write_manifest,
+)
 from polysae.data import BOS_POLICIES
 from polysae.fileio import atomic_write_bytes
 

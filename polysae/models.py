@@ -153,8 +153,8 @@ def _load_smollm2(dtype: torch.dtype, device: str):
         if stamp is None or stamp.get("cache_version") != _CACHE_VERSION or not weights.exists():
             _convert_smollm2(root, weights, cfg_file, tok_dir, save_file)
         stamp = _read_json(cfg_file)
-    from transformers import LlamaConfig
     from transformer_lens import HookedTransformer
+    from transformers import LlamaConfig
 
     hf_cfg = LlamaConfig.from_dict(stamp["hf_config"])
     tok = AutoTokenizer.from_pretrained(tok_dir)

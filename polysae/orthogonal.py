@@ -78,7 +78,8 @@ def separate_u_order(r1: int, r2: int, r3: int) -> list[tuple[int, int, int]]:
 
 
 def retract_separate(Us: list[Tensor], fast: bool = True) -> list[Tensor] | None:
-    """Jointly retract [U, U2, U3] so that all columns are orthonormal (see ``separate_u_order``)."""
+    """Jointly retract [U, U2, U3] so that all columns are orthonormal (see
+    ``separate_u_order``)."""
     r = [u.shape[1] for u in Us] + [0] * (3 - len(Us))
     order = separate_u_order(*r) if len(Us) == 3 else [(0, 0, r[0]), (1, 0, r[1])]
     cat = torch.cat([Us[m][:, a:b] for m, a, b in order], dim=1)

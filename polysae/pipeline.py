@@ -1,9 +1,11 @@
-"""The end-to-end job behind ``polysae run``: harvest -> train vanilla + PolySAE -> evaluate -> browse.
+"""The end-to-end job behind ``polysae run``: harvest -> train vanilla + PolySAE -> evaluate ->
+browse.
 
 Every stage is resumable and skipped when already complete, so re-running the same command after a
 crash continues where it stopped:
 
-- harvest resumes shard by shard (byte-identical to an uninterrupted run, :mod:`polysae.harvesting`);
+- harvest resumes shard by shard (byte-identical to an uninterrupted run,
+  :mod:`polysae.harvesting`);
 - training resumes from the last checkpoint of both SAEs (:class:`polysae.training.Trainer`);
 - evaluation and the browser rerun only when their inputs changed (a stage file records the
   sha256 of the checkpoints they read).
@@ -34,8 +36,8 @@ import torch
 from polysae.config import SAEConfig, check_sae_overrides
 from polysae.device import resolve_device
 from polysae.evaluation import EvalConfig
-from polysae.harvesting import HarvestConfig
 from polysae.fileio import atomic_write_text
+from polysae.harvesting import HarvestConfig
 from polysae.stages import Stages, checkpoint_key
 from polysae.training import TrainConfig
 

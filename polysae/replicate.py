@@ -39,8 +39,8 @@ import torch
 from polysae.config import SAEConfig, check_sae_overrides
 from polysae.device import resolve_device
 from polysae.evaluation import EvalConfig, jsonable
-from polysae.harvesting import HarvestConfig
 from polysae.fileio import atomic_write_text
+from polysae.harvesting import HarvestConfig
 from polysae.replicate_compare import Metric, compare, metrics_for
 from polysae.stages import Stages, checkpoint_key, config_key
 from polysae.training import TrainConfig
@@ -204,9 +204,9 @@ def run_cell(cfg: ReplicateConfig, sparsifier: str, seed: int, *, acts: Path, ho
              lm: Any, out: Path, device: str) -> CellResult:
     """Train (or resume) and evaluate one (sparsifier, seed) pair; skipped when complete."""
     from polysae import SAE
+    from polysae.actformat import read_manifest
     from polysae.codescale import code_scale
     from polysae.evaluation import evaluate
-    from polysae.actformat import read_manifest
     from polysae.store import ActivationStore
     from polysae.training import Trainer
 

@@ -168,8 +168,9 @@ def render_markdown(m: dict[str, Any]) -> str:
         L += ["## Interactions (polysae's definitions)", ""]
         keys = ["n_pairs", "r_strength_count", "r_strength_logcount", "r_cov_count",
                 "r_cov_logcount"]
-        L += markdown_table(["", *names], [[k] + [_fmt(m["saes"][n].get("interactions", {}).get(k), 3)
-                                          for n in names] for k in keys])
+        inter = {n: m["saes"][n].get("interactions", {}) for n in names}
+        L += markdown_table(["", *names], [[k] + [_fmt(inter[n].get(k), 3) for n in names]
+                                          for k in keys])
         for n in names:
             tp = m["saes"][n].get("interactions", {}).get("top_pairs", [])
             if not tp:

@@ -18,9 +18,8 @@ if not torch.cuda.is_available():
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
-import pytest  # noqa: E402
-
 import polysae.kernels as pk  # noqa: E402
+import pytest  # noqa: E402
 
 
 def pytest_configure(config):

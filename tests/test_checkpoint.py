@@ -45,7 +45,8 @@ def test_round_trip_is_bit_exact(tmp_path, dec, sp):
 
 
 @pytest.mark.parametrize("shared,sp,dec,names", [
-    (True, "topk", "poly", {"W_enc", "b_enc", "b_dec", "U", "C1", "C2", "C3", "lambda2", "lambda3"}),
+    (True, "topk", "poly", {"W_enc", "b_enc", "b_dec", "U", "C1", "C2", "C3", "lambda2",
+                            "lambda3"}),
     (False, "jumprelu", "poly", {"W_enc", "b_enc", "b_dec", "U", "U2", "U3", "C1", "C2", "C3",
                                  "lambda2", "lambda3", "threshold"}),
     (True, "batchtopk", "linear", {"W_enc", "b_enc", "b_dec", "W_dec", "threshold"}),
@@ -87,7 +88,8 @@ def test_missing_and_corrupt_files_are_named(tmp_path):
     with pytest.raises(ValueError, match=r"config\.json is not a valid"):
         polysae.load(d)
     (d / "config.json").unlink()
-    with pytest.raises((FileNotFoundError, ValueError), match=r"found \['sae\.safetensors'\].*config\.json"):
+    with pytest.raises((FileNotFoundError, ValueError),
+                       match=r"found \['sae\.safetensors'\].*config\.json"):
         polysae.load(d)  # format detection names what is there and what is missing
     with pytest.raises(FileNotFoundError, match=r"missing file .*config\.json"):
         polysae.sae.load_checkpoint(d)

@@ -26,8 +26,8 @@ def _clean_env():
 
 def test_import_is_light():
     """On a CPU machine `import polysae` pulls in no heavy optional stack."""
-    code = ("import sys, polysae; heavy = [m for m in ('transformer_lens', 'triton', 'transformers',"
-            " 'sklearn', 'matplotlib') if m in sys.modules]; print(heavy)")
+    code = ("import sys, polysae; heavy = [m for m in ('transformer_lens', 'triton', "
+            "'transformers', 'sklearn', 'matplotlib') if m in sys.modules]; print(heavy)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env=_clean_env())
     assert out.stdout.strip() == "[]"

@@ -24,10 +24,9 @@ import sys
 import traceback
 from pathlib import Path
 
+import polysae.kernels as pk
 import pytest
 import torch
-
-import polysae.kernels as pk
 from polysae.kernels import reference as ref
 
 pytestmark = [

@@ -10,10 +10,9 @@ same (dtype-rounded) inputs, at the paper's GPT-2 shape (B 4096, d_in 768, d_sae
 
 from __future__ import annotations
 
+import polysae.kernels as pk
 import pytest
 import torch
-
-import polysae.kernels as pk
 from polysae.kernels import reference as ref
 
 pytestmark = [

@@ -34,7 +34,7 @@ def test_run_end_to_end_and_rerun_skips(tmp_path):
     vanilla, poly = polysae.load(out / "train/vanilla"), polysae.load(out / "train/poly")
     assert (vanilla.cfg.decoder, poly.cfg.decoder) == ("linear", "poly")
     assert vanilla.cfg.replace(decoder="poly") == poly.cfg  # identical settings otherwise
-    steps = [[json.loads(l)["step"] for l in open(out / f"train/{n}/metrics.jsonl")]
+    steps = [[json.loads(line)["step"] for line in open(out / f"train/{n}/metrics.jsonl")]
              for n in ("vanilla", "poly")]
     assert steps[0] == steps[1] and steps[0][-1] > 0  # same batches, same number of steps
     metrics = json.loads((out / "report/metrics.json").read_text())
@@ -49,5 +49,5 @@ def test_run_end_to_end_and_rerun_skips(tmp_path):
 
     # training made progress for both SAEs (first vs last logged batch MSE)
     for n in ("vanilla", "poly"):
-        rows = [json.loads(l) for l in open(out / f"train/{n}/metrics.jsonl")]
+        rows = [json.loads(line) for line in open(out / f"train/{n}/metrics.jsonl")]
         assert rows[-1]["mse"] < rows[0]["mse"], n

@@ -8,8 +8,15 @@ import numpy as np
 import pytest
 import torch
 
-from polysae.probing import (PooledText, aggregate, make_split, make_tasks, pool_texts,
-                             probe_dataset, top_k_mean_diff)
+from polysae.probing import (
+    PooledText,
+    aggregate,
+    make_split,
+    make_tasks,
+    pool_texts,
+    probe_dataset,
+    top_k_mean_diff,
+)
 from polysae.wasserstein import wasserstein_1d
 
 

@@ -7,8 +7,12 @@ import pytest
 import torch
 
 from polysae import SAE, SAEConfig
-from polysae.reconstruction import (ce_recovered, ce_recovered_many, density_histogram,
-                                    reconstruction_stats)
+from polysae.reconstruction import (
+    ce_recovered,
+    ce_recovered_many,
+    density_histogram,
+    reconstruction_stats,
+)
 
 
 @pytest.fixture(scope="module")

@@ -226,7 +226,8 @@ def test_matryoshka_inner_losses_use_own_decoder():
         zw[:, w:] = 0
         want += float((materialised_decode(sae, zw) - x).pow(2).sum(-1).mean())
     assert abs(float(out.inner) - want) < 1e-8
-    assert abs(float(out.mse) - float((materialised_decode(sae, z) - x).pow(2).sum(-1).mean())) < 1e-8
+    want_mse = float((materialised_decode(sae, z) - x).pow(2).sum(-1).mean())
+    assert abs(float(out.mse) - want_mse) < 1e-8
 
 
 def test_auxk_formula():
@@ -278,7 +279,8 @@ def test_analysis_accessors_match_definitions():
     torch.testing.assert_close(sae.triple_atom(1, 2, 3), d.C3 @ (U[1, :3] * U[2, :3] * U[3, :3]))
     dirs = sae.decoder_directions()
     torch.testing.assert_close(dirs.norm(dim=-1), torch.ones(20, dtype=torch.float64))
-    # a pair of latents decodes to b + z_i A_i + z_j A_j + l2 (z_i^2 B_ii + 2 z_i z_j B_ij + z_j^2 B_jj)
+    # a pair of latents decodes to
+    # b + z_i A_i + z_j A_j + l2 (z_i^2 B_ii + 2 z_i z_j B_ij + z_j^2 B_jj)
     # + l3 (sum over the 8 ordered triples)
     z = torch.zeros(1, 20, dtype=torch.float64)
     z[0, 2], z[0, 7] = 0.6, 1.3

@@ -24,8 +24,7 @@ import torch
 import polysae
 from polysae import SAE, SAEConfig
 from polysae.schedule import lr_at
-from polysae.training import (TensorSource, TrainConfig, Trainer, TrainingDiverged,
-                           train)
+from polysae.training import TensorSource, TrainConfig, Trainer, TrainingDiverged, train
 
 
 @pytest.fixture(autouse=True)

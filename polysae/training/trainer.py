@@ -40,11 +40,22 @@ from polysae.config import SAEConfig
 from polysae.sae import SAE, LossOutput
 from polysae.schedule import lr_at
 from polysae.training.config import TrainConfig
-from polysae.training.logs import (METRICS_FILE, make_loggers, sae_record, truncate_metrics,
-                                   write_run_file)
+from polysae.training.logs import (
+    METRICS_FILE,
+    make_loggers,
+    sae_record,
+    truncate_metrics,
+    write_run_file,
+)
 from polysae.training.sources import as_source
-from polysae.training.state import (STATE_FORMAT, STATE_TAG, has_state, read_states, to_cpu,
-                                    write_states)
+from polysae.training.state import (
+    STATE_FORMAT,
+    STATE_TAG,
+    has_state,
+    read_states,
+    to_cpu,
+    write_states,
+)
 
 log = logging.getLogger(__name__)
 
