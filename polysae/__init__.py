@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 from polysae.config import SAEConfig  # noqa: E402
 from polysae.sae import SAE, LossOutput, ParamCounts, SparseCodes, count_params  # noqa: E402
