@@ -100,8 +100,8 @@ def phase(name: str, work: Path) -> dict:
     t0 = time.perf_counter()
     if name == "encode":
         with torch.no_grad():
-            for s in range(0, store.n_rows, cfg.chunk_rows):
-                x = store.read_rows(s, min(store.n_rows, s + cfg.chunk_rows)).float()
+            for s in range(0, store.n_rows, cfg.stats.chunk_rows):
+                x = store.read_rows(s, min(store.n_rows, s + cfg.stats.chunk_rows)).float()
                 sae.encode_sparse(x)
     elif name == "build":
         class _M:  # what build_site reads from a model

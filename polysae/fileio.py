@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -93,3 +94,20 @@ def atomic_write_bytes(path: str | os.PathLike, payload: bytes) -> str:
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """:func:`atomic_write_bytes` for UTF-8 text."""
     atomic_write_bytes(path, text.encode())
+
+
+def replace_folder(new: str | os.PathLike, dest: str | os.PathLike) -> None:
+    """Put the finished folder ``new`` (a sibling of ``dest``) at ``dest``: an existing ``dest``
+    is renamed aside first (``.<name>.old-<pid>``), ``new`` is renamed in, the parent folder is
+    fsynced, and only then is the old folder removed. Readers see the old folder or the whole
+    new one, never a mix; a crash between the two renames leaves the old folder under its
+    ``.old-`` name."""
+    new, dest = Path(new), Path(dest)
+    old = None
+    if dest.exists():
+        old = dest.parent / f".{dest.name}.old-{os.getpid()}"
+        os.replace(dest, old)
+    os.replace(new, dest)
+    fsync_dir(dest.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

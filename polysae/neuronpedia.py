@@ -32,17 +32,24 @@ import os
 import re
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import torch
 from torch import Tensor
 
 from polysae.browser.site import residual_space
-from polysae.browser.stats import BrowseConfig, feature_summary, hist_centres, stream_stats
+from polysae.browser.stats import (
+    StatsConfig,
+    check_counts,
+    config_record,
+    feature_summary,
+    hist_centres,
+    stream_stats,
+)
 from polysae.browser.text import TokenText, context_windows
-from polysae.fileio import atomic_write_text
+from polysae.fileio import atomic_write_text, replace_folder
 from polysae.interactions import PairCandidates, cooccurrence, interaction_atoms, top_pairs
 
 log = logging.getLogger(__name__)
@@ -66,54 +73,46 @@ ACTIVATION_KEYS = ("bin_min", "bin_max", "bin_contains", "tokens", "values", "ma
 """Keys of every entry of a feature's ``activations``."""
 
 
+def _neuronpedia_stats() -> StatsConfig:
+    return StatsConfig(left=16, right=8)  # wider windows than the browser's 8 / 4
+
+
 @dataclass
 class NeuronpediaConfig:
-    """What the export holds."""
+    """What the export holds: its own settings, and the per-feature statistics in ``stats``."""
 
     features_per_batch: int = 128
     """Features per ``batch-N.json`` file."""
-    n_contexts: int = 20
-    """Top-activating token windows per feature."""
-    left: int = 16
-    """Tokens shown before the peak token."""
-    right: int = 8
-    """Tokens shown after the peak token."""
-    n_logit_tokens: int = 10
-    """Tokens listed as promoted (``pos_*``) and suppressed (``neg_*``) per feature and pair."""
     logit_hist_bins: int = 32
     """Bins of the histogram of a feature's logit effects over the whole vocabulary."""
-    hist_bins: int = 48
-    """Log-spaced bins of the activation histogram over [10**hist_lo, 10**hist_hi]."""
-    hist_lo: float = -3.0
-    """log10 of the smallest activation-histogram edge."""
-    hist_hi: float = 3.0
-    """log10 of the largest activation-histogram edge."""
     n_alignment: int = 3
     """Largest entries of each linear atom listed as ``neuron_alignment_*``."""
     n_pairs: int = 100
     """Interaction pairs exported (PolySAE only; 0 = no ``interactions.json``)."""
     min_pair_count: int = 2
     """Tokens on which both latents must fire for a pair to qualify."""
-    n_pair_contexts: int = 10
-    """Token windows per pair, ranked by z_i * z_j."""
-    chunk_rows: int = 512
-    """Rows encoded per step."""
     sae_set: str | None = None
     """Neuronpedia SAE set name written in every batch (default ``polysae-<decoder>``)."""
     decimals: int = 3
     """Decimals kept for values in the JSON (SAEDashboard rounds to 3)."""
+    stats: StatsConfig = field(default_factory=_neuronpedia_stats)
+    """Top activations, token windows (16 tokens before the peak, 8 after), histogram, logit
+    tokens and chunking of the one pass."""
+
+    RECORD_KEYS = ("features_per_batch", "n_contexts", "left", "right", "n_logit_tokens",
+                   "logit_hist_bins", "hist_bins", "hist_lo", "hist_hi", "n_alignment",
+                   "n_pairs", "min_pair_count", "n_pair_contexts", "chunk_rows", "sae_set",
+                   "decimals")
+    """Key order of the flat ``config`` record in ``run_settings.json`` (:meth:`record`)."""
 
     def __post_init__(self) -> None:
-        for f in ("features_per_batch", "n_contexts", "n_pair_contexts", "chunk_rows",
-                  "hist_bins", "logit_hist_bins", "min_pair_count"):
-            if int(getattr(self, f)) < 1:
-                raise ValueError(f"NeuronpediaConfig.{f} must be >= 1, got {getattr(self, f)}")
-        for f in ("left", "right", "n_logit_tokens", "n_alignment", "n_pairs", "decimals"):
-            if int(getattr(self, f)) < 0:
-                raise ValueError(f"NeuronpediaConfig.{f} must be >= 0, got {getattr(self, f)}")
-        if not self.hist_lo < self.hist_hi:
-            raise ValueError(f"NeuronpediaConfig: hist_lo {self.hist_lo} must be < hist_hi "
-                             f"{self.hist_hi}")
+        check_counts(self, at_least_one=("features_per_batch", "logit_hist_bins",
+                                         "min_pair_count"),
+                     at_least_zero=("n_alignment", "n_pairs", "decimals"))
+
+    def record(self) -> dict[str, Any]:
+        """The settings as the export's flat ``config`` record (stats settings inline)."""
+        return config_record(self, self.RECORD_KEYS)
 
 
 class NeuronpediaExport(NamedTuple):
@@ -190,12 +189,6 @@ def logit_effects(directions: Tensor, W_U: Tensor, n: int, bins: int,
         for lst, t in zip(out, (ui, uv, di, dv, heights, centres)):
             lst.append(t)
     return LogitEffects(*(torch.cat(t) for t in out))
-
-
-def _batches(read_rows: Callable[[int, int], Tensor], n_rows: int, size: int
-             ) -> Iterator[Tensor]:
-    for s in range(0, n_rows, size):
-        yield read_rows(s, min(n_rows, s + size))
 
 
 def _check_out(out: Path) -> None:
@@ -288,6 +281,7 @@ def export_neuronpedia_from_rows(
                              f"({n_rows},)")
     _check_out(out)
     F_ = sae.cfg.d_sae
+    sc = cfg.stats
     nd = cfg.decimals
     was_training = sae.training
     sae.eval()
@@ -300,32 +294,30 @@ def export_neuronpedia_from_rows(
     poly = getattr(dec, "kind", "") == "poly" and getattr(dec, "C2", None) is not None
     if poly and cfg.n_pairs > 0:
         # large batches: cooccurrence merges its pair table once per batch
-        st_pairs = cooccurrence(sae, (b.to(dev) for b in _batches(
-            read_rows, n_rows, max(cfg.chunk_rows, 4096))))
+        size = max(sc.chunk_rows, 4096)
+        st_pairs = cooccurrence(sae, (read_rows(s, min(n_rows, s + size)).to(dev)
+                                      for s in range(0, n_rows, size)))
         top = top_pairs(sae, None, cfg.n_pairs, min_count=cfg.min_pair_count, stats=st_pairs)
         if top:
             pairs = PairCandidates(torch.tensor([p.i for p in top]),
                                    torch.tensor([p.j for p in top]),
                                    torch.tensor([p.strength for p in top]))
     # pass 2: per-feature statistics and top windows (and the pairs' windows)
-    bcfg = BrowseConfig(n_contexts=cfg.n_contexts, left=cfg.left, right=cfg.right,
-                        n_pair_contexts=cfg.n_pair_contexts, hist_bins=cfg.hist_bins,
-                        hist_lo=cfg.hist_lo, hist_hi=cfg.hist_hi, chunk_rows=cfg.chunk_rows)
-    st = stream_stats(sae, lambda a, b: read_rows(a, b).float(), n_rows, pairs, bcfg,
+    st = stream_stats(sae, lambda a, b: read_rows(a, b).float(), n_rows, pairs, sc,
                       progress=progress)
     sae.train(was_training)
     windows = _Windows(token_ids.long(), None if doc_ids is None else doc_ids.long(),
-                       None if positions is None else positions.long(), tokenizer, cfg.left,
-                       cfg.right)
+                       None if positions is None else positions.long(), tokenizer, sc.left,
+                       sc.right)
     atoms = sae.linear_atoms().detach().float().cpu()  # [F, D]
-    eff = logit_effects(atoms, W_U, cfg.n_logit_tokens, cfg.logit_hist_bins)
+    eff = logit_effects(atoms, W_U, sc.n_logit_tokens, cfg.logit_hist_bins)
     n_al = min(cfg.n_alignment, atoms.shape[1])
     al_v, al_i = atoms.abs().topk(n_al, dim=1)
     al_signed = atoms.gather(1, al_i)
     al_l1 = al_v / atoms.abs().sum(1, keepdim=True).clamp_min(1e-12)
     summary = feature_summary(st)
     density = summary.density
-    centres = hist_centres(cfg.hist_lo, cfg.hist_hi, cfg.hist_bins)
+    centres = hist_centres(sc.hist_lo, sc.hist_hi, sc.hist_bins)
     n_prompts = count_prompts(positions, n_rows)
     ctx_len = meta.get("ctx")
     dataset = str(meta.get("dataset") or "")
@@ -388,16 +380,10 @@ def export_neuronpedia_from_rows(
                     "dataset": dataset, "n_batches": n_batches,
                     "features_per_batch": cfg.features_per_batch,
                     "interactions": INTERACTIONS_FILE if n_pairs else None,
-                    "config": asdict(cfg), "meta": meta}
+                    "config": cfg.record(), "meta": meta}
         _write_json(tmp / SETTINGS_FILE, settings)
-        _check_out(out)
-        old = None
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            os.replace(out, old)
-        os.replace(tmp, out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        _check_out(out)  # again: something may have appeared there during the pass
+        replace_folder(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -415,7 +401,7 @@ def _write_interactions(path: Path, sae, top: list, st, windows: _Windows, W_U: 
     jj = torch.tensor([p.j for p in top])
     lam = float(dec.lambda2.detach())
     atoms = interaction_atoms(sae, ii, jj)
-    eff = logit_effects(atoms.float().cpu(), W_U, cfg.n_logit_tokens, cfg.logit_hist_bins)
+    eff = logit_effects(atoms.float().cpu(), W_U, cfg.stats.n_logit_tokens, cfg.logit_hist_bins)
     ents = windows.entries(st.pair_row, st.pair_val)
     rows = []
     for p, pair in enumerate(top):

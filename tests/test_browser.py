@@ -27,6 +27,7 @@ import torch
 from polysae import SAE, SAEConfig
 from polysae.browser import (
     BrowseConfig,
+    StatsConfig,
     TokenText,
     TopPool,
     build_site_from_arrays,
@@ -207,8 +208,8 @@ def test_stream_stats_match_dense_encode(gen):
     torch.manual_seed(0)
     sae = SAE(SAEConfig(d_in=10, d_sae=32, k=3, ranks=(10, 4, 4), dtype="float64")).eval()
     x = torch.randn(700, 10, generator=gen, dtype=torch.float64)
-    cfg = BrowseConfig(n_contexts=6, left=3, right=2, chunk_rows=64, hist_bins=12,
-                       hist_lo=-2, hist_hi=1, n_pair_contexts=4)
+    cfg = StatsConfig(n_contexts=6, left=3, right=2, chunk_rows=64, hist_bins=12,
+                      hist_lo=-2, hist_hi=1, n_pair_contexts=4)
     pairs = pair_candidates(sae, 30)
     st = stream_stats(sae, lambda a, b: x[a:b], 700, pairs, cfg)
     with torch.no_grad():
@@ -277,8 +278,9 @@ def test_logit_tops_match_dense(gen):
 
 
 # -- the written site ------------------------------------------------------------------------------
-CFG = BrowseConfig(n_contexts=8, left=4, right=2, chunk_rows=100, n_pair_contexts=6, shard_size=4,
-                   n_logit_tokens=3, title="planted")
+CFG = BrowseConfig(shard_size=4, title="planted",
+                   stats=StatsConfig(n_contexts=8, left=4, right=2, chunk_rows=100,
+                                     n_pair_contexts=6, n_logit_tokens=3))
 
 
 def build_planted(out: Path, report=None) -> tuple:
@@ -333,10 +335,10 @@ def test_site_data_planted(planted_site):
     # latent 3: top contexts are the rows of the largest x[:, 3], text = byte decode of the window
     sh = read_js(out / "data" / "latents_0000.js")
     r = STAR - sh["lo"]
-    ref_v, ref_r = z[:, STAR].topk(CFG.n_contexts)
+    ref_v, ref_r = z[:, STAR].topk(CFG.stats.n_contexts)
     assert sh["row"][r] == ref_r.tolist()
     assert sh["val"][r] == pytest.approx(ref_v.tolist(), abs=1e-4)
-    for t in range(CFG.n_contexts):
+    for t in range(CFG.stats.n_contexts):
         toks = sh["tok"][r][t]
         got = "".join(vocab[str(k)] for k in toks if k >= 0)
         assert got == expected_window(token_ids, doc_ids, ref_r[t].item(), 4, 2)
@@ -345,7 +347,7 @@ def test_site_data_planted(planted_site):
     assert summ["fires"][EACUTE] == ["é"]
     # the split-character latent: its peak token completes "é", override pieces spell "café"
     sh1 = read_js(out / "data" / "latents_0000.js")
-    c = (EACUTE - sh1["lo"]) * CFG.n_contexts
+    c = (EACUTE - sh1["lo"]) * CFG.stats.n_contexts
     pieces = sh1["ov"][str(c)]
     assert pieces[4] == "é" and pieces[3] == "" and pieces[2] == " caf"
     # pairs: (3, 5) is the only co-active pair and the strongest candidate
@@ -354,7 +356,7 @@ def test_site_data_planted(planted_site):
     both = (z[:, STAR] > 0) & (z[:, COFFEE] > 0)
     assert pairs["co"] == [int(both.sum())]
     prod = z[:, STAR] * z[:, COFFEE]
-    assert pairs["row"][0] == prod.topk(CFG.n_pair_contexts).indices.tolist()
+    assert pairs["row"][0] == prod.topk(CFG.stats.n_pair_contexts).indices.tolist()
     assert pairs["up"][0][0] == W(" Starbucks") and pairs["down"][0][0] == W(" cup")
     sc = pairs["scatter"]
     assert len(sc["s"]) == F * (F - 1) // 2 and sc["i"][0] == STAR and sc["j"][0] == COFFEE
@@ -397,8 +399,12 @@ def test_bad_inputs_name_the_problem(tmp_path):
         build_site_from_arrays(sae, x, tmp_path / "s", W_U=torch.zeros(3, 5))
     with pytest.raises(ValueError, match=r"acts has shape \(490, 5\)"):
         build_site_from_arrays(sae, x[:, :5], tmp_path / "s")
-    with pytest.raises(ValueError, match="n_contexts"):
-        BrowseConfig(n_contexts=0)
+    with pytest.raises(ValueError, match="StatsConfig.n_contexts must be >= 1, got 0"):
+        StatsConfig(n_contexts=0)
+    with pytest.raises(ValueError, match="BrowseConfig.shard_size must be >= 1, got 0"):
+        BrowseConfig(shard_size=0)
+    with pytest.raises(ValueError, match="StatsConfig.hist_lo 1.0 must be < hist_hi 1.0"):
+        StatsConfig(hist_lo=1.0, hist_hi=1.0)
     assert not (tmp_path / "s").exists()
 
 
@@ -536,9 +542,9 @@ def test_real_browser(served, planted_site):
                       "[...l.querySelectorAll('.tok')].map(s => s.textContent).join(''))")
         peaks = wd.js("return [...document.querySelectorAll('.contexts .ctx .peak')]"
                       ".map(s => s.textContent)")
-        ref_v, ref_r = z[:, STAR].topk(CFG.n_contexts)
+        ref_v, ref_r = z[:, STAR].topk(CFG.stats.n_contexts)
         assert lines == [expected_window(token_ids, doc_ids, int(r), 4, 2) for r in ref_r]
-        assert set(peaks) <= {" star", " Starbucks"} and len(peaks) == CFG.n_contexts
+        assert set(peaks) <= {" star", " Starbucks"} and len(peaks) == CFG.stats.n_contexts
 
         # split character renders whole
         wd.get(served + f"/index.html#latent/{EACUTE}")
@@ -555,7 +561,7 @@ def test_real_browser(served, planted_site):
         both = wd.js("return [...document.querySelectorAll('#pair-contexts .ctx')].map(l => "
                      "l.querySelector('.peak').textContent)")
         n_both = int(((z[:, STAR] > 0) & (z[:, COFFEE] > 0)).sum())
-        assert both == [" Starbucks"] * min(n_both, CFG.n_pair_contexts)
+        assert both == [" Starbucks"] * min(n_both, CFG.stats.n_pair_contexts)
         body = wd.js("return document.querySelector('main').innerText")
         assert "Starbucks" in body.split("promotes")[1].split("suppresses")[0]
         assert wd.js("return document.querySelectorAll('.contexts[data-latent]').length") == 2
@@ -614,7 +620,7 @@ def test_real_browser(served, planted_site):
         wd.get((planted_site / "index.html").as_uri() + f"#latent/{STAR}")
         wd.wait_ready(f"latent/{STAR}")
         assert wd.js("return document.querySelectorAll('.contexts .ctx').length") == \
-            CFG.n_contexts
+            CFG.stats.n_contexts
     finally:
         wd.quit()
         shutil.rmtree(profile, ignore_errors=True)
@@ -662,7 +668,7 @@ def test_build_site_from_store_matches_dense_encode(harvested, tmp_path):
     model, tok, acts, ck = harvested
     sae, _ = load_checkpoint(ck)
     store = ActivationStore(acts, split="val", shuffle=False)
-    cfg = BrowseConfig(n_contexts=5, left=3, right=1, chunk_rows=50)
+    cfg = BrowseConfig(stats=StatsConfig(n_contexts=5, left=3, right=1, chunk_rows=50))
     site = build_site(sae, store, tmp_path / "site", model=model, config=cfg)
     x = store.read_rows(0, store.n_rows)
     info = store.tokens()
@@ -673,7 +679,8 @@ def test_build_site_from_store_matches_dense_encode(harvested, tmp_path):
     assert summ["meta"]["hook"] == "blocks.0.hook_resid_post"
     # promoted tokens = top of the unit linear atom through the model's W_U
     with torch.no_grad():
-        ref_up = (sae.decoder_directions() @ model.W_U).topk(cfg.n_logit_tokens, dim=1).indices
+        lg = sae.decoder_directions() @ model.W_U
+        ref_up = lg.topk(cfg.stats.n_logit_tokens, dim=1).indices
     assert summ["up"] == ref_up.tolist()
     sh = read_js(site / "data" / "latents_0000.js")
     f = int((z > 0).sum(0).argmax())
@@ -718,6 +725,12 @@ def test_cli_browse(harvested, tmp_path):
     assert 'href="vanilla/index.html"' in (out / "index.html").read_text()
     summ = read_js(out / "poly" / "data" / "summary.js")
     assert summ["config"]["n_contexts"] == 4 and "up" not in summ
+    # the flat config record, keys in the order of before the stats settings were nested
+    assert list(summ["config"].items()) == [
+        ("n_contexts", 4), ("left", 8), ("right", 4), ("n_pairs", 10), ("pair_candidates", 2000),
+        ("n_pair_contexts", 10), ("n_logit_tokens", 10), ("hist_bins", 48), ("hist_lo", -3.0),
+        ("hist_hi", 3.0), ("chunk_rows", 2048), ("shard_size", 256),
+        ("title", "polysae browser: poly @ blocks.0.hook_resid_post")]
     assert read_js(out / "poly" / "data" / "pairs.js")["scatter"]["s"]
     vanilla = read_js(out / "vanilla" / "data" / "summary.js")
     assert vanilla["d_sae"] == 40 and read_js(out / "vanilla" / "data" / "pairs.js")["i"] == []

@@ -1,5 +1,6 @@
 """CLI flags generated from the config dataclasses (polysae.cli.flags) for harvest, train, eval,
-run and replicate. CPU only, no model except a tiny random HookedTransformer for the device check.
+run, replicate, browse and export --format neuronpedia. CPU only, no model except a tiny random
+HookedTransformer for the device check.
 
 Checks: every config field (minus each command's declared exclude list) has a flag with help;
 parsing no flags gives the config's defaults; old flag spellings parse to the same config as the
@@ -18,8 +19,11 @@ import pytest
 import torch
 
 from polysae.__main__ import build_parser
+from polysae.browser import BrowseConfig, StatsConfig
 from polysae.cli import CLIError
+from polysae.cli import browse as browse_cli
 from polysae.cli import eval as eval_cli
+from polysae.cli import export as export_cli
 from polysae.cli import harvest as harvest_cli
 from polysae.cli import replicate as replicate_cli
 from polysae.cli import run as run_cli
@@ -28,6 +32,7 @@ from polysae.cli.flags import config_from_args, field_docs, flag_name, overrides
 from polysae.config import SPARSIFIERS, SAEConfig
 from polysae.evaluation import EvalConfig
 from polysae.harvesting import HarvestConfig, HarvestError
+from polysae.neuronpedia import NeuronpediaConfig
 from polysae.pipeline import RunConfig, stage_configs
 from polysae.replicate import ReplicateConfig
 from polysae.training import TrainConfig
@@ -49,6 +54,11 @@ COMMANDS = {
                                   (TrainConfig, "train", replicate_cli.TRAIN_EXCLUDE),
                                   (EvalConfig, "eval", replicate_cli.EVAL_EXCLUDE)]),
 }
+# The viewers (their --device stays "cpu", outside the one device rule's commands above).
+VIEWERS = {
+    "browse": (browse_cli, [(BrowseConfig, "", browse_cli.EXCLUDE), (StatsConfig, "", ())]),
+    "export": (export_cli, [(NeuronpediaConfig, "", ()), (StatsConfig, "", ())]),
+}
 
 
 def _parser(module) -> argparse.ArgumentParser:
@@ -57,17 +67,21 @@ def _parser(module) -> argparse.ArgumentParser:
     return p
 
 
-@pytest.mark.parametrize("command", list(COMMANDS))
+@pytest.mark.parametrize("command", [*COMMANDS, *VIEWERS])
 def test_every_config_field_has_a_flag_with_help(command):
-    module, groups = COMMANDS[command]
+    module, groups = {**COMMANDS, **VIEWERS}[command]
     flags = {s: a for a in _parser(module)._actions for s in a.option_strings}
     n = 0
     for cls, prefix, exclude in groups:
         names = {f.name for f in dataclasses.fields(cls)}
         assert set(exclude) <= names, (cls.__name__, set(exclude) - names)  # no stale excludes
         docs = field_docs(cls)
+        hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
-            if f.name in exclude or f.name in NESTED and cls in (RunConfig, ReplicateConfig):
+            nested = dataclasses.is_dataclass(hints[f.name])  # flags of its own class
+            if (f.name in exclude or nested
+                    or f.name in NESTED and cls in (RunConfig, ReplicateConfig)):
+                assert not nested or docs.get(f.name, "").strip(), (cls.__name__, f.name)
                 continue
             name = flag_name(f.name, prefix)
             assert name in flags, (command, name)
@@ -77,7 +91,8 @@ def test_every_config_field_has_a_flag_with_help(command):
                 no = "--no-" + name[2:]
                 assert no in flags and flags[no] is flags[name], (command, no)
             n += 1
-    assert n >= {"harvest": 15, "eval": 24, "train": 40, "run": 80, "replicate": 80}[command]
+    assert n >= {"harvest": 15, "eval": 24, "train": 40, "run": 80, "replicate": 80,
+                 "browse": 12, "export": 16}[command]
 
 
 def _parse(*argv: str) -> argparse.Namespace:
@@ -150,6 +165,51 @@ def test_run_old_spellings_parse_like_the_new_ones():
         eval=dataclasses.replace(d.eval, recon_tokens=1024, probe_train_per_class=6,
                                  probe_test_per_class=3, ce_contexts=2))
     assert a == b == want
+
+
+VIEWER_BASE = {"browse": ("browse", "--sae", "x", "--acts", "a", "--out", "o"),
+               "export": ("export", "x", "o", "--format", "neuronpedia", "--acts", "a")}
+
+
+def _viewer_config(command: str, *argv):
+    cls = BrowseConfig if command == "browse" else NeuronpediaConfig
+    return browse_cli.viewer_config(_parse(*VIEWER_BASE[command], *argv), cls)
+
+
+def test_viewer_defaults_are_the_hand_written_ones_of_before():
+    """The defaults the browse / export flags had when they were declared by hand."""
+    b = _viewer_config("browse")
+    assert b == BrowseConfig(stats=StatsConfig(chunk_rows=2048))
+    assert (b.stats.n_contexts, b.n_pairs, b.pair_candidates, b.stats.left, b.stats.right,
+            b.stats.chunk_rows) == (20, 200, 2000, 8, 4, 2048)
+    e = _viewer_config("export")
+    assert e == NeuronpediaConfig()
+    assert (e.features_per_batch, e.stats.n_contexts, e.stats.left, e.stats.right, e.n_pairs,
+            e.min_pair_count, e.sae_set, e.stats.chunk_rows) == (128, 20, 16, 8, 100, 2, None, 512)
+
+
+def test_viewer_old_spellings_parse_like_the_new_ones(capsys):
+    old = _viewer_config("browse", "--contexts", 7, "--pairs", 30, "--pair-candidates", 300,
+                         "--left", 5, "--right", 3, "--chunk-rows", 97)
+    assert "--contexts is deprecated, use --n-contexts" in capsys.readouterr().err
+    new = _viewer_config("browse", "--n-contexts", 7, "--n-pairs", 30, "--pair-candidates", 300,
+                         "--left", 5, "--right", 3, "--chunk-rows", 97)
+    assert old == new == BrowseConfig(n_pairs=30, pair_candidates=300, stats=StatsConfig(
+        n_contexts=7, left=5, right=3, chunk_rows=97))
+    old = _viewer_config("export", "--features-per-batch", 64, "--contexts", 5, "--left", 6,
+                         "--right", 2, "--pairs", 40, "--min-pair-count", 3, "--sae-set", "s")
+    assert "--pairs is deprecated, use --n-pairs" in capsys.readouterr().err
+    new = _viewer_config("export", "--features-per-batch", 64, "--n-contexts", 5, "--left", 6,
+                         "--right", 2, "--n-pairs", 40, "--min-pair-count", 3, "--sae-set", "s")
+    assert old == new == NeuronpediaConfig(
+        features_per_batch=64, n_pairs=40, min_pair_count=3, sae_set="s",
+        stats=StatsConfig(n_contexts=5, left=6, right=2))
+    with pytest.raises(CLIError, match="--contexts must be >= 1, got 0"):
+        _viewer_config("browse", "--contexts", 0)
+    with pytest.raises(CLIError, match="--hist-lo 2.0 must be < hist_hi 1.0"):
+        _viewer_config("export", "--hist-lo", 2, "--hist-hi", 1)
+    with pytest.raises(CLIError, match="--features-per-batch must be >= 1, got 0"):
+        _viewer_config("export", "--features-per-batch", 0)
 
 
 def test_config_errors_name_the_flag_typed(capsys):

@@ -15,6 +15,7 @@ import torch
 
 from polysae import SAE, SAEConfig
 from polysae.__main__ import main as cli_main
+from polysae.browser import StatsConfig
 from polysae.neuronpedia import (
     ACTIVATION_KEYS,
     FEATURE_KEYS,
@@ -99,8 +100,9 @@ def test_feature_batches_match_dense_references(harvested, tmp_path):
     model, tok, acts, ck, _ = harvested
     sae, _ = load_checkpoint(ck)
     store = _store(acts)
-    cfg = NeuronpediaConfig(features_per_batch=10, n_contexts=T, left=L, right=R, n_pairs=0,
-                            chunk_rows=37, n_logit_tokens=5)
+    cfg = NeuronpediaConfig(features_per_batch=10, n_pairs=0,
+                            stats=StatsConfig(n_contexts=T, left=L, right=R, chunk_rows=37,
+                                              n_logit_tokens=5))
     res = export_neuronpedia(sae, store, tmp_path / "np", model=model, config=cfg,
                              meta={"model": "tiny-words"})
     assert (res.n_batches, res.n_features, res.n_pairs) == (4, 40, 0)
@@ -152,6 +154,12 @@ def test_feature_batches_match_dense_references(harvested, tmp_path):
     assert fired >= 10  # the planted store really exercises the top activations
     settings = json.loads((tmp_path / "np" / "run_settings.json").read_text())
     assert settings["n_rows"] == store.n_rows and settings["interactions"] is None
+    # the flat config record, keys in the order of before the stats settings were nested
+    assert list(settings["config"].items()) == [
+        ("features_per_batch", 10), ("n_contexts", T), ("left", L), ("right", R),
+        ("n_logit_tokens", 5), ("logit_hist_bins", 32), ("hist_bins", 48), ("hist_lo", -3.0),
+        ("hist_hi", 3.0), ("n_alignment", 3), ("n_pairs", 0), ("min_pair_count", 2),
+        ("n_pair_contexts", 10), ("chunk_rows", 37), ("sae_set", None), ("decimals", 3)]
     assert not (tmp_path / "np" / "interactions.json").exists()
 
 
@@ -162,8 +170,9 @@ def test_interaction_pairs_match_brute_force(harvested, tmp_path):
     sae, _ = load_checkpoint(ck)
     store = _store(acts)
     n_pairs, min_count = 6, 2
-    cfg = NeuronpediaConfig(n_contexts=2, left=L, right=R, n_pairs=n_pairs,
-                            min_pair_count=min_count, n_pair_contexts=3, n_logit_tokens=4)
+    cfg = NeuronpediaConfig(n_pairs=n_pairs, min_pair_count=min_count,
+                            stats=StatsConfig(n_contexts=2, left=L, right=R, n_pair_contexts=3,
+                                              n_logit_tokens=4))
     res = export_neuronpedia(sae, store, tmp_path / "np", model=model, config=cfg)
     doc = json.loads((tmp_path / "np" / "interactions.json").read_text())
     assert res.n_pairs == len(doc["pairs"]) == n_pairs
@@ -224,7 +233,7 @@ def test_linear_sae_and_bad_inputs(harvested, tmp_path):
     sae, _ = load_checkpoint(vanilla)
     store = _store(acts)
     res = export_neuronpedia(sae, store, tmp_path / "v", model=model,
-                             config=NeuronpediaConfig(n_contexts=2))
+                             config=NeuronpediaConfig(stats=StatsConfig(n_contexts=2)))
     assert res.n_pairs == 0 and not (tmp_path / "v" / "interactions.json").exists()
     feats = _batches(tmp_path / "v")[0]["features"]
     with torch.no_grad():
@@ -252,11 +261,14 @@ def test_linear_sae_and_bad_inputs(harvested, tmp_path):
     assert (foreign / "keep.txt").read_text() == "mine"
     # a second export replaces the first in place
     export_neuronpedia(sae, store, tmp_path / "v", model=model,
-                       config=NeuronpediaConfig(n_contexts=1, features_per_batch=5))
+                       config=NeuronpediaConfig(features_per_batch=5,
+                                                stats=StatsConfig(n_contexts=1)))
     assert len(_batches(tmp_path / "v")) == 4
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
-    with pytest.raises(ValueError, match="n_contexts must be >= 1"):
-        NeuronpediaConfig(n_contexts=0)
+    with pytest.raises(ValueError, match="StatsConfig.n_contexts must be >= 1"):
+        NeuronpediaConfig(stats=StatsConfig(n_contexts=0))
+    with pytest.raises(ValueError, match="NeuronpediaConfig.min_pair_count must be >= 1"):
+        NeuronpediaConfig(min_pair_count=0)
 
 
 def test_cli_export_neuronpedia(harvested, tmp_path, monkeypatch, capsys):

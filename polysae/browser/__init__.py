@@ -16,16 +16,17 @@ all i < j (:func:`polysae.interactions.pair_candidates`, computed blockwise thro
 factors, never the F x F x D tensor), and the site shows the strongest among those that are
 actually co-active.
 
-Modules: :mod:`~polysae.browser.stats` (the one streaming pass: per-latent counts, histograms,
-top contexts, pair co-activation), :mod:`~polysae.browser.text` (token text of context windows),
-:mod:`~polysae.browser.links` (eval-report metrics linked into the site),
-:mod:`~polysae.browser.site` (writing the site).
+Modules: :mod:`~polysae.browser.stats` (``StatsConfig`` and the one streaming pass: per-latent
+counts, histograms, top contexts, pair co-activation), :mod:`~polysae.browser.text` (token text
+of context windows), :mod:`~polysae.browser.links` (eval-report metrics linked into the site),
+:mod:`~polysae.browser.site` (``BrowseConfig`` and writing the site).
 """
 
 from polysae.browser.links import report_entries, select_report
 from polysae.browser.site import (
     ASSETS,
     SITE_MARKER,
+    BrowseConfig,
     build_site,
     build_site_from_arrays,
     build_site_from_rows,
@@ -33,8 +34,8 @@ from polysae.browser.site import (
     residual_space,
 )
 from polysae.browser.stats import (
-    BrowseConfig,
     FeatureSummary,
+    StatsConfig,
     StreamStats,
     TopPool,
     feature_summary,
@@ -45,8 +46,9 @@ from polysae.browser.text import TokenText, context_windows, peak_strings
 from polysae.interactions import PairCandidates, pair_candidates
 
 __all__ = [
-    "ASSETS", "SITE_MARKER", "BrowseConfig", "FeatureSummary", "PairCandidates", "StreamStats",
-    "TokenText", "TopPool", "build_site", "build_site_from_arrays", "build_site_from_rows",
-    "context_windows", "feature_summary", "hist_centres", "logit_tops", "pair_candidates",
-    "peak_strings", "report_entries", "residual_space", "select_report", "stream_stats",
+    "ASSETS", "SITE_MARKER", "BrowseConfig", "FeatureSummary", "PairCandidates", "StatsConfig",
+    "StreamStats", "TokenText", "TopPool", "build_site", "build_site_from_arrays",
+    "build_site_from_rows", "context_windows", "feature_summary", "hist_centres", "logit_tops",
+    "pair_candidates", "peak_strings", "report_entries", "residual_space", "select_report",
+    "stream_stats",
 ]

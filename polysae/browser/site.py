@@ -11,7 +11,7 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import asdict
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any, Callable
@@ -20,9 +20,15 @@ import torch
 from torch import Tensor
 
 from polysae.browser.links import report_entries, select_report
-from polysae.browser.stats import BrowseConfig, feature_summary, stream_stats
+from polysae.browser.stats import (
+    StatsConfig,
+    check_counts,
+    config_record,
+    feature_summary,
+    stream_stats,
+)
 from polysae.browser.text import TokenText, context_windows, peak_strings
-from polysae.fileio import atomic_write_text
+from polysae.fileio import atomic_write_text, replace_folder
 from polysae.interactions import interaction_atoms, pair_candidates
 
 log = logging.getLogger(__name__)
@@ -31,6 +37,35 @@ SITE_MARKER = "polysae-site.json"
 """The file that marks a folder as a polysae site: a rebuild replaces only folders holding it."""
 ASSETS = ("index.html", "app.js", "style.css")
 """The viewer's static files, copied from ``polysae/browser_assets``."""
+
+
+@dataclass
+class BrowseConfig:
+    """What the site shows: its own settings, and the per-latent statistics in ``stats``."""
+
+    n_pairs: int = 200
+    """Pairs shown: the strongest |lambda2|*||B_ij|| among co-active candidates."""
+    pair_candidates: int = 2000
+    """Pairs scored during the pass (the strongest, chosen before it); the scatter plots them."""
+    shard_size: int = 256
+    """Latents per data file (the page loads only the shard it shows)."""
+    title: str = "polysae feature browser"
+    """Page title."""
+    stats: StatsConfig = field(default_factory=StatsConfig)
+    """Top contexts, windows, histogram, logit tokens and chunking of the one pass."""
+
+    RECORD_KEYS = ("n_contexts", "left", "right", "n_pairs", "pair_candidates",
+                   "n_pair_contexts", "n_logit_tokens", "hist_bins", "hist_lo", "hist_hi",
+                   "chunk_rows", "shard_size", "title")
+    """Key order of the flat ``config`` record in ``data/summary.js`` (:meth:`record`)."""
+
+    def __post_init__(self) -> None:
+        check_counts(self, at_least_one=("shard_size",),
+                     at_least_zero=("n_pairs", "pair_candidates"))
+
+    def record(self) -> dict[str, Any]:
+        """The settings as the site's flat ``config`` record (stats settings inline)."""
+        return config_record(self, self.RECORD_KEYS)
 
 
 def _js(key: str, payload: Any) -> str:
@@ -103,11 +138,12 @@ def build_site_from_rows(sae, read_rows: Callable[[int, int], Tensor], n_rows: i
     F_ = sae.cfg.d_sae
     pairs = pair_candidates(sae, cfg.pair_candidates) if cfg.n_pairs > 0 else None
     lap("pairs")
-    st = stream_stats(sae, read_rows, n_rows, pairs, cfg, progress=progress)
+    sc = cfg.stats
+    st = stream_stats(sae, read_rows, n_rows, pairs, sc, progress=progress)
     lap("pass")
     text = TokenText(tokenizer) if tokenizer is not None and token_ids is not None else None
     vocab: dict[int, str] = {}
-    L, R = cfg.left, cfg.right
+    L, R = sc.left, sc.right
 
     def note(ids) -> None:
         if text is not None:
@@ -117,9 +153,9 @@ def build_site_from_rows(sae, read_rows: Callable[[int, int], Tensor], n_rows: i
 
     # promoted / suppressed tokens of each linear atom
     logit = None
-    if W_U is not None and cfg.n_logit_tokens > 0:
+    if W_U is not None and sc.n_logit_tokens > 0:
         with torch.no_grad():
-            logit = logit_tops(sae.decoder_directions(), W_U, cfg.n_logit_tokens)
+            logit = logit_tops(sae.decoder_directions(), W_U, sc.n_logit_tokens)
     lap("logits")
     density, mean, mx = feature_summary(st)
 
@@ -158,7 +194,7 @@ def build_site_from_rows(sae, read_rows: Callable[[int, int], Tensor], n_rows: i
             lmax = mx[a:b].clamp_min(1e-12)[:, None, None]
             q = torch.round(st.top_ctx[a:b].clamp(min=0) / lmax * 100).clamp(0, 100).long()
             q = torch.where(ok, q, torch.zeros_like(q))
-            shard = {"lo": a, "hi": b, "T": cfg.n_contexts, "W": cfg.window, "left": L,
+            shard = {"lo": a, "hi": b, "T": sc.n_contexts, "W": sc.window, "left": L,
                      "n": m.sum(1).tolist(), "val": _r(peak), "row": st.top_row[a:b].tolist(),
                      "tok": toks.tolist(), "q": q.tolist(),
                      "ov": {str(k): v for k, v in ov.items()},
@@ -174,14 +210,14 @@ def build_site_from_rows(sae, read_rows: Callable[[int, int], Tensor], n_rows: i
             q = torch.round(st.pair_ctx[sel].clamp(min=0) / pm * 100).clamp(0, 100).long()
             q = q * ok[:, :, None, :]
             pair_out.update(i=ii.tolist(), j=jj.tolist(), s=_r(pairs.strength[sel], 5),
-                            co=st.pair_co[sel].tolist(), T=cfg.n_pair_contexts,
-                            W=cfg.window, left=L,
+                            co=st.pair_co[sel].tolist(), T=sc.n_pair_contexts,
+                            W=sc.window, left=L,
                             val=_r(st.pair_val[sel].clamp(min=0).nan_to_num(0, 0, 0)),
                             row=st.pair_row[sel].tolist(), tok=toks.tolist(), q=q.tolist(),
                             ov={str(k): v for k, v in ov.items()})
-            if W_U is not None and cfg.n_logit_tokens > 0:
+            if W_U is not None and sc.n_logit_tokens > 0:
                 atoms = interaction_atoms(sae, ii, jj)
-                u, uv, d, dv = logit_tops(atoms, W_U, cfg.n_logit_tokens)
+                u, uv, d, dv = logit_tops(atoms, W_U, sc.n_logit_tokens)
                 note(u.flatten().tolist())
                 note(d.flatten().tolist())
                 pair_out.update(up=u.tolist(), upv=_r(uv, 3), down=d.tolist(), downv=_r(dv, 3))
@@ -192,10 +228,10 @@ def build_site_from_rows(sae, read_rows: Callable[[int, int], Tensor], n_rows: i
             "lambda2": float(sae.decoder.lambda2.detach()) if getattr(sae.decoder, "lambda2", None)
             is not None else None,
             "shard_size": cfg.shard_size, "n_shards": n_shards,
-            "hist": {"lo": cfg.hist_lo, "hi": cfg.hist_hi, "bins": cfg.hist_bins},
+            "hist": {"lo": sc.hist_lo, "hi": sc.hist_hi, "bins": sc.hist_bins},
             "density": _r(density, 7), "mean": _r(mean), "max": _r(mx),
             "has_text": text is not None, "meta": meta or {},
-            "config": asdict(cfg), "report": report_rows, "columns": report_cols,
+            "config": cfg.record(), "report": report_rows, "columns": report_cols,
             "report_sae": report_name,
         }
         if token_ids is not None:
@@ -209,7 +245,8 @@ def build_site_from_rows(sae, read_rows: Callable[[int, int], Tensor], n_rows: i
         _write(tmp / "data" / "vocab.js", _js("vocab", {str(k): v for k, v in vocab.items()}))
         _write(tmp / SITE_MARKER, json.dumps({"format": 1, "d_sae": F_, "n_rows": st.n_rows,
                                               "meta": meta or {}}, indent=1))
-        _swap_into_place(tmp, out)
+        _check_out(out)  # again: something may have appeared there during the build
+        replace_folder(tmp, out)
         lap("write")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -229,18 +266,6 @@ def _check_out(out: Path) -> None:
         raise ValueError(f"browser: output folder {out} is not empty and is not a polysae site; "
                          "refusing to overwrite it")
     out.parent.mkdir(parents=True, exist_ok=True)
-
-
-def _swap_into_place(tmp: Path, out: Path) -> None:
-    """Replace ``out`` by the finished ``tmp`` folder; an old site is removed only afterwards."""
-    _check_out(out)
-    old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def build_site_from_arrays(sae, acts: Tensor, out_dir: str | os.PathLike, *,

@@ -16,8 +16,8 @@ cost is dominated by the SAE encoder itself.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, NamedTuple
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, NamedTuple
 
 import torch
 from torch import Tensor
@@ -26,23 +26,22 @@ from polysae.interactions import PairCandidates
 
 
 @dataclass
-class BrowseConfig:
-    """What the site shows and how the pass is chunked."""
+class StatsConfig:
+    """The per-latent statistics a viewer collects and shows: the settings of the one pass
+    (:func:`stream_stats`) and of the logit step, shared by the feature browser
+    (:attr:`polysae.browser.BrowseConfig.stats`) and the Neuronpedia export
+    (:attr:`polysae.neuronpedia.NeuronpediaConfig.stats`)."""
 
     n_contexts: int = 20
-    """Top-activating contexts kept per latent."""
+    """Top-activating contexts (token windows) kept per latent."""
     left: int = 8
-    """Tokens of context shown before the activating token."""
+    """Tokens of context shown before the activating (peak) token."""
     right: int = 4
     """Tokens of context shown after the activating token."""
-    n_pairs: int = 200
-    """Pairs shown: the strongest |lambda2|*||B_ij|| among co-active candidates."""
-    pair_candidates: int = 2000
-    """Pairs scored during the pass (the strongest, chosen before it); the scatter plots them."""
     n_pair_contexts: int = 10
-    """Contexts kept per pair, ranked by z_i * z_j."""
+    """Contexts kept per interaction pair, ranked by z_i * z_j."""
     n_logit_tokens: int = 10
-    """Tokens listed as promoted / suppressed through the unembedding."""
+    """Tokens listed as promoted / suppressed through the unembedding, per latent and pair."""
     hist_bins: int = 48
     """Histogram bins over log10(activation) in [hist_lo, hist_hi]; values outside are clamped."""
     hist_lo: float = -3.0
@@ -51,26 +50,39 @@ class BrowseConfig:
     """log10 of the largest histogram edge."""
     chunk_rows: int = 512
     """Rows encoded per step: peak memory is about chunk_rows * d_sae * 4 bytes (pre-acts)."""
-    shard_size: int = 256
-    """Latents per data file (the page loads only the shard it shows)."""
-    title: str = "polysae feature browser"
-    """Page title."""
 
     def __post_init__(self) -> None:
-        for f in ("n_contexts", "n_pair_contexts", "chunk_rows", "shard_size", "hist_bins"):
-            if int(getattr(self, f)) < 1:
-                raise ValueError(f"BrowseConfig.{f} must be >= 1, got {getattr(self, f)}")
-        for f in ("left", "right", "n_pairs", "pair_candidates", "n_logit_tokens"):
-            if int(getattr(self, f)) < 0:
-                raise ValueError(f"BrowseConfig.{f} must be >= 0, got {getattr(self, f)}")
+        check_counts(self, at_least_one=("n_contexts", "n_pair_contexts", "chunk_rows",
+                                         "hist_bins"),
+                     at_least_zero=("left", "right", "n_logit_tokens"))
         if not self.hist_lo < self.hist_hi:
-            raise ValueError(f"BrowseConfig: hist_lo {self.hist_lo} must be < hist_hi "
+            raise ValueError(f"StatsConfig.hist_lo {self.hist_lo} must be < hist_hi "
                              f"{self.hist_hi}")
 
     @property
     def window(self) -> int:
         """Tokens per context window: left + 1 + right."""
         return self.left + 1 + self.right
+
+
+def check_counts(cfg: Any, *, at_least_one: tuple[str, ...] = (),
+                 at_least_zero: tuple[str, ...] = ()) -> None:
+    """Validate integer fields of a config dataclass (for its ``__post_init__``): a
+    ``ValueError`` ``Class.field must be >= n, got v`` names the first field out of range."""
+    for names, low in ((at_least_one, 1), (at_least_zero, 0)):
+        for f in names:
+            if int(getattr(cfg, f)) < low:
+                raise ValueError(f"{type(cfg).__name__}.{f} must be >= {low}, got "
+                                 f"{getattr(cfg, f)}")
+
+
+def config_record(cfg: Any, keys: tuple[str, ...]) -> dict[str, Any]:
+    """A viewer config (with a nested ``stats``) as the flat ``config`` record its output files
+    store: the stats settings inline, keys in the order ``keys`` (the on-disk order, which
+    predates the nesting), any field not in ``keys`` after them."""
+    flat = {k: v for k, v in asdict(cfg).items() if k != "stats"}
+    flat.update(asdict(cfg.stats))
+    return {**{k: flat[k] for k in keys if k in flat}, **flat}
 
 
 class StreamStats(NamedTuple):
@@ -83,7 +95,7 @@ class StreamStats(NamedTuple):
     act_sum: Tensor
     """[F] float64 sum of the latent's activations."""
     hist: Tensor
-    """[F, bins] int64 histogram of log10(activation) over BrowseConfig's grid."""
+    """[F, bins] int64 histogram of log10(activation) over StatsConfig's grid."""
     top_val: Tensor
     """[F, T] top activations, descending (-inf where fewer than T rows fired)."""
     top_row: Tensor
@@ -185,13 +197,13 @@ class TopPool:
 # -- the pass -----------------------------------------------------------------------------------
 @torch.no_grad()
 def stream_stats(sae, read_rows: Callable[[int, int], Tensor], n_rows: int,
-                 pairs: PairCandidates | None = None, config: BrowseConfig | None = None,
+                 pairs: PairCandidates | None = None, config: StatsConfig | None = None,
                  progress: bool = False) -> StreamStats:
     """One pass over rows ``read_rows(start, stop) -> [stop-start, d_in]`` (unshuffled, in order).
 
     Rows of the context windows that lie in neighbouring chunks are read and encoded again (an
     overlap of left + right rows per chunk), so windows never depend on chunk boundaries."""
-    cfg = config or BrowseConfig()
+    cfg = config or StatsConfig()
     F_ = sae.cfg.d_sae
     L, R, W = cfg.left, cfg.right, cfg.window
     B = cfg.hist_bins

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import html
 import logging
 from pathlib import Path
@@ -15,7 +16,18 @@ HELP = "build a static HTML feature browser (latents, interactions) from a run a
 log = logging.getLogger("polysae.browse")
 
 
+# Old spellings of the generated flags (deprecated, still accepted).
+ALIASES = {"n_contexts": ("--contexts",), "n_pairs": ("--pairs",)}
+# BrowseConfig fields the command sets itself (the title names each SAE and its hook).
+EXCLUDE = ("title",)
+# This command's default where it differs from the API's (StatsConfig.chunk_rows is 512).
+STATS_DEFAULTS = {"chunk_rows": 2048}
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from polysae.browser import BrowseConfig, StatsConfig
+    from polysae.cli.flags import add_config_flags
+
     p.add_argument("--sae", required=True, metavar="RUN",
                    help="a checkpoint folder, or a run folder holding one per SAE (RUN/<name>/); "
                         "one site is built per SAE")
@@ -34,33 +46,64 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="eval report (polysae eval's metrics.json) to link metrics to latents "
                         "(default: report.json beside the SAE, or RUN/../report/metrics.json "
                         "as `polysae run` lays it out, if present)")
-    p.add_argument("--contexts", type=int, default=20, help="top contexts per latent (20)")
-    p.add_argument("--pairs", type=int, default=200, help="interaction pairs shown (200)")
-    p.add_argument("--pair-candidates", type=int, default=2000,
-                   help="strongest pairs scored for co-activation (2000)")
-    p.add_argument("--left", type=int, default=8, help="context tokens before the peak (8)")
-    p.add_argument("--right", type=int, default=4, help="context tokens after the peak (4)")
-    p.add_argument("--chunk-rows", type=int, default=2048, help="rows encoded per step (2048)")
     p.add_argument("--device", default="cpu", help="device for the SAE and model (cpu)")
+    add_config_flags(p, BrowseConfig, exclude=EXCLUDE, aliases=ALIASES, title="site")
+    add_config_flags(p, StatsConfig, defaults=STATS_DEFAULTS, aliases=ALIASES,
+                     title="statistics")
 
 
-def open_store(acts: Path, hook: str | None, split: str, device: str):
+def viewer_config(args: argparse.Namespace, cls: type):
+    """A viewer's config ``cls`` (:class:`~polysae.browser.BrowseConfig` here,
+    :class:`~polysae.neuronpedia.NeuronpediaConfig` for ``polysae export``) from the parsed
+    flags, its ``stats`` from the :class:`~polysae.browser.StatsConfig` flags; a rejected value
+    is a CLIError naming the flag the user typed."""
+    from polysae.browser import StatsConfig
+    from polysae.cli.flags import config_error, config_from_args
+
+    try:
+        return config_from_args(args, cls, stats=config_from_args(args, StatsConfig))
+    except ValueError as e:
+        raise CLIError(config_error(e, args, **{cls.__name__: "", "StatsConfig": ""})) from None
+
+
+def open_store(acts: Path, hook: str | None, split: str, device: str, sae=None,
+               source: str = ""):
     """The unshuffled :class:`~polysae.store.ActivationStore` of harvest folder ``acts`` for
     ``hook`` and ``split`` (also used by ``polysae export --format neuronpedia``). A harvest with
     no held-out shards falls back from ``split="val"`` to all rows, with a warning; any other
-    problem is a :class:`~polysae.cli.CLIError` naming ``--acts``."""
+    problem is a :class:`~polysae.cli.CLIError` naming ``--acts``, and so is a hook whose width
+    is not the d_in of ``sae`` (when given; ``source`` names the SAE in that message)."""
     from polysae.store import ActivationStore
 
     if not (acts / "manifest.json").is_file():
         raise CLIError(f"--acts {acts}: not a harvest folder (no manifest.json)")
     try:
-        return ActivationStore(acts, hook, split=split, shuffle=False, device="cpu")
+        store = ActivationStore(acts, hook, split=split, shuffle=False, device="cpu")
     except ValueError as e:
-        if split == "val" and "no rows" in str(e):
-            log.warning("%s has no held-out (val) shards; browsing all rows, which may include "
-                        "the training rows", acts)
-            return ActivationStore(acts, hook, split="all", shuffle=False, device="cpu")
-        raise CLIError(f"--acts {acts}: {e}") from e
+        if split != "val" or "no rows" not in str(e):
+            raise CLIError(f"--acts {acts}: {e}") from e
+        log.warning("%s has no held-out (val) shards; browsing all rows, which may include "
+                    "the training rows", acts)
+        store = ActivationStore(acts, hook, split="all", shuffle=False, device="cpu")
+    if sae is not None and store.d_in != sae.cfg.d_in:
+        raise CLIError(f"{source} reads d_in={sae.cfg.d_in} but --acts {acts} hook "
+                       f"{store.hook!r} holds d_in={store.d_in}; pass the matching --hook")
+    return store
+
+
+def load_store_model(store, acts: Path, name: str | None, device: str, hint: str):
+    """``(name, model)``: the model ``name`` (``--model``), else the one the harvest manifest of
+    ``store`` names, loaded on ``device``. A :class:`~polysae.cli.CLIError` ending in ``hint``
+    (what the command needs the model for) when there is no name or it cannot be loaded."""
+    mname = name or store.manifest.get("model")
+    if not mname:
+        raise CLIError(f"--acts {acts}: the manifest names no model; {hint}")
+    from polysae.models import load_model
+
+    try:
+        return mname, load_model(mname, device=device).model
+    except (ValueError, OSError) as e:
+        raise CLIError(f"--model {mname!r}: cannot load it ({e}); {hint}") from e
 
 
 def main(args: argparse.Namespace) -> int:
@@ -68,12 +111,7 @@ def main(args: argparse.Namespace) -> int:
     from polysae.sae import load_checkpoint
 
     run, acts, out = Path(args.sae), Path(args.acts), Path(args.out)
-    try:
-        cfg = BrowseConfig(n_contexts=args.contexts, n_pairs=args.pairs,
-                           pair_candidates=args.pair_candidates, left=args.left,
-                           right=args.right, chunk_rows=args.chunk_rows)
-    except ValueError as e:
-        raise CLIError(str(e)) from e
+    cfg = viewer_config(args, BrowseConfig)
     cks = checkpoint_folders(run, "--sae")
     model = None
     loaded_name = None
@@ -81,23 +119,10 @@ def main(args: argparse.Namespace) -> int:
     for name, ck in cks:
         sae, meta = load_checkpoint(ck, device=args.device)
         hook = args.hook or meta.get("hook")
-        store = open_store(acts, hook, args.split, args.device)
-        if store.d_in != sae.cfg.d_in:
-            raise CLIError(f"--sae {ck} reads d_in={sae.cfg.d_in} but --acts {acts} hook "
-                           f"{store.hook!r} holds d_in={store.d_in}; pass the matching --hook")
+        store = open_store(acts, hook, args.split, args.device, sae=sae, source=f"--sae {ck}")
         if not args.no_model and model is None:
-            mname = args.model or store.manifest.get("model")
-            if not mname:
-                raise CLIError(f"--acts {acts}: the manifest names no model; pass --model or "
-                               "--no-model")
-            from polysae.models import load_model
-
-            try:
-                model = load_model(mname, device=args.device).model
-            except (ValueError, OSError) as e:
-                raise CLIError(f"cannot load model {mname!r} ({e}); pass --model or "
-                               "--no-model") from e
-            loaded_name = mname
+            loaded_name, model = load_store_model(store, acts, args.model, args.device,
+                                                  "pass --model or --no-model")
         report = args.report
         if report is None:
             # `polysae run` layout: out/train/<name>/ beside out/report/metrics.json
@@ -109,11 +134,11 @@ def main(args: argparse.Namespace) -> int:
         if report is not None and not Path(report).is_file():
             raise CLIError(f"--report {report}: no such file")
         dest = out if len(cks) == 1 else out / name
-        cfg.title = f"polysae browser: {name} @ {store.hook}"
+        title = f"polysae browser: {name} @ {store.hook}"
         m = {"sae": str(ck), "model": loaded_name or store.manifest.get("model"),
              "tokens_trained": meta.get("tokens_trained"), "split": store.split}
-        build_site(sae, store, dest, model=model, report=report, config=cfg, meta=m,
-                   progress=True)
+        build_site(sae, store, dest, model=model, report=report,
+                   config=dataclasses.replace(cfg, title=title), meta=m, progress=True)
         built.append((name, dest))
         print(f"browser for {name}: {dest / 'index.html'}")
     if len(built) > 1:

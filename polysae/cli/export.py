@@ -16,8 +16,15 @@ FORMATS_HELP = ("saelens (linear decoders), polysae-ref (poly decoders: the refe
                 "--acts)")
 
 
+# Old spellings of the generated Neuronpedia flags (deprecated, still accepted).
+NEURONPEDIA_ALIASES = {"n_contexts": ("--contexts",), "n_pairs": ("--pairs",)}
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from polysae.browser import StatsConfig
+    from polysae.cli.flags import add_config_flags, field_values
     from polysae.formats import EXPORT_FORMATS
+    from polysae.neuronpedia import NeuronpediaConfig
 
     parser.add_argument("source", help="checkpoint folder, registry name, hf:// source or URL")
     parser.add_argument("out", help="output folder (created; existing files of the format are "
@@ -42,20 +49,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--split", default="val", choices=("val", "all", "train"),
                    help="store split (default: the held-out val shards; a one-shard harvest "
                         "has none, then all rows are used with a warning)")
-    g.add_argument("--sae-set", default=None,
-                   help="Neuronpedia SAE set name written in every batch (default: polysae-"
-                        "<decoder>)")
-    g.add_argument("--features-per-batch", type=int, default=128,
-                   help="features per batch-N.json file (128)")
-    g.add_argument("--contexts", type=int, default=20, help="top activations per feature (20)")
-    g.add_argument("--left", type=int, default=16, help="context tokens before the peak (16)")
-    g.add_argument("--right", type=int, default=8, help="context tokens after the peak (8)")
-    g.add_argument("--pairs", type=int, default=100,
-                   help="PolySAE interaction pairs exported (100; 0 = none)")
-    g.add_argument("--min-pair-count", type=int, default=2,
-                   help="tokens on which a pair must co-fire to be exported (2)")
     g.add_argument("--device", default="cpu", help="device for the SAE and model (cpu)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_config_flags(parser, NeuronpediaConfig, aliases=NEURONPEDIA_ALIASES,
+                     title="neuronpedia")
+    add_config_flags(parser, StatsConfig, defaults=field_values(NeuronpediaConfig().stats),
+                     aliases=NEURONPEDIA_ALIASES, title="neuronpedia statistics")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -101,39 +100,22 @@ def _neuronpedia(args: argparse.Namespace, out_dir) -> int:
     from pathlib import Path
 
     from polysae.cli import CLIError
-    from polysae.cli.browse import open_store
+    from polysae.cli.browse import load_store_model, open_store, viewer_config
     from polysae.loader import load_with_metadata
     from polysae.neuronpedia import NeuronpediaConfig, export_neuronpedia
 
     if not args.acts:
         raise CLIError("--format neuronpedia needs --acts DIR (a harvest folder): top "
                        "activations, densities and token contexts are computed over it")
-    try:
-        cfg = NeuronpediaConfig(features_per_batch=args.features_per_batch,
-                                n_contexts=args.contexts, left=args.left, right=args.right,
-                                n_pairs=args.pairs, min_pair_count=args.min_pair_count,
-                                sae_set=args.sae_set)
-    except ValueError as e:
-        raise CLIError(str(e)) from e
+    cfg = viewer_config(args, NeuronpediaConfig)
     src = load_with_metadata(args.source, device=args.device)
     sae = src.sae
     hook = args.hook or src.metadata.get("hook")
     acts = Path(args.acts)
-    store = open_store(acts, hook, args.split, args.device)
-    if store.d_in != sae.cfg.d_in:
-        raise CLIError(f"{args.source} reads d_in={sae.cfg.d_in} but --acts {acts} hook "
-                       f"{store.hook!r} holds d_in={store.d_in}; pass the matching --hook")
-    mname = args.model or store.manifest.get("model")
-    if not mname:
-        raise CLIError(f"--acts {acts}: the manifest names no model; pass --model (its tokenizer "
-                       "gives the token text, its unembedding the logit effects)")
-    from polysae.models import load_model
-
-    try:
-        model = load_model(mname, device=args.device).model
-    except (ValueError, OSError) as e:
-        raise CLIError(f"--model {mname!r}: cannot load it ({e}); the Neuronpedia export needs "
-                       "the model's tokenizer and unembedding") from e
+    store = open_store(acts, hook, args.split, args.device, sae=sae, source=str(args.source))
+    mname, model = load_store_model(
+        store, acts, args.model, args.device, "the Neuronpedia export needs the model's "
+        "tokenizer (token text) and unembedding (logit effects); pass --model")
     meta = {"model": mname, "hook": store.hook, "source": str(args.source),
             "dataset": store.manifest.get("dataset"), "ctx": store.manifest.get("ctx"),
             "split": store.split}

@@ -197,25 +197,27 @@ def field_help(cls: type, name: str, docs: dict[str, str] | None = None) -> str:
     return re.sub(r":\w+:`~?([^`]+)`", r"\1", help_).replace("``", "")
 
 
-def _group(parser: Any, prefix: str, cls: type) -> Any:
-    return parser.add_argument_group(f"{prefix} ({cls.__name__})" if prefix else cls.__name__)
+def _group(parser: Any, prefix: str, cls: type, title: str | None = None) -> Any:
+    name = title or prefix
+    return parser.add_argument_group(f"{name} ({cls.__name__})" if name else cls.__name__)
 
 
 def add_config_flags(parser: argparse.ArgumentParser | Any, cls: type, *, prefix: str = "",
                      exclude: tuple[str, ...] = (), defaults: dict[str, Any] | None = None,
                      aliases: dict[str, tuple[str, ...]] | None = None,
-                     required: tuple[str, ...] = ()) -> None:
+                     required: tuple[str, ...] = (), title: str | None = None) -> None:
     """Add one flag per field of dataclass ``cls`` (nested configs recursively, under a prefix).
 
     ``exclude``: fields the command sets itself (no flag). ``defaults``: different defaults for
     this command (else the dataclass default). ``aliases``: older spellings of a field's flag
     (deprecated: accepted, with a note on stderr). ``required``: fields this command needs on
     its command line even though the config has a default (e.g. an output folder); fields
-    without a default are required anyway."""
+    without a default are required anyway. ``title``: the help section's name (default: the
+    prefix), shown as ``title (ClassName)``."""
     hints = typing.get_type_hints(cls)
     docs = field_docs(cls)
     defaults = defaults or {}
-    group = _group(parser, prefix, cls)
+    group = _group(parser, prefix, cls, title)
     for f in dataclasses.fields(cls):
         if f.name in exclude or not f.init:
             continue
