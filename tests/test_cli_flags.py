@@ -300,8 +300,8 @@ def test_one_device_rule(monkeypatch):
         assert cfg.device is None, type(cfg).__name__
     flags = {c: {s: a for a in _parser(m)._actions for s in a.option_strings}["--device"]
              for c, (m, _) in COMMANDS.items()}
-    flags["train"] = {s: a for a in _parser(train_cli)._actions
-                      for s in a.option_strings}["--device"]
+    for name, mod in (("train", train_cli), ("browse", browse_cli), ("export", export_cli)):
+        flags[name] = {s: a for a in _parser(mod)._actions for s in a.option_strings}["--device"]
     assert all(a.default is None for a in flags.values()), {c: a.default for c, a in
                                                            flags.items()}
 

@@ -46,7 +46,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="eval report (polysae eval's metrics.json) to link metrics to latents "
                         "(default: report.json beside the SAE, or RUN/../report/metrics.json "
                         "as `polysae run` lays it out, if present)")
-    p.add_argument("--device", default="cpu", help="device for the SAE and model (cpu)")
+    p.add_argument("--device", default=None,
+                   help="device for the SAE and model (default: cuda when present, else cpu)")
     add_config_flags(p, BrowseConfig, exclude=EXCLUDE, aliases=ALIASES, title="site")
     add_config_flags(p, StatsConfig, defaults=STATS_DEFAULTS, aliases=ALIASES,
                      title="statistics")
@@ -110,6 +111,9 @@ def main(args: argparse.Namespace) -> int:
     from polysae.browser import BrowseConfig, build_site
     from polysae.sae import load_checkpoint
 
+    from polysae.device import resolve_device
+
+    args.device = resolve_device(args.device)
     run, acts, out = Path(args.sae), Path(args.acts), Path(args.out)
     cfg = viewer_config(args, BrowseConfig)
     cks = checkpoint_folders(run, "--sae")

@@ -49,7 +49,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--split", default="val", choices=("val", "all", "train"),
                    help="store split (default: the held-out val shards; a one-shard harvest "
                         "has none, then all rows are used with a warning)")
-    g.add_argument("--device", default="cpu", help="device for the SAE and model (cpu)")
+    g.add_argument("--device", default=None,
+                   help="device for the SAE and model (default: cuda when present, else cpu)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_config_flags(parser, NeuronpediaConfig, aliases=NEURONPEDIA_ALIASES,
                      title="neuronpedia")
@@ -107,7 +108,10 @@ def _neuronpedia(args: argparse.Namespace, out_dir) -> int:
     if not args.acts:
         raise CLIError("--format neuronpedia needs --acts DIR (a harvest folder): top "
                        "activations, densities and token contexts are computed over it")
+    from polysae.device import resolve_device
+
     cfg = viewer_config(args, NeuronpediaConfig)
+    args.device = resolve_device(args.device)
     src = load_with_metadata(args.source, device=args.device)
     sae = src.sae
     hook = args.hook or src.metadata.get("hook")
