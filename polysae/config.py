@@ -25,6 +25,20 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.
           "float16": torch.float16}
 
 
+def known_fields(cls: type, d: typing.Mapping[str, Any]) -> dict[str, Any]:
+    """The entries of ``d`` that are fields of dataclass ``cls``: what ``from_dict`` of every
+    config passes on, dropping keys a newer polysae wrote (forward compatibility)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {k: v for k, v in d.items() if k in names}
+
+
+def plain_dict(cfg: Any) -> dict[str, Any]:
+    """A config dataclass (nested ones included) as plain JSON types (tuples become lists)."""
+    import json
+
+    return json.loads(json.dumps(dataclasses.asdict(cfg), default=list))
+
+
 def default_matryoshka_widths(d_sae: int) -> tuple[int, ...]:
     """Nested prefix widths: d_sae/32, d_sae/8, d_sae (the reference's [512, 2048, 16384] at
     16k)."""
@@ -212,8 +226,7 @@ class SAEConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SAEConfig:
         """Build from a dict, dropping keys this version does not know (forward compatibility)."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+        return cls(**known_fields(cls, d))
 
     def replace(self, **changes: Any) -> SAEConfig:
         return dataclasses.replace(self, **changes)

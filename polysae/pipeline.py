@@ -33,7 +33,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from polysae.config import SAEConfig, check_sae_overrides
+from polysae.config import SAEConfig, check_sae_overrides, known_fields, plain_dict
 from polysae.device import resolve_device
 from polysae.evaluation import EvalConfig
 from polysae.fileio import atomic_write_text
@@ -116,11 +116,10 @@ class RunConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RunConfig:
         """Read back ``run_config.json`` (unknown keys dropped)."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+        return cls(**known_fields(cls, d))
 
     def to_dict(self) -> dict[str, Any]:
-        return json.loads(json.dumps(dataclasses.asdict(self), default=list))
+        return plain_dict(self)
 
 
 class RunResult(NamedTuple):

@@ -36,7 +36,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from polysae.config import SAEConfig, check_sae_overrides
+from polysae.config import SAEConfig, check_sae_overrides, plain_dict
 from polysae.device import resolve_device
 from polysae.evaluation import EvalConfig, jsonable
 from polysae.fileio import atomic_write_text
@@ -135,7 +135,7 @@ class ReplicateConfig:
         return [self.seed_base + i for i in range(self.seeds)]
 
     def to_dict(self) -> dict[str, Any]:
-        return json.loads(json.dumps(dataclasses.asdict(self), default=list))
+        return plain_dict(self)
 
 
 class CellResult(NamedTuple):

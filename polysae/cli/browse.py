@@ -109,9 +109,8 @@ def load_store_model(store, acts: Path, name: str | None, device: str, hint: str
 
 def main(args: argparse.Namespace) -> int:
     from polysae.browser import BrowseConfig, build_site
-    from polysae.sae import load_checkpoint
-
     from polysae.device import resolve_device
+    from polysae.sae import load_checkpoint
 
     args.device = resolve_device(args.device)
     run, acts, out = Path(args.sae), Path(args.acts), Path(args.out)

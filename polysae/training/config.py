@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from polysae.config import known_fields
 from polysae.schedule import SCHEDULES
 
 LOGGERS = ("wandb", "tensorboard")
@@ -126,5 +127,5 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> TrainConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+        """Build from a dict, dropping keys this version does not know (forward compatibility)."""
+        return cls(**known_fields(cls, d))
