@@ -4,17 +4,23 @@
 # d_sae 4096, k 32, half an epoch per SAE, 3 seeds per sparsifier. Resumable: re-run to continue.
 #   bash benchmarks/replicate_cpu.sh                 # all three sparsifiers
 #   SPARSIFIERS="topk batchtopk" bash benchmarks/replicate_cpu.sh
+# The paper's BatchTopK evaluation (batch-level top-k at eval, so both SAEs have L0 = k exactly)
+# beside ours (the learned threshold), on the same store:
+#   SPARSIFIERS=batchtopk REP=runs/replicate-cpu/rep-batch RESULT=replicate_cpu_batchtopk_batch \
+#     bash benchmarks/replicate_cpu.sh --sae.batchtopk-inference batch
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 OUT=${OUT:-runs/replicate-cpu}
 SPARSIFIERS=${SPARSIFIERS:-topk batchtopk matryoshka}
+REP=${REP:-$OUT/rep}
+RESULT=${RESULT:-replicate_cpu}
 $PY -m polysae harvest --hooks blocks.9.hook_resid_post --dataset bbc --tokens 1200000 --ctx 128 \
     --shard-size 8192 --dtype float16 --out "$OUT/acts"
 # shellcheck disable=SC2086
 $PY -m polysae replicate --acts "$OUT/acts" --sparsifiers $SPARSIFIERS --seeds 3 \
-    --sae.d-sae 4096 --sae.k 32 --batch-size 1024 --epochs 0.5 --out "$OUT/rep" "$@"
+    --sae.d-sae 4096 --sae.k 32 --batch-size 1024 --epochs 0.5 --out "$REP" "$@"
 mkdir -p benchmarks/results
-cp "$OUT/rep/replicate.json" benchmarks/results/replicate_cpu.json
-cp "$OUT/rep/replicate.md" benchmarks/results/replicate_cpu.md
-cp "$OUT/rep/paired_f1.png" benchmarks/results/replicate_cpu_paired_f1.png
+cp "$REP/replicate.json" "benchmarks/results/$RESULT.json"
+cp "$REP/replicate.md" "benchmarks/results/$RESULT.md"
+cp "$REP/paired_f1.png" "benchmarks/results/${RESULT}_paired_f1.png"

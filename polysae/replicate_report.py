@@ -220,9 +220,13 @@ def render_markdown(t: dict[str, Any]) -> str:
                   *markdown_table(["sparsifier", "SAE:mode", "α chosen", "mean log2 rank",
                            "frac. improved", "concept wins vs none", "Δ vs vanilla linear"],
                           srows), ""]
+    inference = (cfg.get("sae") or {}).get("batchtopk_inference", "threshold")
+    used = {"threshold": "the learned threshold per token (this run)",
+            "batch": "batch-level top-k over each evaluation batch, as the paper (this run)"}
+    rows = [[q, paper, used.get(inference, ours) if q.startswith("BatchTopK/") else ours]
+            for q, paper, ours in PROTOCOL_ROWS]
     lines += ["## Protocol: the paper's and ours, named apart", "",
-              *markdown_table(["quantity", "paper (reference code)", "this table"],
-                      [list(r) for r in PROTOCOL_ROWS]), ""]
+              *markdown_table(["quantity", "paper (reference code)", "this table"], rows), ""]
     return "\n".join(lines) + "\n"
 
 

@@ -245,3 +245,23 @@ def test_steering_over_seeds_from_summaries(tmp_path):
     # a cell without steering: no steering block
     cells.append(CellResult("topk", 9, tmp_path, {}, True))
     assert steering_summary(cells, cfg) is None
+
+
+def test_protocol_table_names_the_batchtopk_evaluation_the_run_used():
+    """replicate.md says which BatchTopK evaluation its numbers come from (ours or the paper's)."""
+    import copy
+    import json
+    from pathlib import Path
+
+    from polysae.replicate_report import render_markdown
+
+    table = json.loads((Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+                        / "replicate_cpu.json").read_text())
+    row = [line for line in render_markdown(table).splitlines()
+           if line.startswith("| BatchTopK/Matryoshka at eval")]
+    assert len(row) == 1 and "learned threshold per token (this run)" in row[0]
+    batch = copy.deepcopy(table)
+    batch["config"]["sae"]["batchtopk_inference"] = "batch"
+    row = [line for line in render_markdown(batch).splitlines()
+           if line.startswith("| BatchTopK/Matryoshka at eval")]
+    assert len(row) == 1 and "as the paper (this run)" in row[0]
