@@ -111,6 +111,13 @@ def write_manifest(folder: str | os.PathLike, manifest: dict[str, Any]) -> None:
     atomic_write_bytes(manifest_path(folder), json.dumps(manifest, indent=1).encode())
 
 
+def provenance(manifest: dict[str, Any]) -> dict[str, Any]:
+    """What a checkpoint trained on this harvest records about its data: the model, the dataset
+    and its text column (``polysae eval`` draws its held-out text from the same dataset)."""
+    return {"model": manifest.get("model"), "dataset": manifest.get("dataset"),
+            "text_column": (manifest.get("config") or {}).get("text_column")}
+
+
 def storage_dtype(manifest: dict[str, Any]) -> torch.dtype:
     """The torch dtype a (checked) manifest stores activations in."""
     return STORAGE_DTYPES[manifest["dtype"]]

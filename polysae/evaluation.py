@@ -20,7 +20,6 @@ import os
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -54,8 +53,9 @@ class EvalConfig:
     recon_tokens: int = 8192
     """Held-out tokens for reconstruction, density and interaction statistics."""
     live_dataset: str | None = None
-    """Text source of the live held-out set when no activation store is given (default: the
-    checkpoint's training dataset if recorded, else ``bbc``)."""
+    """Text of the live held-out set (without an activation store) and of the CE/KL contexts
+    (default: the dataset and text column the checkpoint was trained on, else ``bbc``; an
+    unreadable one falls back to ``bbc``, recorded in ``held_out.text``)."""
     live_ctx: int = 64
     """Context length of live held-out contexts (each starts with BOS, which is not scored)."""
     ce_contexts: int = 16
@@ -159,18 +159,36 @@ def _special_ids(tokenizer: Any) -> list[int]:
     return sorted(special_tokens(tokenizer, "decoder").all_ids)
 
 
-def _live_heldout(model, tokenizer, hook, cfg: EvalConfig, dataset: str):
-    """Held-out contexts from a live model: rows of non-special tokens + token table."""
+def _text_contexts(dataset: str, tokenizer, cfg: EvalConfig, n: int, text_column: str | None):
+    """``n`` contexts of ``cfg.live_ctx`` tokens for held-out text and CE, from ``dataset`` (the
+    SAE's training data by default: a bundled corpus, a local text/parquet/.npy file or an
+    ``hf:`` dataset) -> (chunks, the dataset used, why it is not ``dataset`` or None). A dataset
+    that cannot be read here (an ``hf:`` dataset offline, a moved file) falls back to the bundled
+    ``bbc`` corpus, with a warning and the reason recorded in metrics.json."""
     from polysae.data import build_chunks
-    from polysae.models import capture
 
-    # 20% spare contexts: document separators (EOS) inside contexts are special and dropped.
-    n_ctx = -(-cfg.recon_tokens * 6 // (5 * (cfg.live_ctx - 1))) + 1
     # A seed different from harvesting's default reorders the corpus, so these contexts come
     # mostly from documents the SAE was not trained on (not guaranteed: pass --acts for a true
     # held-out split).
-    chunks = build_chunks(dataset, tokenizer, cfg.live_ctx, max(n_ctx, cfg.ce_contexts),
-                          seed=cfg.seed + 1000)
+    kw = dict(seed=cfg.seed + 1000)
+    try:
+        return build_chunks(dataset, tokenizer, cfg.live_ctx, n, text_column=text_column,
+                            **kw), dataset, None
+    except (OSError, ValueError, ImportError) as e:
+        if dataset == "bbc":
+            raise
+        why = f"{dataset!r} cannot be read here ({str(e).splitlines()[0][:200]})"
+        logging.getLogger(__name__).warning("held-out text: %s; using the bundled bbc corpus",
+                                            why)
+        return build_chunks("bbc", tokenizer, cfg.live_ctx, n, **kw), "bbc", why
+
+
+def _live_heldout(model, tokenizer, hook, cfg: EvalConfig, chunks, dataset: str):
+    """Held-out contexts from a live model: rows of non-special tokens + token table."""
+    from polysae.models import capture
+
+    # 20% spare contexts: document separators (EOS) inside contexts are special and dropped.
+    n_ctx = live_contexts_needed(cfg)
     special = torch.tensor(_special_ids(tokenizer), dtype=torch.long)
     rows, toks, docs = [], [], []
     bar = _bar(cfg, chunks.tokens.shape[0], "held-out activations")
@@ -195,6 +213,12 @@ def _live_heldout(model, tokenizer, hook, cfg: EvalConfig, dataset: str):
     return (torch.cat(rows)[:cfg.recon_tokens], torch.cat(toks)[:cfg.recon_tokens],
             torch.cat(docs)[:cfg.recon_tokens], chunks.tokens[:cfg.ce_contexts],
             f"live:{dataset} (seed {cfg.seed + 1000}, ctx {cfg.live_ctx})")
+
+
+def live_contexts_needed(cfg: EvalConfig) -> int:
+    """Contexts to tokenise for ``cfg.recon_tokens`` held-out tokens (20% spare: document
+    separators inside contexts are special tokens and dropped)."""
+    return -(-cfg.recon_tokens * 6 // (5 * (cfg.live_ctx - 1))) + 1
 
 
 def _store_heldout(acts: str, hook: str, cfg: EvalConfig):
@@ -283,24 +307,25 @@ def evaluate(saes: Any, *, model: Any = None, hook: str | None = None, acts: str
         clock[0] = now
 
     # -- held-out activations --------------------------------------------------------------
+    ds = cfg.live_dataset or first_meta.get("dataset") or "bbc"
+    text_column = None if cfg.live_dataset else first_meta.get("text_column")
+    text = {"dataset": None, "fallback": None}
     if acts is not None:
         rows, tok_ids, doc_ids, source = _store_heldout(acts, hook, cfg)
         ce_tokens = None
-        if tokenizer is not None:
-            ds = cfg.live_dataset or first_meta.get("dataset") or "bbc"
-            from polysae.data import build_chunks
-
-            ce_tokens = build_chunks(ds if _is_text_source(ds) else "bbc", tokenizer,
-                                     cfg.live_ctx, cfg.ce_contexts, seed=cfg.seed + 1000).tokens
+        if tokenizer is not None and cfg.ce_contexts > 0:
+            chunks, text["dataset"], text["fallback"] = _text_contexts(
+                ds, tokenizer, cfg, cfg.ce_contexts, text_column)
+            ce_tokens = chunks.tokens
     else:
         if tokenizer is None:
             raise ValueError("evaluate: without an activation store (acts=/--acts) a tokenizer is "
                              "needed to harvest held-out text")
-        ds = cfg.live_dataset or first_meta.get("dataset") or "bbc"
-        if not _is_text_source(ds):
-            ds = "bbc"
-        rows, tok_ids, doc_ids, ce_tokens, source = _live_heldout(model, tokenizer, hook, cfg, ds)
-    result["held_out"] = {"source": source, "n_tokens": int(rows.shape[0])}
+        chunks, text["dataset"], text["fallback"] = _text_contexts(
+            ds, tokenizer, cfg, max(live_contexts_needed(cfg), cfg.ce_contexts), text_column)
+        rows, tok_ids, doc_ids, ce_tokens, source = _live_heldout(model, tokenizer, hook, cfg,
+                                                                  chunks, text["dataset"])
+    result["held_out"] = {"source": source, "n_tokens": int(rows.shape[0]), "text": text}
     lap("held_out_activations")
     to_string = (lambda t: tokenizer.decode(t.tolist())) if tokenizer is not None else (
         lambda t: " ".join(str(int(v)) for v in t))
@@ -434,13 +459,6 @@ def _probing(models, model, tokenizer, hook, cfg, specials, result) -> None:
     result["activations_baseline"] = {"probing": {"datasets": per["__acts__"],
                                                   **aggregate(per["__acts__"], cfg.ks)}}
     result["probing_sizes"] = sizes
-
-
-def _is_text_source(name: str) -> bool:
-    from polysae.corpora import CORPORA
-
-    return name in CORPORA or Path(name).suffix.lower() in (".txt", ".jsonl", ".csv") and \
-        Path(name).exists()
 
 
 def _hook_width(model: Any, hook: str) -> int:

@@ -33,6 +33,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from polysae.actformat import provenance
 from polysae.config import SAEConfig, check_sae_overrides, known_fields, plain_dict
 from polysae.device import resolve_device
 from polysae.evaluation import EvalConfig
@@ -214,8 +215,8 @@ def run(cfg: RunConfig) -> RunResult:
         resume = (train_dir / "run.json").exists()
         torch.manual_seed(cfg.seed)
         saes = {n: SAE(c, device=device) for n, c in sae_cfgs.items()}
-        meta = {"model": cfg.harvest.model, "hook": hook, "acts": str(out / "acts"),
-                "dataset": cfg.harvest.dataset}
+        meta = {**provenance(store.manifest), "model": cfg.harvest.model, "hook": hook,
+                "acts": str(out / "acts")}
         Trainer(saes, tcfg, train_dir, metadata=meta).fit(store, resume=resume)
         stages.mark("train", train_key)
     seconds["train"] = time.perf_counter() - t

@@ -36,6 +36,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from polysae.actformat import provenance
 from polysae.config import SAEConfig, check_sae_overrides, plain_dict
 from polysae.device import resolve_device
 from polysae.evaluation import EvalConfig, jsonable
@@ -246,8 +247,8 @@ def run_cell(cfg: ReplicateConfig, sparsifier: str, seed: int, *, acts: Path, ho
             (p / "trainer_state.pt").exists() for p in ckpts.values())
         torch.manual_seed(seed)
         saes = {n: SAE(c, device=device) for n, c in sae_cfgs.items()}
-        meta = {"model": getattr(lm, "name", None), "hook": hook, "acts": str(acts),
-                "dataset": manifest.get("dataset"), "seed": seed}
+        meta = {**provenance(manifest), "model": getattr(lm, "name", None), "hook": hook,
+                "acts": str(acts), "seed": seed}
         Trainer(saes, tcfg, train_dir, metadata=meta).fit(store, resume=resume)
         stages.mark("train", train_key)
         eval_key = config_key(checkpoint_key(*ckpts.values()), dataclasses.asdict(ecfg))

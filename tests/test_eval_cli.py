@@ -3,9 +3,11 @@ evaluate() API on a tiny random HookedTransformer with synthetic data, and CLI e
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -236,3 +238,42 @@ def test_evaluate_hf_dataset_columns_and_unlabelled_error(tiny, tmp_path, monkey
                       progress=False)
     with pytest.raises(ValueError, match=r"plain\.csv.*two classes.*--label-column"):
         evaluate({"v": sae}, model=tiny, hook=HOOK, tokenizer=CharTok(), config=cfg2)
+
+
+def test_held_out_text_comes_from_the_training_dataset_or_says_why_not(tiny, tmp_path):
+    """Without --live-dataset, held-out text and CE contexts come from the dataset (and text
+    column) the checkpoint records, here a parquet file; an unreadable one falls back to the
+    bundled bbc corpus and metrics.json says so."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"body": [f"parquet document {i} about q" for i in range(300)]}),
+                   tmp_path / "train.parquet")
+    torch.manual_seed(0)
+    sae = SAE(SAEConfig(d_in=16, d_sae=32, k=4))
+    cfg = EvalConfig(datasets=(), recon_tokens=120, live_ctx=16, ce_contexts=2,
+                     interactions=False, steering=False, progress=False)
+    for dataset, want, fallback in ((str(tmp_path / "train.parquet"), None, None),
+                                    (str(tmp_path / "gone.parquet"), "bbc", "gone.parquet")):
+        ck = tmp_path / f"ck-{Path(dataset).stem}"
+        sae.save(ck, metadata={"dataset": dataset, "text_column": "body", "hook": HOOK})
+        m = evaluate(str(ck), model=tiny, hook=HOOK, tokenizer=CharTok(), config=cfg)
+        text = m["held_out"]["text"]
+        assert text["dataset"] == (want or dataset)
+        assert m["held_out"]["source"].startswith(f"live:{want or dataset} ")
+        if fallback is None:
+            assert text["fallback"] is None
+        else:
+            assert fallback in text["fallback"] and "cannot be read" in text["fallback"]
+    # the numbers are the parquet's: the same file passed explicitly (column renamed to the
+    # default "text") gives identical reconstruction and CE numbers, bbc different ones
+    pq.write_table(pa.table({"text": [f"parquet document {i} about q" for i in range(300)]}),
+                   tmp_path / "explicit.parquet")
+    ck = tmp_path / "ck-train"
+    runs = {name: evaluate(str(ck), model=tiny, hook=HOOK, tokenizer=CharTok(),
+                           config=dataclasses.replace(cfg, live_dataset=ds))
+            for name, ds in (("recorded", None), ("explicit", str(tmp_path / "explicit.parquet")),
+                             ("bbc", "bbc"))}
+    rec = {n: r["saes"]["sae"]["reconstruction"] for n, r in runs.items()}
+    assert rec["recorded"]["fvu"] == rec["explicit"]["fvu"] != rec["bbc"]["fvu"]
+    assert rec["recorded"]["ce"]["ce_clean"] == rec["explicit"]["ce"]["ce_clean"]

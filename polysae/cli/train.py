@@ -151,7 +151,9 @@ def _run(args: argparse.Namespace, info, out: Path) -> int:
         cfgs = _sae_configs(args, store.d_in)
     torch.manual_seed(tcfg.seed)
     saes = {n: SAE(c, device=device) for n, c in cfgs.items()}
-    meta = {"model": store.manifest.get("model"), "hook": store.hook, "acts": str(acts),
+    from polysae.actformat import provenance
+
+    meta = {**provenance(store.manifest), "hook": store.hook, "acts": str(acts),
             "batch_size": batch_size, "split": split}
     trainer = Trainer(saes, tcfg, out, metadata=meta)
     try:
