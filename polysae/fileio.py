@@ -57,37 +57,43 @@ def temp_name(path: str | os.PathLike) -> Path:
     return path.with_name(f".{path.name}.tmp{os.getpid()}")
 
 
-def atomic_write_with(path: str | os.PathLike, write: Callable[[Path], None]) -> str:
-    """Run ``write(tmp)`` on a temporary sibling of ``path``, then fsync, rename and fsync the
-    folder. For writers that want a path (``safetensors.save_file``, ``torch.save``). Returns the
-    file's sha256. On any error (out of space, Ctrl-C) the temporary file is removed."""
-    path = Path(path)
+def _write_then_rename(path: Path, write: Callable[[Path], None]) -> None:
+    """``write(tmp)`` (which must leave the file flushed to disk), rename ``tmp`` over ``path``,
+    fsync the folder; on any error (out of space, Ctrl-C) the temporary file is removed."""
     tmp = temp_name(path)
     try:
         write(tmp)
-        digest = fsync_and_hash(tmp)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
-    return digest
+
+
+def atomic_write_with(path: str | os.PathLike, write: Callable[[Path], None]) -> str:
+    """Run ``write(tmp)`` on a temporary sibling of ``path``, then fsync, rename and fsync the
+    folder. For writers that want a path (``safetensors.save_file``, ``torch.save``). Returns the
+    file's sha256. On any error (out of space, Ctrl-C) the temporary file is removed."""
+    digest: list[str] = []
+
+    def write_and_sync(tmp: Path) -> None:
+        write(tmp)
+        digest.append(fsync_and_hash(tmp))
+
+    _write_then_rename(Path(path), write_and_sync)
+    return digest[0]
 
 
 def atomic_write_bytes(path: str | os.PathLike, payload: bytes) -> str:
-    """Write ``payload`` to ``path`` crash-safely (see the module docstring); returns its sha256."""
-    path = Path(path)
-    tmp = temp_name(path)
-    try:
+    """Write ``payload`` to ``path`` crash-safely (see the module docstring); returns its sha256
+    (hashed from memory: a harvest shard is not read back)."""
+    def write(tmp: Path) -> None:
         with open(tmp, "wb") as f:
             f.write(payload)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:  # out of space, I/O error, Ctrl-C: leave no partial temp file behind
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
+
+    _write_then_rename(Path(path), write)
     return hashlib.sha256(payload).hexdigest()
 
 

@@ -174,31 +174,7 @@ def test_top_pool_matches_dense_topk(gen):
         assert torch.all(pool.ctx[s, :nz, 0, 1] == s)
 
 
-@pytest.mark.parametrize("shared", [True, False])
-def test_pair_candidates_match_dense_pair_atoms(shared):
-    torch.manual_seed(0)
-    sae = SAE(SAEConfig(d_in=12, d_sae=40, k=4, ranks=(12, 6, 6), shared_u=shared,
-                        dtype="float64"))
-    with torch.no_grad():
-        sae.decoder.lambda2.fill_(-0.7)
-    pc = pair_candidates(sae, 25, block=16)  # several blocks, diagonal and off-diagonal
-    i, j = torch.triu_indices(40, 40, 1)
-    with torch.no_grad():  # dense reference: the decoder's own atoms, symmetrised when separate
-        B = sae.decoder.pair_atoms(i, j)
-        if not shared:
-            B = 0.5 * (B + sae.decoder.pair_atoms(j, i))
-        ref = 0.7 * B.norm(dim=-1)
-    v, o = ref.topk(25)
-    torch.testing.assert_close(pc.strength.double(), v, rtol=1e-4, atol=1e-6)
-    assert torch.equal(pc.i, i[o]) and torch.equal(pc.j, j[o])
-    assert bool((pc.i < pc.j).all())
-    # the same numbers the eval report prints (polysae.interactions)
-    from polysae.interactions import pair_strength
-
-    torch.testing.assert_close(pc.strength.double(), pair_strength(sae, pc.i, pc.j),
-                               rtol=1e-4, atol=1e-6)
-
-
+# pair_candidates against a dense formula: tests/test_interactions.py
 def test_linear_sae_has_no_pairs():
     sae = SAE(SAEConfig(d_in=6, d_sae=10, k=2, decoder="linear"))
     assert pair_candidates(sae, 10).i.numel() == 0
