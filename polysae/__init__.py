@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import importlib
 
-__version__ = "0.2.0"
-
-from polysae.config import SAEConfig  # noqa: E402
-from polysae.sae import SAE, LossOutput, ParamCounts, SparseCodes, count_params  # noqa: E402
+from polysae.config import SAEConfig
+from polysae.sae import SAE, LossOutput, ParamCounts, SparseCodes, count_params
+from polysae.version import __version__
 
 # name -> module that defines it; imported on first access (PEP 562). The modules are named for
 # their concept (harvesting, training, evaluation), so importing one never rebinds the functions

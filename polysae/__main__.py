@@ -7,8 +7,8 @@ import importlib
 import logging
 import sys
 
-from polysae import __version__
 from polysae.cli import COMMANDS, CLIError
+from polysae.version import __version__
 
 
 def build_parser() -> argparse.ArgumentParser:

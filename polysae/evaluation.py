@@ -471,9 +471,9 @@ def _hook_width(model: Any, hook: str) -> int:
 
 
 def _version() -> str:
-    import polysae
+    from polysae.version import __version__
 
-    return polysae.__version__
+    return __version__
 
 
 def jsonable(x: Any) -> Any:

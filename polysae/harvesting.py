@@ -338,7 +338,8 @@ def _progress(cfg: HarvestConfig, total: int, initial: int):
 
 
 def _new_manifest(cfg: HarvestConfig, lm, identity: dict, d_in: dict, chunks) -> dict:
-    from polysae import __version__, data
+    from polysae import data
+    from polysae.version import __version__
 
     sp = data.special_tokens(lm.tokenizer, lm.kind)
     return new_manifest(

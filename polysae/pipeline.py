@@ -170,7 +170,7 @@ def stage_configs(cfg: RunConfig, *, device: str, d_in: int, n_rows: int) -> Sta
 
 def run(cfg: RunConfig) -> RunResult:
     """Run (or resume) the whole job; see the module docstring."""
-    from polysae import SAE
+    from polysae.sae import SAE
     from polysae.evaluation import evaluate
     from polysae.harvesting import harvest
     from polysae.models import load_model

@@ -204,7 +204,7 @@ def _load_lm(cfg: ReplicateConfig, acts: Path | None, device: str) -> Any:
 def run_cell(cfg: ReplicateConfig, sparsifier: str, seed: int, *, acts: Path, hook: str,
              lm: Any, out: Path, device: str) -> CellResult:
     """Train (or resume) and evaluate one (sparsifier, seed) pair; skipped when complete."""
-    from polysae import SAE
+    from polysae.sae import SAE
     from polysae.actformat import read_manifest
     from polysae.codescale import code_scale
     from polysae.evaluation import evaluate

@@ -103,7 +103,7 @@ def finite(v: Any) -> float | None:
 
 def compare(cells: list[CellResult], cfg: ReplicateConfig) -> dict[str, Any]:
     """The paired comparison over seeds from the cells' metrics (``replicate.json``)."""
-    from polysae import __version__
+    from polysae.version import __version__
 
     first = cells[0].metrics
     datasets = sorted(first["saes"]["poly"].get("probing", {}).get("datasets", {}))

@@ -440,7 +440,7 @@ class SAE(nn.Module):
         meta = {"format": "polysae", "format_version": str(FORMAT_VERSION)}
         digest = atomic_write_with(d / WEIGHTS_FILE,
                                    lambda tmp: save_file(tensors, str(tmp), metadata=meta))
-        from polysae import __version__
+        from polysae.version import __version__
 
         cfg_doc = {"format": "polysae", "format_version": FORMAT_VERSION,
                    "polysae_version": __version__, "config": self.cfg.to_dict(),

@@ -192,7 +192,7 @@ def saelens_cfg_base(sae: SAE, metadata: dict[str, Any]) -> dict[str, Any]:
     """The ``cfg.json`` fields SAELens-6 and reference exports share (sizes, SAELens ``metadata``
     block, polysae's own config for the round trip); the writer adds ``architecture``."""
     cfg = sae.cfg
-    from polysae import __version__
+    from polysae.version import __version__
 
     return {
         "d_in": cfg.d_in, "d_sae": cfg.d_sae, "dtype": cfg.dtype, "device": "cpu",

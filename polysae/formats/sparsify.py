@@ -133,7 +133,7 @@ def write_sparsify(sae: SAE, directory: str | os.PathLike,
         W_dec = sae.linear_atoms().detach().to(W_enc.dtype)
         norms = W_dec.double().norm(dim=1)
     tensors = {"encoder.weight": W_enc.T, "encoder.bias": b_enc, "W_dec": W_dec, "b_dec": b_dec}
-    from polysae import __version__
+    from polysae.version import __version__
 
     meta = metadata or {}
     doc: dict[str, Any] = {
