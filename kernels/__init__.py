@@ -18,74 +18,101 @@ from the rest of polysae, and never needs triton or a GPU to import.
 
 from __future__ import annotations
 
-import importlib
-import logging
-import os
+import sys
 
-import torch
+if __name__ != "polysae.kernels":
+    # Started in the repository root (``python -m pytest``, ``python -c``, a REPL or notebook),
+    # ``import kernels`` finds this folder before site-packages. The name belongs to Hugging Face's
+    # ``kernels`` distribution (which transformers imports), so hand the import over to it, or fail
+    # exactly as if this folder did not exist. Why this and not a rename: docs/development.md.
+    from importlib.machinery import PathFinder
+    from importlib.util import module_from_spec
+    from pathlib import Path
 
-from .reference import linear_decode_ref, poly_decode_ref, topk_encode_ref
-
-log = logging.getLogger("polysae.kernels")
-
-
-def _triton_module():
-    """The Triton implementation module, or None when it cannot be used here."""
-    if os.environ.get("POLYSAE_DISABLE_TRITON", "") not in ("", "0"):
-        return None
-    if not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET", "") == "1"):
-        return None
+    _root = Path(__file__).resolve().parent.parent
+    _rest = [p for p in sys.path if Path(p or ".").resolve() != _root]
+    _spec = PathFinder.find_spec(__name__, _rest)
+    if _spec is None or _spec.loader is None:
+        del sys.modules[__name__]
+        raise ModuleNotFoundError(f"No module named {__name__!r} (the repository's kernels/ folder "
+                                  "is polysae's own, importable only as polysae.kernels)",
+                                  name=__name__)
+    _real = module_from_spec(_spec)
+    sys.modules[__name__] = _real  # the import statement returns whatever sits here afterwards
     try:
-        importlib.import_module("triton")
-        return importlib.import_module(".triton_ops", __name__)
-    except ImportError as e:  # triton missing, or kernels not built into this install
-        log.debug("Triton path unavailable: %s", e)
-        return None
-    except Exception as e:  # a broken triton install must not break `import polysae`
-        log.warning("Triton failed to import (%s: %s); using the torch decode path",
-                    type(e).__name__, e)
-        return None
+        _spec.loader.exec_module(_real)
+    except BaseException:
+        del sys.modules[__name__]
+        raise
+else:
+    import importlib
+    import logging
+    import os
+
+    import torch
+
+    from .reference import linear_decode_ref, poly_decode_ref, topk_encode_ref
+
+    log = logging.getLogger("polysae.kernels")
 
 
-_TRITON = _triton_module()
-BACKEND = "triton" if _TRITON is not None else "torch"
-log.debug("polysae.kernels: using the %s decode path", BACKEND)
+    def _triton_module():
+        """The Triton implementation module, or None when it cannot be used here."""
+        if os.environ.get("POLYSAE_DISABLE_TRITON", "") not in ("", "0"):
+            return None
+        if not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET", "") == "1"):
+            return None
+        try:
+            importlib.import_module("triton")
+            return importlib.import_module(".triton_ops", __name__)
+        except ImportError as e:  # triton missing, or kernels not built into this install
+            log.debug("Triton path unavailable: %s", e)
+            return None
+        except Exception as e:  # a broken triton install must not break `import polysae`
+            log.warning("Triton failed to import (%s: %s); using the torch decode path",
+                        type(e).__name__, e)
+            return None
 
 
-def set_backend(name: str) -> None:
-    """Force ``"torch"`` or ``"triton"`` (raises if Triton is unavailable here)."""
-    global BACKEND
-    if name not in ("torch", "triton"):
-        raise ValueError(f"backend must be 'torch' or 'triton', got {name!r}")
-    if name == "triton" and _TRITON is None:
-        raise RuntimeError("the Triton decode path is unavailable (no triton, no CUDA and "
-                           "TRITON_INTERPRET unset, or POLYSAE_DISABLE_TRITON=1)")
-    BACKEND = name
+    _TRITON = _triton_module()
+    BACKEND = "triton" if _TRITON is not None else "torch"
+    log.debug("polysae.kernels: using the %s decode path", BACKEND)
 
 
-def set_deterministic(flag: bool) -> None:
-    """Deterministic (sorted, default) or atomic weight gradients on the Triton path."""
-    if _TRITON is not None:
-        _TRITON.DETERMINISTIC = bool(flag)
+    def set_backend(name: str) -> None:
+        """Force ``"torch"`` or ``"triton"`` (raises if Triton is unavailable here)."""
+        global BACKEND
+        if name not in ("torch", "triton"):
+            raise ValueError(f"backend must be 'torch' or 'triton', got {name!r}")
+        if name == "triton" and _TRITON is None:
+            raise RuntimeError("the Triton decode path is unavailable (no triton, no CUDA and "
+                               "TRITON_INTERPRET unset, or POLYSAE_DISABLE_TRITON=1)")
+        BACKEND = name
 
 
-def poly_decode(values, indices, U, C1, C2, C3, lambda2, lambda3, bias, U2=None, U3=None):
-    if BACKEND == "triton":
-        return _TRITON.poly_decode(values, indices, U, C1, C2, C3, lambda2, lambda3, bias, U2, U3)
-    return poly_decode_ref(values, indices, U, C1, C2, C3, lambda2, lambda3, bias, U2, U3)
+    def set_deterministic(flag: bool) -> None:
+        """Deterministic (sorted, default) or atomic weight gradients on the Triton path."""
+        if _TRITON is not None:
+            _TRITON.DETERMINISTIC = bool(flag)
 
 
-def linear_decode(values, indices, W_dec, bias):
-    if BACKEND == "triton":
-        return _TRITON.linear_decode(values, indices, W_dec, bias)
-    return linear_decode_ref(values, indices, W_dec, bias)
+    def poly_decode(values, indices, U, C1, C2, C3, lambda2, lambda3, bias, U2=None, U3=None):
+        if BACKEND == "triton":
+            return _TRITON.poly_decode(values, indices, U, C1, C2, C3, lambda2, lambda3, bias, U2, U3)
+        return poly_decode_ref(values, indices, U, C1, C2, C3, lambda2, lambda3, bias, U2, U3)
 
 
-def topk_encode(x, W_enc, b_enc, k):
-    if BACKEND == "triton":
-        return _TRITON.topk_encode(x, W_enc, b_enc, k)
-    return topk_encode_ref(x, W_enc, b_enc, k)
+    def linear_decode(values, indices, W_dec, bias):
+        if BACKEND == "triton":
+            return _TRITON.linear_decode(values, indices, W_dec, bias)
+        return linear_decode_ref(values, indices, W_dec, bias)
 
 
-__all__ = ["BACKEND", "set_backend", "set_deterministic", "poly_decode", "linear_decode",
-           "topk_encode"]
+    def topk_encode(x, W_enc, b_enc, k):
+        if BACKEND == "triton":
+            return _TRITON.topk_encode(x, W_enc, b_enc, k)
+        return topk_encode_ref(x, W_enc, b_enc, k)
+
+
+    __all__ = ["BACKEND", "set_backend", "set_deterministic", "poly_decode", "linear_decode",
+               "topk_encode"]

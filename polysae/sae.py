@@ -17,6 +17,12 @@ Public API: ``encode(x) -> codes [..., F]`` (dense, SAELens/SAEBench convention)
 ``decode(codes) -> [..., D]``, ``forward(x) -> x_hat``; the sparse path ``encode_sparse(x) ->
 SparseCodes`` and ``decode_sparse(values, indices)``; ``loss(x, dead_mask) -> LossOutput`` with
 MSE, AuxK, sparsity and Matryoshka terms; ``save(dir)`` and :func:`load_checkpoint`.
+
+Devices: ``encode``, ``encode_sparse``, ``decode``, ``decode_sparse`` and ``forward`` accept inputs
+on any device. They compute on the SAE's device, in the SAE's dtype, and return their results on
+the device of their input (a CPU tensor in, a CPU tensor out, as a function would), so callers never
+have to know where the SAE lives. The copies are no-ops when input and SAE share a device (training).
+``loss`` is the training path and expects its batch on the SAE's device already.
 """
 
 from __future__ import annotations
@@ -191,7 +197,8 @@ class SAE(nn.Module):
             bad = (~torch.isfinite(x)).nonzero()[0].tolist()
             raise ValueError(f"SAE input of shape {tuple(x.shape)} holds NaN/inf (first at index "
                              f"{bad})")
-        return x.reshape(-1, self.cfg.d_in).to(self.W_enc.dtype), tuple(x.shape[:-1])
+        return (x.reshape(-1, self.cfg.d_in).to(self.W_enc.device, self.W_enc.dtype),
+                tuple(x.shape[:-1]))
 
     # -- encode -------------------------------------------------------------------------------
     def pre_acts(self, x: Tensor) -> Tensor:
@@ -201,8 +208,13 @@ class SAE(nn.Module):
         return torch.addmm(self.b_enc, x, self.W_enc)
 
     def encode_sparse(self, x: Tensor) -> SparseCodes:
-        """[..., D] -> SparseCodes with values/indices [N, K] and pre_acts [N, F] (N = rows)."""
-        x, _ = self._flatten(x)
+        """[..., D] -> SparseCodes with values/indices [N, K] and pre_acts [N, F] (N = rows), on
+        the device of ``x``."""
+        xf, _ = self._flatten(x)
+        return SparseCodes(*(t.to(x.device) for t in self._codes(xf)))
+
+    def _codes(self, x: Tensor) -> SparseCodes:
+        """The sparsifier on flattened rows [N, D] already on the SAE's device and dtype."""
         cfg = self.cfg
         sp = cfg.sparsifier
         if sp == "topk":
@@ -236,19 +248,24 @@ class SAE(nn.Module):
         return _pack(z)
 
     def encode(self, x: Tensor) -> Tensor:
-        """[..., D] -> dense codes [..., F] (zeros outside the active latents)."""
-        _, lead = self._flatten(x)
-        c = self.encode_sparse(x)
+        """[..., D] -> dense codes [..., F] (zeros outside the active latents), on the device
+        of ``x``."""
+        xf, lead = self._flatten(x)
+        c = self._codes(xf)
         z = torch.zeros_like(c.pre_acts).scatter_add(1, c.indices, c.values)
-        return z.reshape(*lead, self.cfg.d_sae)
+        return z.reshape(*lead, self.cfg.d_sae).to(x.device)
 
     # -- decode -------------------------------------------------------------------------------
     def decode_sparse(self, values: Tensor, indices: Tensor) -> Tensor:
-        """values, indices [N, K] -> x_hat [N, D] through the sparse gather path (the kernels)."""
+        """values, indices [N, K] -> x_hat [N, D] through the sparse gather path (the kernels),
+        on the device of ``values``."""
         if values.shape != indices.shape or values.ndim != 2:
             raise ValueError(f"decode_sparse: values {tuple(values.shape)} and indices "
                              f"{tuple(indices.shape)} must both be [N, K]")
-        return self.decoder.decode_sparse(values.to(self.b_dec.dtype), indices.long(), self.b_dec)
+        home = self.b_dec
+        out = self.decoder.decode_sparse(values.to(home.device, home.dtype),
+                                         indices.to(home.device, torch.long), home)
+        return out.to(values.device)
 
     def decode(self, codes: Tensor, path: str = "auto") -> Tensor:
         """Dense codes [..., F] -> x_hat [..., D]. ``path`` = ``sparse`` (gather the nonzeros),
@@ -258,7 +275,7 @@ class SAE(nn.Module):
             raise ValueError(f"SAE.decode: expected last dimension d_sae={self.cfg.d_sae}, got "
                              f"shape {tuple(codes.shape)}")
         lead = codes.shape[:-1]
-        z = codes.reshape(-1, self.cfg.d_sae).to(self.b_dec.dtype)
+        z = codes.reshape(-1, self.cfg.d_sae).to(self.b_dec.device, self.b_dec.dtype)
         kmax = max(1, int((z != 0).sum(-1).max())) if z.numel() and path != "dense" else 1
         if path == "auto":
             path = "sparse" if kmax <= max(1, self.cfg.d_sae // 8) else "dense"
@@ -269,13 +286,13 @@ class SAE(nn.Module):
             out = self.decoder.decode_dense(z, self.b_dec)
         else:
             raise ValueError(f"SAE.decode: path must be 'auto', 'sparse' or 'dense', got {path!r}")
-        return out.reshape(*lead, self.cfg.d_in)
+        return out.reshape(*lead, self.cfg.d_in).to(codes.device)
 
     def forward(self, x: Tensor) -> Tensor:
-        """[..., D] -> x_hat [..., D]; equals ``decode(encode(x))``."""
-        _, lead = self._flatten(x)
-        c = self.encode_sparse(x)
-        return self.decode_sparse(c.values, c.indices).reshape(*lead, self.cfg.d_in)
+        """[..., D] -> x_hat [..., D] on the device of ``x``; equals ``decode(encode(x))``."""
+        xf, lead = self._flatten(x)
+        c = self._codes(xf)
+        return self.decode_sparse(c.values, c.indices).reshape(*lead, self.cfg.d_in).to(x.device)
 
     # -- training losses ----------------------------------------------------------------------
     def loss(self, x: Tensor, dead_mask: Tensor | None = None) -> LossOutput:
@@ -283,7 +300,7 @@ class SAE(nn.Module):
         have not fired within the trainer's window; it drives AuxK."""
         x, _ = self._flatten(x)
         cfg = self.cfg
-        codes = self.encode_sparse(x)
+        codes = self._codes(x)
         x_hat = self.decode_sparse(codes.values, codes.indices)
         mse = (x_hat - x).pow(2).sum(-1).mean()
         zero = mse.new_zeros(())
