@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _tokenizer():
-    from polysae.models import cache_dir, load_model
+    from polysae.data.models import cache_dir, load_model
 
     tok_dir = cache_dir() / "models" / "smollm2-135m" / "tokenizer"
     if not tok_dir.is_dir():  # first use converts the bundled GGUF into the cache
@@ -55,7 +55,7 @@ def prepare(work: Path, tokens: int, d_in: int, d_sae: int, k: int) -> None:
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
     from polysae import SAE, SAEConfig
-    from polysae.harvesting import HarvestConfig, harvest
+    from polysae.data.harvesting import HarvestConfig, harvest
 
     stamp = work / "prepared.json"
     want = {"tokens": tokens, "d_in": d_in, "d_sae": d_sae, "k": k}
@@ -87,8 +87,8 @@ def phase(name: str, work: Path) -> dict:
     from safetensors.torch import load_file
 
     from polysae.browser import BrowseConfig, build_site
+    from polysae.data.store import ActivationStore
     from polysae.sae import load_checkpoint
-    from polysae.store import ActivationStore
 
     torch.set_num_threads(os.cpu_count() or 1)
     store = ActivationStore(work / "acts", split="all", shuffle=False)

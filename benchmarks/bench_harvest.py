@@ -4,8 +4,8 @@ Three paths over the same token batches (BBC text, ``--batch`` contexts of ``--c
 
 - ``bare``: ``model(tokens, stop_at_layer=L+1)`` in inference mode: the forward alone, stopped after
   the hooked layer, nothing kept; the ceiling for any harvester.
-- ``harvest``: ``polysae.harvesting`` end to end into a fresh folder (capture, dtype cast, shards
-  written by the background thread, manifest), its loop time.
+- ``harvest``: ``polysae.data.harvesting`` end to end into a fresh folder (capture, dtype cast,
+  shards written by the background thread, manifest), its loop time.
 - ``run_with_cache``: TransformerLens ``run_with_cache(tokens, names_filter=hook)``, a full forward
   keeping only the wanted hook (the strict baseline);
 - ``run_with_cache_all``: plain ``run_with_cache(tokens)``, TransformerLens' default, which keeps
@@ -66,8 +66,9 @@ def main() -> int:
 
     import transformer_lens
 
-    from polysae import __version__, data, models
-    from polysae.harvesting import HarvestConfig, harvest
+    from polysae.data import chunking, models
+    from polysae.data.harvesting import HarvestConfig, harvest
+    from polysae.version import __version__
 
     dtype = getattr(torch, args.model_dtype)
     t = time.perf_counter()
@@ -75,7 +76,7 @@ def main() -> int:
     load_s = time.perf_counter() - t
     hook = f"blocks.{args.layer}.hook_resid_post"
     n_ctx = args.batches * args.batch
-    chunks = data.build_chunks("bbc", lm.tokenizer, args.ctx, n_ctx)
+    chunks = chunking.build_chunks("bbc", lm.tokenizer, args.ctx, n_ctx)
     batches = [b.to(args.device) for b in chunks.tokens.split(args.batch)]
     n_tok = chunks.tokens.numel()
     dev = torch.device(args.device)

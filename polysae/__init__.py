@@ -17,9 +17,9 @@ from polysae.version import __version__
 # polysae.harvest / polysae.train / polysae.evaluate.
 _LAZY = {
     "load": "polysae.loader",
-    "ActivationStore": "polysae.store",
-    "harvest": "polysae.harvesting",
-    "HarvestConfig": "polysae.harvesting",
+    "ActivationStore": "polysae.data.store",
+    "harvest": "polysae.data.harvesting",
+    "HarvestConfig": "polysae.data.harvesting",
     "Trainer": "polysae.training",
     "TrainConfig": "polysae.training",
     "train": "polysae.training",

@@ -154,7 +154,7 @@ def _describe(sae: SAE, meta: dict) -> dict[str, Any]:
 def _special_ids(tokenizer: Any) -> list[int]:
     if tokenizer is None:
         return []
-    from polysae.data import special_tokens
+    from polysae.data.chunking import special_tokens
 
     return sorted(special_tokens(tokenizer, "decoder").all_ids)
 
@@ -165,7 +165,7 @@ def _text_contexts(dataset: str, tokenizer, cfg: EvalConfig, n: int, text_column
     ``hf:`` dataset) -> (chunks, the dataset used, why it is not ``dataset`` or None). A dataset
     that cannot be read here (an ``hf:`` dataset offline, a moved file) falls back to the bundled
     ``bbc`` corpus, with a warning and the reason recorded in metrics.json."""
-    from polysae.data import build_chunks
+    from polysae.data.chunking import build_chunks
 
     # A seed different from harvesting's default reorders the corpus, so these contexts come
     # mostly from documents the SAE was not trained on (not guaranteed: pass --acts for a true
@@ -185,7 +185,7 @@ def _text_contexts(dataset: str, tokenizer, cfg: EvalConfig, n: int, text_column
 
 def _live_heldout(model, tokenizer, hook, cfg: EvalConfig, chunks, dataset: str):
     """Held-out contexts from a live model: rows of non-special tokens + token table."""
-    from polysae.models import capture
+    from polysae.data.models import capture
 
     # 20% spare contexts: document separators (EOS) inside contexts are special and dropped.
     n_ctx = live_contexts_needed(cfg)
@@ -222,7 +222,7 @@ def live_contexts_needed(cfg: EvalConfig) -> int:
 
 
 def _store_heldout(acts: str, hook: str, cfg: EvalConfig):
-    from polysae.store import ActivationStore
+    from polysae.data.store import ActivationStore
 
     st = ActivationStore(acts, hook, split="val", batch_size=4096, shuffle=False)
     n = min(cfg.recon_tokens, st.n_rows)
@@ -241,8 +241,8 @@ def evaluate(saes: Any, *, model: Any = None, hook: str | None = None, acts: str
     Args:
         saes: an SAE, a checkpoint folder, or a mapping name -> SAE/folder (e.g. ``{"vanilla":
             ..., "poly": ...}``); names become the report's columns.
-        model: a :class:`polysae.models.LoadedModel`, a HookedTransformer, or a model name for
-            :func:`polysae.models.load_model`; default: the checkpoint metadata's ``model``.
+        model: a :class:`polysae.data.models.LoadedModel`, a HookedTransformer, or a model name for
+            :func:`polysae.data.models.load_model`; default: the checkpoint metadata's ``model``.
         hook: hook name; default: the checkpoint metadata's ``hook``.
         acts: an activation store folder; its ``val`` split is the held-out set. Without it a
             small held-out set is harvested live.
@@ -268,7 +268,7 @@ def evaluate(saes: Any, *, model: Any = None, hook: str | None = None, acts: str
                              "(pass model= / --model)")
     model_name = model if isinstance(model, str) else getattr(model, "name", None)
     if isinstance(model, str):
-        from polysae.models import load_model
+        from polysae.data.models import load_model
 
         print(f"[eval] loading model {model}", file=sys.stderr)
         model = load_model(model, device=cfg.device)
@@ -280,7 +280,7 @@ def evaluate(saes: Any, *, model: Any = None, hook: str | None = None, acts: str
         model = model.model
     tokenizer = tokenizer or getattr(model, "tokenizer", None)
     model_name = model_name or getattr(getattr(model, "cfg", None), "model_name", None)
-    from polysae.models import check_hooks
+    from polysae.data.models import check_hooks
 
     check_hooks(model, [hook])
     width = _hook_width(model, hook)
@@ -406,7 +406,7 @@ def evaluate(saes: Any, *, model: Any = None, hook: str | None = None, acts: str
 
 
 def _probing(models, model, tokenizer, hook, cfg, specials, result) -> None:
-    from polysae.corpora import load_corpus
+    from polysae.data.corpora import load_corpus
     from polysae.probing import (
         aggregate,
         collect_text_acts,
@@ -463,7 +463,7 @@ def _probing(models, model, tokenizer, hook, cfg, specials, result) -> None:
 
 def _hook_width(model: Any, hook: str) -> int:
     """Width of a hook's activation from a 2-token probe forward."""
-    from polysae.models import capture
+    from polysae.data.models import capture
 
     tok = torch.zeros(1, 2, dtype=torch.long, device=next(model.parameters()).device)
     with torch.inference_mode():

@@ -436,8 +436,8 @@ def _write_interactions(path: Path, sae, top: list, st, windows: _Windows, W_U: 
 def export_neuronpedia(sae, store, out_dir: str | os.PathLike, model=None, tokenizer=None, *,
                        config: NeuronpediaConfig | None = None, meta: dict | None = None,
                        progress: bool = False) -> NeuronpediaExport:
-    """The export over an :class:`~polysae.store.ActivationStore` (unshuffled, e.g. the held-out
-    split); ``model`` (a HookedTransformer) supplies ``W_U`` and the tokenizer."""
+    """The export over an :class:`~polysae.data.store.ActivationStore` (unshuffled, e.g. the
+    held-out split); ``model`` (a HookedTransformer) supplies ``W_U`` and the tokenizer."""
     if model is not None and tokenizer is None:
         tokenizer = getattr(model, "tokenizer", None)
     W_U = getattr(model, "W_U", None) if model is not None else None

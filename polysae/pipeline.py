@@ -5,7 +5,7 @@ Every stage is resumable and skipped when already complete, so re-running the sa
 crash continues where it stopped:
 
 - harvest resumes shard by shard (byte-identical to an uninterrupted run,
-  :mod:`polysae.harvesting`);
+  :mod:`polysae.data.harvesting`);
 - training resumes from the last checkpoint of both SAEs (:class:`polysae.training.Trainer`);
 - evaluation and the browser rerun only when their inputs changed (a stage file records the
   sha256 of the checkpoints they read).
@@ -33,12 +33,12 @@ from typing import Any, NamedTuple
 
 import torch
 
-from polysae.actformat import provenance
 from polysae.config import SAEConfig, check_sae_overrides, known_fields, plain_dict
+from polysae.data.actformat import provenance
+from polysae.data.harvesting import HarvestConfig
 from polysae.device import resolve_device
 from polysae.evaluation import EvalConfig
 from polysae.fileio import atomic_write_text
-from polysae.harvesting import HarvestConfig
 from polysae.stages import Stages, checkpoint_key
 from polysae.training import TrainConfig
 
@@ -170,12 +170,11 @@ def stage_configs(cfg: RunConfig, *, device: str, d_in: int, n_rows: int) -> Sta
 
 def run(cfg: RunConfig) -> RunResult:
     """Run (or resume) the whole job; see the module docstring."""
-    from polysae.sae import SAE
+    from polysae.data.harvesting import harvest
+    from polysae.data.models import load_model
+    from polysae.data.store import ActivationStore
     from polysae.evaluation import evaluate
-    from polysae.harvesting import harvest
-    from polysae.models import load_model
-    from polysae.sae import load_checkpoint
-    from polysae.store import ActivationStore
+    from polysae.sae import SAE, load_checkpoint
     from polysae.training import Trainer
 
     out = Path(cfg.out)

@@ -215,7 +215,7 @@ def collect_text_acts(model: Any, hook: str, token_lists: Sequence[Tensor],
     Texts are right-padded within a batch; a causal model never lets padding influence earlier
     positions, and padded positions are dropped. Batches are sorted by length to limit padding.
     """
-    from polysae.models import capture
+    from polysae.data.models import capture
 
     special = torch.tensor(sorted(set(int(i) for i in special_ids)), dtype=torch.long)
     order = sorted(range(len(token_lists)), key=lambda i: len(token_lists[i]))

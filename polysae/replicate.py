@@ -36,12 +36,12 @@ from typing import Any, NamedTuple
 
 import torch
 
-from polysae.actformat import provenance
 from polysae.config import SAEConfig, check_sae_overrides, plain_dict
+from polysae.data.actformat import provenance
+from polysae.data.harvesting import HarvestConfig
 from polysae.device import resolve_device
 from polysae.evaluation import EvalConfig, jsonable
 from polysae.fileio import atomic_write_text
-from polysae.harvesting import HarvestConfig
 from polysae.replicate_compare import Metric, compare, metrics_for
 from polysae.stages import Stages, checkpoint_key, config_key
 from polysae.training import TrainConfig
@@ -166,10 +166,10 @@ class ReplicateResult(NamedTuple):
 # -- running ------------------------------------------------------------------------------------
 def _resolve_store(cfg: ReplicateConfig, out: Path, lm: Any, device: str) -> tuple[Path, str]:
     """The activation store (harvested into out/acts when none is given) and the hook."""
-    from polysae.actformat import read_manifest
+    from polysae.data.actformat import read_manifest
 
     if cfg.acts is None:
-        from polysae.harvesting import harvest
+        from polysae.data.harvesting import harvest
 
         hcfg = dataclasses.replace(cfg.harvest, out=str(out / "acts"), device=device,
                                    progress=cfg.progress,
@@ -190,11 +190,11 @@ def _resolve_store(cfg: ReplicateConfig, out: Path, lm: Any, device: str) -> tup
 
 
 def _load_lm(cfg: ReplicateConfig, acts: Path | None, device: str) -> Any:
-    from polysae.models import load_model
+    from polysae.data.models import load_model
 
     name = cfg.model
     if name is None and acts is not None:
-        from polysae.actformat import read_manifest
+        from polysae.data.actformat import read_manifest
 
         name = read_manifest(acts).get("model")
     name = name or cfg.harvest.model
@@ -204,11 +204,11 @@ def _load_lm(cfg: ReplicateConfig, acts: Path | None, device: str) -> Any:
 def run_cell(cfg: ReplicateConfig, sparsifier: str, seed: int, *, acts: Path, hook: str,
              lm: Any, out: Path, device: str) -> CellResult:
     """Train (or resume) and evaluate one (sparsifier, seed) pair; skipped when complete."""
-    from polysae.sae import SAE
-    from polysae.actformat import read_manifest
     from polysae.codescale import code_scale
+    from polysae.data.actformat import read_manifest
+    from polysae.data.store import ActivationStore
     from polysae.evaluation import evaluate
-    from polysae.store import ActivationStore
+    from polysae.sae import SAE
     from polysae.training import Trainer
 
     folder = out / "cells" / sparsifier / f"seed{seed}"
@@ -272,7 +272,7 @@ def run_cell(cfg: ReplicateConfig, sparsifier: str, seed: int, *, acts: Path, ho
 
 def replicate(cfg: ReplicateConfig | None = None, *, model: Any = None) -> ReplicateResult:
     """Run (or resume) the whole comparison; see the module docstring. ``model``: an already
-    loaded :class:`polysae.models.LoadedModel` (default: load ``cfg.model`` / the store's)."""
+    loaded :class:`polysae.data.models.LoadedModel` (default: load ``cfg.model`` / the store's)."""
     cfg = cfg or ReplicateConfig()
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -280,7 +280,7 @@ def replicate(cfg: ReplicateConfig | None = None, *, model: Any = None) -> Repli
     atomic_write_text(out / "replicate_config.json", json.dumps(cfg.to_dict(), indent=2))
     t0 = time.perf_counter()
     if cfg.acts is not None:
-        from polysae.actformat import read_manifest
+        from polysae.data.actformat import read_manifest
 
         read_manifest(cfg.acts)  # a clear error for a missing/unreadable store, before loading
     lm = model if model is not None else _load_lm(cfg, Path(cfg.acts) if cfg.acts else None,

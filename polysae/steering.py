@@ -183,7 +183,7 @@ def steer_ranks(model: Any, hook: str, prompts: Sequence[Tensor], target: int,
 def _last_acts(model: Any, hook: str, prompts: Sequence[Tensor]) -> tuple[Tensor, list[Tensor]]:
     """Hook activations of padded prompts in one forward: ([n, d] at each last real token,
     per-prompt [len-1, d] of the non-BOS positions)."""
-    from polysae.models import capture
+    from polysae.data.models import capture
 
     tok, last = _pad(prompts)
     with torch.inference_mode():

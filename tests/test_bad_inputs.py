@@ -29,8 +29,8 @@ from safetensors.torch import load_file, save_file
 import polysae
 from polysae import SAE, SAEConfig
 from polysae.__main__ import main as cli_main
-from polysae.harvesting import HarvestConfig, HarvestError, harvest
-from polysae.store import ActivationStore
+from polysae.data.harvesting import HarvestConfig, HarvestError, harvest
+from polysae.data.store import ActivationStore
 from polysae.training import TensorSource, TrainConfig, Trainer, TrainingDiverged
 
 HOOK, HOOK2 = "blocks.0.hook_resid_post", "blocks.0.hook_mlp_out"
@@ -380,7 +380,7 @@ def _word_tokenizer():
 
 @pytest.mark.parametrize("text", ["", "hello\n"], ids=["empty", "one-token"])
 def test_empty_and_one_token_corpus(tmp_path, text):
-    from polysae.models import LoadedModel
+    from polysae.data.models import LoadedModel
 
     f = tmp_path / "corpus.txt"
     f.write_text(text)
@@ -402,7 +402,7 @@ def test_empty_token_file(tmp_path):
 
 
 def test_harvest_refuses_when_the_disk_is_too_small(tmp_path, monkeypatch):
-    import polysae.harvesting as H
+    import polysae.data.harvesting as H
 
     np.save(tmp_path / "t.npy", np.arange(400) % 60)
     monkeypatch.setattr(H.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(1, 1, 1000))

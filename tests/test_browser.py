@@ -609,7 +609,7 @@ def harvested(tmp_path_factory):
     from test_harvest import word_tokenizer  # a real fast tokenizer over a word vocabulary;
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-    from polysae.harvesting import HarvestConfig, harvest
+    from polysae.data.harvesting import HarvestConfig, harvest
 
     # the tokenizer's single-token pieces lack the spaces its decode inserts, so windows are
     # span-decoded
@@ -638,8 +638,8 @@ def harvested(tmp_path_factory):
 
 def test_build_site_from_store_matches_dense_encode(harvested, tmp_path):
     from polysae.browser import build_site
+    from polysae.data.store import ActivationStore
     from polysae.sae import load_checkpoint
-    from polysae.store import ActivationStore
 
     model, tok, acts, ck = harvested
     sae, _ = load_checkpoint(ck)

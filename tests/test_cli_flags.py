@@ -30,8 +30,8 @@ from polysae.cli import run as run_cli
 from polysae.cli import train as train_cli
 from polysae.cli.flags import config_from_args, field_docs, flag_name, overrides_from_args
 from polysae.config import SPARSIFIERS, SAEConfig
+from polysae.data.harvesting import HarvestConfig, HarvestError
 from polysae.evaluation import EvalConfig
-from polysae.harvesting import HarvestConfig, HarvestError
 from polysae.neuronpedia import NeuronpediaConfig
 from polysae.pipeline import RunConfig, stage_configs
 from polysae.replicate import ReplicateConfig
@@ -311,7 +311,7 @@ def test_harvest_with_default_device_resumes_a_cpu_folder(tmp_path, monkeypatch)
     device='cpu' is complete, not incompatible, for device=None on a machine without a GPU."""
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-    from polysae.harvesting import harvest
+    from polysae.data.harvesting import harvest
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     torch.manual_seed(0)

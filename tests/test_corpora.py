@@ -8,7 +8,7 @@ from collections import Counter
 
 import pytest
 
-from polysae.corpora import CORPORA, Document, load_corpus, subsample
+from polysae.data.corpora import CORPORA, Document, load_corpus, subsample
 
 
 def test_bbc_class_counts():

@@ -1,4 +1,5 @@
-"""Dataset sources of polysae.data (and the labelled-corpus side in polysae.corpora):
+"""Dataset sources of polysae.data.sources and polysae.data.chunking (and the labelled-corpus side
+in polysae.data.corpora):
 ``hf:NAME[:config][@split]`` streamed through ``datasets`` from data it wrote itself
 (``save_to_disk``) and from local data folders (with README configs), local ``.parquet`` /
 ``.jsonl`` / ``.csv`` / ``.txt`` files, and named errors for missing text columns, through the
@@ -14,8 +15,9 @@ import pytest
 import torch
 
 from polysae.__main__ import main as cli_main
-from polysae.corpora import load_corpus
-from polysae.data import build_chunks, iter_texts, parse_hf_spec
+from polysae.data.chunking import build_chunks, iter_texts
+from polysae.data.corpora import load_corpus
+from polysae.data.sources import parse_hf_spec
 
 TEXTS = [f"the cat sat on mat {i} " + "dog ran far " * (i % 4) for i in range(30)]
 LABELS = [i % 3 for i in range(30)]
@@ -162,7 +164,7 @@ def tiny_words(monkeypatch):
     from test_harvest import word_tokenizer
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-    import polysae.models as models
+    import polysae.data.models as models
 
     tok = word_tokenizer()
     m = HookedTransformer(HookedTransformerConfig(

@@ -182,9 +182,9 @@ def test_evaluate_with_activation_store(tiny, tmp_path):
     """--acts: reconstruction runs on the store's held-out val split, rows in store order."""
     import numpy as np
 
-    from polysae.harvesting import HarvestConfig, harvest
+    from polysae.data.harvesting import HarvestConfig, harvest
+    from polysae.data.store import ActivationStore
     from polysae.reconstruction import reconstruction_stats
-    from polysae.store import ActivationStore
 
     npy = tmp_path / "tok.npy"
     np.save(npy, np.random.default_rng(0).integers(3, 64, size=(40, 16)))

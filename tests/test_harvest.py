@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-from polysae import data, models
-from polysae.harvesting import HarvestConfig, HarvestError, harvest
-from polysae.store import ActivationStore
+from polysae.data import chunking, models
+from polysae.data.harvesting import HarvestConfig, HarvestError, harvest
+from polysae.data.store import ActivationStore
 
 HOOKS = ["blocks.0.hook_resid_pre", "blocks.1.attn.hook_z", "blocks.1.hook_mlp_out",
          "blocks.1.hook_resid_post"]
@@ -113,15 +113,15 @@ def test_bos_policies_and_exclude_special(tmp_path):
     B, E = 0, 1
     stream = [ids["the"], ids["cat"], ids["sat"], E, ids["the"], ids["dog"], ids["ran"], ids["far"],
               ids["away"], E, ids["big"], ids["red"], ids["sun"], E]
-    c = data.build_chunks(str(txt), tok, 4, 100, bos="chunk")
+    c = chunking.build_chunks(str(txt), tok, 4, 100, bos="chunk")
     # chunk: BOS + 3 stream tokens per context; the trailing partial context is dropped.
     assert c.tokens.tolist() == [[B] + stream[i:i + 3] for i in range(0, 12, 3)]
     # BOS takes the document id of the token after it (contexts 2 and 4 start with an EOS).
     assert c.doc_ids[:, 0].tolist() == [0, 0, 1, 1]
-    d = data.build_chunks(str(txt), tok, 4, 100, bos="doc")
+    d = chunking.build_chunks(str(txt), tok, 4, 100, bos="doc")
     doc_stream = [B] + stream[:4] + [B] + stream[4:10] + [B] + stream[10:]
     assert d.tokens.reshape(-1).tolist() == doc_stream[:16]
-    n = data.build_chunks(str(txt), tok, 4, 2, bos="none")
+    n = chunking.build_chunks(str(txt), tok, 4, 2, bos="none")
     assert n.tokens.reshape(-1).tolist() == stream[:8]
 
     m = tiny_model()
@@ -146,7 +146,7 @@ KILL_SCRIPT = textwrap.dedent("""
     import sys, torch
     sys.path.insert(0, {tests!r})
     from test_harvest import tiny_model, cfg_for
-    from polysae.harvesting import harvest
+    from polysae.data.harvesting import harvest
     from pathlib import Path
     harvest(cfg_for(Path({npy!r}), Path({out!r})), model=tiny_model())
 """)
@@ -226,7 +226,7 @@ def test_bad_inputs_name_the_problem(model, npy, tmp_path):
 def test_short_disk_stops_before_writing(model, npy, tmp_path, monkeypatch, capsys):
     import shutil
 
-    from polysae import harvesting as hv
+    from polysae.data import harvesting as hv
 
     monkeypatch.setattr(hv.shutil, "disk_usage",
                         lambda p: shutil._ntuple_diskusage(10**12, 10**12 - 1000, 1000))
@@ -296,7 +296,7 @@ def test_hooks_cli_lists_names(tmp_path, capsys):
 
 
 def test_error_mid_harvest_leaves_resumable_incomplete_folder(model, npy, tmp_path, monkeypatch):
-    from polysae import harvesting as hv
+    from polysae.data import harvesting as hv
 
     real, calls = models.capture, {"n": 0}
 

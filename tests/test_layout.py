@@ -79,7 +79,7 @@ def cross_module_private_uses(module: str, source: str) -> list[str]:
 
 
 def test_the_private_name_checker_catches_what_it_should():
-    src = ("from polysae.sae import _pack, SAE\nimport polysae.store as st\n"
+    src = ("from polysae.sae import _pack, SAE\nimport polysae.data.store as st\n"
            "from polysae import decoders\nst._to_torch(1)\ndecoders.PolyDecoder\n"
            "SAE._flatten\nself_like = 1\n")
     found = cross_module_private_uses("polysae.report", src)

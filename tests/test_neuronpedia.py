@@ -34,7 +34,7 @@ def harvested(tmp_path_factory):
     from test_harvest import word_tokenizer  # a real fast tokenizer over a word vocabulary
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-    from polysae.harvesting import HarvestConfig, harvest
+    from polysae.data.harvesting import HarvestConfig, harvest
 
     tok = word_tokenizer()
     torch.manual_seed(0)
@@ -63,7 +63,7 @@ def harvested(tmp_path_factory):
 
 
 def _store(acts):
-    from polysae.store import ActivationStore
+    from polysae.data.store import ActivationStore
 
     return ActivationStore(acts, split="all", shuffle=False)
 
@@ -272,7 +272,7 @@ def test_linear_sae_and_bad_inputs(harvested, tmp_path):
 
 
 def test_cli_export_neuronpedia(harvested, tmp_path, monkeypatch, capsys):
-    import polysae.models as models
+    import polysae.data.models as models
 
     model, tok, acts, ck, _ = harvested
 

@@ -12,8 +12,8 @@ import json
 import pytest
 
 import polysae
+from polysae.data.harvesting import HarvestConfig
 from polysae.evaluation import EvalConfig
-from polysae.harvesting import HarvestConfig
 from polysae.pipeline import RunConfig, run
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("smollm2")]

@@ -200,8 +200,8 @@ def test_every_replicate_config_field_has_a_flag_with_help():
 
     from polysae.cli import replicate as cli
     from polysae.cli.flags import field_docs, flag_name
+    from polysae.data.harvesting import HarvestConfig
     from polysae.evaluation import EvalConfig
-    from polysae.harvesting import HarvestConfig
     from polysae.replicate import ReplicateConfig
     from polysae.training import TrainConfig
 

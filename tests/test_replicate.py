@@ -13,11 +13,11 @@ import torch
 from chartok import CharTok
 
 from polysae import SAE, SAEConfig
+from polysae.data.harvesting import HarvestConfig, harvest
+from polysae.data.models import LoadedModel
+from polysae.data.store import ActivationStore
 from polysae.evaluation import EvalConfig, evaluate
-from polysae.harvesting import HarvestConfig, harvest
-from polysae.models import LoadedModel
 from polysae.replicate import ReplicateConfig, replicate
-from polysae.store import ActivationStore
 from polysae.training import TrainConfig, Trainer
 
 HOOK = "blocks.0.hook_resid_post"

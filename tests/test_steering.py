@@ -84,7 +84,7 @@ def test_steering_eval_on_smollm2_vs_independent_forwards():
     recomputed (alpha from the selection prompt, numbers from the other two)."""
     import math
 
-    from polysae import models
+    from polysae.data import models
     from polysae.steering import Concept, steering_eval
 
     lm = models.load_model("smollm2-135m")

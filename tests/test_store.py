@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from polysae.harvesting import HarvestConfig, harvest
-from polysae.store import ActivationStore, LiveActivations, ShardError, split_shards
+from polysae.data.harvesting import HarvestConfig, harvest
+from polysae.data.store import ActivationStore, LiveActivations, ShardError, split_shards
 
 HOOK = "blocks.0.hook_resid_post"
 N_CTX, CTX = 30, 10  # 300 rows in 7 shards of 45 (last one 30)

@@ -34,7 +34,7 @@ import torch
 
 import polysae
 from polysae.__main__ import main as cli_main
-from polysae.harvesting import HarvestConfig, harvest
+from polysae.data.harvesting import HarvestConfig, harvest
 
 HOOK = "blocks.0.hook_resid_post"
 STEPS, EVERY, BATCH = 40, 2, 64

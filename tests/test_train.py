@@ -390,7 +390,7 @@ def acts(tmp_path_factory):
     """A tiny harvested store: 1-layer random HookedTransformer, 40 contexts of 16 tokens."""
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-    from polysae.harvesting import HarvestConfig, harvest
+    from polysae.data.harvesting import HarvestConfig, harvest
 
     torch.manual_seed(0)
     model = HookedTransformer(HookedTransformerConfig(

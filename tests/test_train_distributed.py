@@ -212,8 +212,8 @@ def test_store_ranks_read_only_their_rows(tmp_path):
     window), and the three streams interleaved are the 1-process stream of 3x the batch."""
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-    from polysae.harvesting import HarvestConfig, harvest
-    from polysae.store import ActivationStore
+    from polysae.data.harvesting import HarvestConfig, harvest
+    from polysae.data.store import ActivationStore
 
     torch.manual_seed(0)
     model = HookedTransformer(HookedTransformerConfig(

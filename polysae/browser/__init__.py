@@ -1,7 +1,7 @@
 """Feature browser: a static, self-contained HTML site of an SAE's latents and interactions.
 
 ``build_site(sae, store, out_dir, model=None, tokenizer=None)`` streams once over held-out
-activations (an :class:`polysae.store.ActivationStore`) and writes ``out_dir/`` with
+activations (an :class:`polysae.data.store.ActivationStore`) and writes ``out_dir/`` with
 ``index.html`` + ``app.js`` + ``style.css`` (from ``polysae/browser_assets``) and ``data/*.js``.
 ``build_site_from_arrays(sae, acts, out_dir, token_ids=..., doc_ids=...)`` does the same for
 in-memory tensors; both go through :func:`build_site_from_rows`.

@@ -296,7 +296,7 @@ def build_site(sae, store, out_dir: str | os.PathLike, model=None, tokenizer=Non
                report: dict | str | os.PathLike | None = None,
                config: BrowseConfig | None = None, meta: dict | None = None,
                progress: bool = False, timings: dict | None = None) -> Path:
-    """Build the browser for ``sae`` over an :class:`~polysae.store.ActivationStore` (use the
+    """Build the browser for ``sae`` over an :class:`~polysae.data.store.ActivationStore` (use the
     held-out split, ``split="val"``). ``model`` (a HookedTransformer or anything with ``W_U`` and
     ``tokenizer``) supplies the unembedding and the tokenizer; ``tokenizer`` overrides it.
     ``report`` is an eval report dict or the path of its JSON file. Returns ``out_dir``."""

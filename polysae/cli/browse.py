@@ -69,12 +69,12 @@ def viewer_config(args: argparse.Namespace, cls: type):
 
 def open_store(acts: Path, hook: str | None, split: str, device: str, sae=None,
                source: str = ""):
-    """The unshuffled :class:`~polysae.store.ActivationStore` of harvest folder ``acts`` for
+    """The unshuffled :class:`~polysae.data.store.ActivationStore` of harvest folder ``acts`` for
     ``hook`` and ``split`` (also used by ``polysae export --format neuronpedia``). A harvest with
     no held-out shards falls back from ``split="val"`` to all rows, with a warning; any other
     problem is a :class:`~polysae.cli.CLIError` naming ``--acts``, and so is a hook whose width
     is not the d_in of ``sae`` (when given; ``source`` names the SAE in that message)."""
-    from polysae.store import ActivationStore
+    from polysae.data.store import ActivationStore
 
     if not (acts / "manifest.json").is_file():
         raise CLIError(f"--acts {acts}: not a harvest folder (no manifest.json)")
@@ -99,7 +99,7 @@ def load_store_model(store, acts: Path, name: str | None, device: str, hint: str
     mname = name or store.manifest.get("model")
     if not mname:
         raise CLIError(f"--acts {acts}: the manifest names no model; {hint}")
-    from polysae.models import load_model
+    from polysae.data.models import load_model
 
     try:
         return mname, load_model(mname, device=device).model

@@ -17,7 +17,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from polysae.cli import CLIError
-    from polysae.models import list_hooks, load_model
+    from polysae.data.models import list_hooks, load_model
 
     names = list_hooks(load_model(args.model))
     if args.filter:

@@ -26,8 +26,8 @@ SAE_EXCLUDE = ("d_in", "sparsifier", "decoder")
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from polysae.cli.flags import add_config_flags, add_override_flags, field_values
     from polysae.config import SAEConfig
+    from polysae.data.harvesting import HarvestConfig
     from polysae.evaluation import EvalConfig
-    from polysae.harvesting import HarvestConfig
     from polysae.replicate import ReplicateConfig
     from polysae.training import TrainConfig
 
@@ -45,8 +45,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def build_config(args: argparse.Namespace):
     from polysae.cli.flags import config_from_args, overrides_from_args
     from polysae.config import SAEConfig
+    from polysae.data.harvesting import HarvestConfig
     from polysae.evaluation import EvalConfig
-    from polysae.harvesting import HarvestConfig
     from polysae.replicate import ReplicateConfig
     from polysae.training import TrainConfig
 

@@ -42,8 +42,8 @@ ALIASES = {
 
 
 def _nested():
+    from polysae.data.harvesting import HarvestConfig
     from polysae.evaluation import EvalConfig
-    from polysae.harvesting import HarvestConfig
     from polysae.training import TrainConfig
 
     return (("harvest", HarvestConfig, HARVEST_EXCLUDE), ("train", TrainConfig, TRAIN_EXCLUDE),

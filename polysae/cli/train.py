@@ -113,8 +113,8 @@ def _run(args: argparse.Namespace, info, out: Path) -> int:
 
     from polysae import distributed as pdist
     from polysae.config import SAEConfig
+    from polysae.data.store import ActivationStore
     from polysae.sae import SAE
-    from polysae.store import ActivationStore
     from polysae.training import RUN_FILE, TrainConfig, Trainer, TrainingDiverged
 
     if args.resume:
@@ -151,7 +151,7 @@ def _run(args: argparse.Namespace, info, out: Path) -> int:
         cfgs = _sae_configs(args, store.d_in)
     torch.manual_seed(tcfg.seed)
     saes = {n: SAE(c, device=device) for n, c in cfgs.items()}
-    from polysae.actformat import provenance
+    from polysae.data.actformat import provenance
 
     meta = {**provenance(store.manifest), "hook": store.hook, "acts": str(acts),
             "batch_size": batch_size, "split": split}

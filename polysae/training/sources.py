@@ -1,8 +1,8 @@
 """Training data sources: anything with ``batches(epoch=0, start=0)`` yielding [B, d_in] tensors.
 
-:class:`polysae.store.ActivationStore` is one; :class:`TensorSource` serves an in-memory tensor;
-:func:`as_source` wraps a plain iterable (:class:`IterableSource`). Exact resume needs a source
-that replays: ``batches(epoch, start)`` is called with the saved position.
+:class:`polysae.data.store.ActivationStore` is one; :class:`TensorSource` serves an in-memory
+tensor; :func:`as_source` wraps a plain iterable (:class:`IterableSource`). Exact resume needs a
+source that replays: ``batches(epoch, start)`` is called with the saved position.
 """
 
 from __future__ import annotations

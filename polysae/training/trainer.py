@@ -7,7 +7,7 @@ k or ranks), each with its own Adam optimiser, dead-latent counters, checkpoint 
 ``loss.backward()`` -> (all-reduce gradients across ranks) -> global-norm clipping at 1.0 -> Adam
 step -> ``zero_grad`` -> retraction of U (every step by default) -> dead-latent counters.
 
-Inputs: anything with ``batches(epoch=0, start=0)`` (``polysae.store.ActivationStore``,
+Inputs: anything with ``batches(epoch=0, start=0)`` (``polysae.data.store.ActivationStore``,
 :class:`~polysae.training.sources.TensorSource`), or any iterable of [B, d_in] tensors (a live
 model, a generator); see :mod:`polysae.training.sources`.
 

@@ -1,8 +1,11 @@
 """Text -> fixed-length token contexts for harvesting, with a documented BOS policy.
 
+The readers of files and ``hf:`` datasets live in :mod:`polysae.data.sources` (shared with
+:mod:`polysae.data.corpora`); this module picks a source by name and tokenizes it.
+
 Sources (``DatasetSpec.name``):
 
-- ``bbc`` / ``tweets`` / ``fortunes``: the bundled corpora (:mod:`polysae.corpora`);
+- ``bbc`` / ``tweets`` / ``fortunes``: the bundled corpora (:mod:`polysae.data.corpora`);
 - a local ``.txt`` / ``.jsonl`` / ``.csv`` / ``.parquet`` file (``text_column`` picks the column,
   default ``text``; parquet is read in record batches, never whole);
 - a pre-tokenized ``.npy`` integer array: 2-D ``[n, ctx]`` rows are used as contexts unchanged
@@ -39,6 +42,14 @@ from typing import Any, Iterator, NamedTuple
 
 import numpy as np
 import torch
+
+from polysae.data.corpora import CORPORA, load_corpus
+from polysae.data.sources import (
+    HF_PREFIX,
+    LOCAL_TEXT_SUFFIXES,
+    iter_hf_texts,
+    iter_parquet_texts,
+)
 
 BOS_POLICIES = ("chunk", "doc", "none")
 _TOKENIZE_GROUP = 64  # documents per tokenizer call: enough to batch, few enough to stop early
@@ -87,135 +98,6 @@ def special_tokens(tokenizer: Any, kind: str) -> SpecialTokens:
     return SpecialTokens(prefix, suffix, separator, frozenset(ids))
 
 
-def _bundled_corpora() -> tuple[str, ...]:
-    try:
-        from polysae.corpora import CORPORA
-    except ImportError:
-        return ("bbc", "tweets", "fortunes")
-    return tuple(CORPORA)
-
-
-HF_PREFIX = "hf:"
-LOCAL_TEXT_SUFFIXES = (".txt", ".jsonl", ".csv", ".parquet")
-"""Local text files :func:`iter_texts` reads."""
-
-
-class HFDatasetSpec(NamedTuple):
-    """A parsed ``hf:NAME[:config][@split]`` source."""
-
-    name: str
-    """Hub id, local data folder or ``save_to_disk`` folder."""
-    config: str | None
-    """Dataset configuration (subset) name, or None."""
-    split: str
-    """Split to read."""
-
-
-def parse_hf_spec(spec: str, default_split: str = "train") -> HFDatasetSpec:
-    """``hf:NAME[:config][@split]`` (the prefix is optional) -> :class:`HFDatasetSpec`."""
-    body = spec[len(HF_PREFIX):] if spec.startswith(HF_PREFIX) else spec
-    split = default_split
-    if "@" in body and "/" not in body.rsplit("@", 1)[1]:
-        body, split = body.rsplit("@", 1)
-    name, _, config = body.partition(":")
-    if not name or not split or (":" in body and not config):
-        raise ValueError(f"dataset {spec!r}: expected hf:NAME[:config][@split], e.g. "
-                         "hf:wikitext:wikitext-2-raw-v1@validation")
-    return HFDatasetSpec(name, config or None, split)
-
-
-def _saved_to_disk(folder: Path) -> bool:
-    return folder.is_dir() and any((folder / n).is_file() for n in
-                                   ("dataset_dict.json", "state.json", "dataset_info.json"))
-
-
-def open_hf_dataset(spec: str, default_split: str = "train") -> Any:
-    """The streaming (iterable) ``datasets`` dataset that ``hf:NAME[:config][@split]`` names;
-    errors are ``ValueError`` naming the source."""
-    hs = parse_hf_spec(spec, default_split)
-    try:
-        import datasets
-    except ImportError as e:  # pragma: no cover - a declared dependency
-        raise ValueError(f"dataset {spec!r}: the `datasets` package is missing") from e
-    folder = Path(hs.name).expanduser()
-    if _saved_to_disk(folder):
-        try:
-            ds = datasets.load_from_disk(str(folder))
-        except (FileNotFoundError, ValueError) as e:
-            raise ValueError(f"dataset {spec!r}: {folder} looks like a save_to_disk folder but "
-                             f"cannot be read ({type(e).__name__}: {e})") from None
-        if isinstance(ds, datasets.DatasetDict):
-            if hs.split not in ds:
-                raise ValueError(f"dataset {spec!r}: {folder} has no split {hs.split!r} (splits: "
-                                 f"{sorted(ds)}); name one with @split")
-            ds = ds[hs.split]
-        return ds.to_iterable_dataset()
-    try:
-        return datasets.load_dataset(hs.name, hs.config, split=hs.split, streaming=True)
-    except Exception as e:  # noqa: BLE001 - hub/builder errors come in many types; report as one
-        where = "local folder" if folder.is_dir() else "Hugging Face dataset"
-        raise ValueError(f"dataset {spec!r}: cannot stream {where} {hs.name!r}"
-                         f"{f' (config {hs.config!r})' if hs.config else ''} split {hs.split!r} "
-                         f"({type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''})"
-                         ) from None
-
-
-def dataset_columns(ds: Any) -> list[str] | None:
-    """Column names of a Hugging Face dataset (streamed or not); None when it does not say."""
-    names = getattr(ds, "column_names", None)
-    if names is None and getattr(ds, "features", None) is not None:
-        names = list(ds.features)
-    return list(names) if names is not None else None
-
-
-def iter_hf_texts(spec: str, text_column: str | None = None, max_docs: int | None = None,
-                  default_split: str = "train") -> Iterator[str]:
-    """Texts of a streamed ``hf:`` dataset, in its order, read lazily."""
-    ds = open_hf_dataset(spec, default_split)
-    col = text_column or "text"
-    names = dataset_columns(ds)
-    if names is not None and col not in names:
-        raise ValueError(f"dataset {spec!r} has no text column {col!r} (columns: {names}); "
-                         f"pass --text-column")
-    for i, row in enumerate(ds):
-        if max_docs is not None and i >= max_docs:
-            return
-        if col not in row:
-            raise ValueError(f"dataset {spec!r} has no text column {col!r} (columns: "
-                             f"{sorted(row)}); pass --text-column")
-        yield "" if row[col] is None else str(row[col])
-
-
-def open_parquet(path: str | Path, text_column: str):
-    """A local ``.parquet`` file as a ``pyarrow.parquet.ParquetFile`` that has ``text_column``;
-    a ValueError names the file when it is unreadable or lacks the column."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    try:
-        f = pq.ParquetFile(path)
-    except (OSError, pa.ArrowException) as e:
-        raise ValueError(f"{path}: not a readable parquet file ({e})") from None
-    names = list(f.schema_arrow.names)
-    if text_column not in names:
-        raise ValueError(f"{path} has no text column {text_column!r} (columns: {names}); pass "
-                         "text_column= / --text-column")
-    return f
-
-
-def iter_parquet_texts(path: str | Path, text_column: str | None = None,
-                       max_docs: int | None = None, batch_rows: int = 1024) -> Iterator[str]:
-    """Texts of one column of a local ``.parquet`` file, streamed in record batches."""
-    f = open_parquet(Path(path), text_column or "text")
-    n = 0
-    for batch in f.iter_batches(batch_size=batch_rows, columns=[text_column or "text"]):
-        for v in batch.column(0).to_pylist():
-            if max_docs is not None and n >= max_docs:
-                return
-            n += 1
-            yield "" if v is None else str(v)
-
-
 def iter_texts(name: str, *, text_column: str | None = None, max_docs: int | None = None,
                seed: int = 0, split: str = "train") -> Iterator[str]:
     """Document texts of a dataset, in a deterministic order (see the module docstring for the
@@ -229,13 +111,11 @@ def iter_texts(name: str, *, text_column: str | None = None, max_docs: int | Non
         yield from iter_parquet_texts(p, text_column, max_docs)
         return
     local = suffix in (".txt", ".jsonl", ".csv") and p.exists()
-    if name in _bundled_corpora() or local:
-        from polysae.corpora import load_corpus
-
+    if name in CORPORA or local:
         kw = {"text_column": text_column} if text_column else {}
         docs = load_corpus(name, max_docs=max_docs, seed=seed, **kw)
         order = range(len(docs))
-        if name in _bundled_corpora():
+        if name in CORPORA:
             # Bundled corpora come grouped by label (BBC by topic); a seeded document order keeps a
             # small --tokens budget from being all one class. Local files keep their own order.
             order = np.random.default_rng(seed).permutation(len(docs)).tolist()
@@ -250,7 +130,7 @@ def iter_texts(name: str, *, text_column: str | None = None, max_docs: int | Non
         if "cannot stream" not in str(e):
             raise
         raise ValueError(f"dataset {name!r} is not a bundled corpus "
-                         f"({', '.join(_bundled_corpora())}), a local .txt/.jsonl/.csv/.parquet/"
+                         f"({', '.join(CORPORA)}), a local .txt/.jsonl/.csv/.parquet/"
                          f".npy file, or a loadable Hugging Face dataset ({e}); write "
                          "hf:NAME[:config][@split] for a dataset") from None
 

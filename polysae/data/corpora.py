@@ -1,6 +1,6 @@
 """Labelled text corpora that work offline: the bundled BBC News, tweet-sentiment and Debian
 fortunes sets, plus local ``.txt`` / ``.jsonl`` / ``.csv`` / ``.parquet`` files and
-``hf:NAME[:config][@split]`` datasets (:func:`polysae.data.open_hf_dataset`).
+``hf:NAME[:config][@split]`` datasets (:func:`polysae.data.sources.open_hf_dataset`).
 
 ``load_corpus(name)`` returns a list of :class:`Document` (text, label, doc_id) in a deterministic
 order, so harvests and probing splits are reproducible from ``seed`` alone.
@@ -26,6 +26,8 @@ import json
 import random
 from pathlib import Path
 from typing import NamedTuple
+
+from polysae.data.sources import dataset_columns, open_hf_dataset, open_parquet
 
 CORPORA = ("bbc", "tweets", "fortunes")
 
@@ -154,8 +156,6 @@ def _load_csv(path: Path, text_column: str, label_column: str | None) -> list[Do
 
 
 def _load_parquet(path: Path, text_column: str, label_column: str | None) -> list[Document]:
-    from polysae.data import open_parquet
-
     f = open_parquet(path, text_column)
     names = list(f.schema_arrow.names)
     if label_column == "label" and "label" not in names:
@@ -169,10 +169,9 @@ def _load_parquet(path: Path, text_column: str, label_column: str | None) -> lis
 
 
 def _load_hf_spec(spec: str, text_column: str, label_column: str | None) -> list[Document]:
-    """``hf:NAME[:config][@split]``, streamed through :func:`polysae.data.open_hf_dataset`."""
+    """``hf:NAME[:config][@split]``, streamed through
+    :func:`polysae.data.sources.open_hf_dataset`."""
     import datasets
-
-    from polysae.data import dataset_columns, open_hf_dataset
 
     ds = open_hf_dataset(spec)
     names = dataset_columns(ds)

@@ -1,6 +1,6 @@
 """Harvest activations of many hook points in one forward pass, to resumable safetensors shards.
 
-The on-disk layout and manifest are defined in :mod:`polysae.actformat`.
+The on-disk layout and manifest are defined in :mod:`polysae.data.actformat`.
 
 Crash safety: every file is written to a temp name, fsynced and renamed; a shard's entry (with the
 sha256 of its files) is added to ``manifest.json`` only after all its files are in place, and the
@@ -30,7 +30,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from polysae.actformat import (
+from polysae.data.actformat import (
     FORMAT_VERSION,
     MANIFEST,
     STORAGE_DTYPES,
@@ -42,7 +42,7 @@ from polysae.actformat import (
     shard_name,
     write_manifest,
 )
-from polysae.data import BOS_POLICIES
+from polysae.data.chunking import BOS_POLICIES
 from polysae.fileio import atomic_write_bytes
 
 _KILL_ENV = "POLYSAE_HARVEST_TEST_KILL"  # "<shard>:<stage>" -> SIGKILL self there (crash tests)
@@ -62,7 +62,8 @@ class HarvestConfig:
 
     model: str = "smollm2-135m"
     """Model: smollm2-135m (bundled), minilm-l6 (bundled encoder), a TransformerLens model name
-    (needs a hub) or a local Hugging Face model folder (see :func:`polysae.models.load_model`)."""
+    (needs a hub) or a local Hugging Face model folder (see
+    :func:`polysae.data.models.load_model`)."""
     hooks: list[str] = field(default_factory=list)
     """Hook points recorded in one forward (empty: the middle layer's hook_resid_post, i.e.
     ``blocks.<n_layers//2>.hook_resid_post``); list them with ``polysae hooks --model M``."""
@@ -87,7 +88,7 @@ class HarvestConfig:
     """Rows per shard file."""
     bos: str = field(default="chunk", metadata={"choices": BOS_POLICIES})
     """BOS policy: chunk = BOS starts every context; doc = BOS before every document; none (see
-    :mod:`polysae.data`)."""
+    :mod:`polysae.data.chunking`)."""
     exclude_special: bool = False
     """Leave BOS/EOS/PAD/CLS/SEP positions out of the stored rows."""
     text_column: str | None = None
@@ -140,7 +141,7 @@ _IDENTITY = ("model", "hooks", "dataset", "tokens", "ctx", "dtype", "model_dtype
 def harvest(cfg: HarvestConfig, model: Any = None) -> HarvestResult:
     """Run (or resume, or confirm) a harvest. ``model`` may be a preloaded ``LoadedModel`` or a bare
     ``HookedTransformer``; by default ``cfg.model`` is loaded."""
-    from polysae import data, models
+    from polysae.data import chunking, models
     from polysae.device import resolve_device
 
     # (the values themselves were checked by HarvestConfig.__post_init__)
@@ -169,16 +170,16 @@ def harvest(cfg: HarvestConfig, model: Any = None) -> HarvestResult:
             return HarvestResult(out, existing["n_rows"], len(existing["shards"]),
                                  existing["d_in"], 0.0, 0.0)
 
-    chunks = data.build_chunks(cfg.dataset, lm.tokenizer, cfg.ctx,
-                               data.chunks_needed(cfg.tokens, cfg.ctx), kind=lm.kind, bos=cfg.bos,
-                               text_column=cfg.text_column, seed=cfg.seed)
+    chunks = chunking.build_chunks(cfg.dataset, lm.tokenizer, cfg.ctx,
+                                   chunking.chunks_needed(cfg.tokens, cfg.ctx), kind=lm.kind,
+                                   bos=cfg.bos, text_column=cfg.text_column, seed=cfg.seed)
     digest = hashlib.sha256(chunks.tokens.numpy().tobytes()).hexdigest()
     if existing is not None and existing.get("tokens_sha256") != digest:
         # Same flags but different text (an edited file, another tokenizer): resuming would
         # splice two datasets into one harvest.
         raise HarvestError(f"{out} was harvested from different tokens than --dataset "
                            f"{cfg.dataset} gives now (file or tokenizer changed); use a new --out")
-    special = data.special_tokens(lm.tokenizer, lm.kind).all_ids if cfg.exclude_special else ()
+    special = chunking.special_tokens(lm.tokenizer, lm.kind).all_ids if cfg.exclude_special else ()
     if cfg.exclude_special and not special:
         log.warning("--exclude-special: the model has no tokenizer, so no special ids are known")
     special_t = torch.tensor(sorted(special), dtype=torch.int64)
@@ -280,7 +281,7 @@ def _gb(n: float) -> str:
 
 
 def _as_loaded(model: Any, cfg: HarvestConfig):
-    from polysae import models
+    from polysae.data import models
 
     if model is None:
         return models.load_model(cfg.model, device=cfg.device,
@@ -338,10 +339,10 @@ def _progress(cfg: HarvestConfig, total: int, initial: int):
 
 
 def _new_manifest(cfg: HarvestConfig, lm, identity: dict, d_in: dict, chunks) -> dict:
-    from polysae import data
+    from polysae.data import chunking
     from polysae.version import __version__
 
-    sp = data.special_tokens(lm.tokenizer, lm.kind)
+    sp = chunking.special_tokens(lm.tokenizer, lm.kind)
     return new_manifest(
         polysae_version=__version__, torch_version=torch.__version__, config=identity,
         model=lm.name, model_kind=lm.kind, hooks=list(cfg.hooks), d_in=d_in,

@@ -1,7 +1,7 @@
 """The on-disk activation format: layout, constants, and the one manifest reader and writer.
 
-Written by :mod:`polysae.harvesting`, read by :mod:`polysae.store` (and everything that opens a
-harvest folder through it). Layout of a harvest folder ``OUT``::
+Written by :mod:`polysae.data.harvesting`, read by :mod:`polysae.data.store` (and everything that
+opens a harvest folder through it). Layout of a harvest folder ``OUT``::
 
     manifest.json                       # config, hooks, d_in per hook, shard list with sha256
     <hook>/shard_00000.safetensors      # one tensor "acts" [rows, d_in] in the storage dtype

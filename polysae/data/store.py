@@ -33,7 +33,7 @@ from typing import Any, Iterable, Iterator, NamedTuple
 import numpy as np
 import torch
 
-from polysae.actformat import HEADER_DTYPES, MANIFEST, TOKENS_DIR, read_manifest, storage_dtype
+from polysae.data.actformat import HEADER_DTYPES, MANIFEST, TOKENS_DIR, read_manifest, storage_dtype
 
 log = logging.getLogger(__name__)
 
@@ -319,17 +319,18 @@ class ActivationStore:
 class LiveActivations:
     """The same kind of batches as :class:`ActivationStore`, computed from a model on the fly.
 
-    ``token_batches`` yields ``[b, ctx]`` int token tensors (e.g. ``data.build_chunks(...).tokens
-    .split(32)``). Rows go into a buffer of ``buffer_rows``; when it is full it is permuted and
-    served as batches, the remainder (< ``batch_size``) carried over, so every row is served
-    exactly once per pass. ``exclude_ids`` drops positions holding those token ids (BOS etc.).
+    ``token_batches`` yields ``[b, ctx]`` int token tensors (e.g.
+    ``chunking.build_chunks(...).tokens.split(32)``). Rows go into a buffer of ``buffer_rows``;
+    when it is full it is permuted and served as batches, the remainder (< ``batch_size``) carried
+    over, so every row is served exactly once per pass. ``exclude_ids`` drops positions holding
+    those token ids (BOS etc.).
     """
 
     def __init__(self, model: Any, hook: str, token_batches: Iterable[torch.Tensor], *,
                  batch_size: int = 4096, device: str | torch.device = "cpu",
                  dtype: torch.dtype = torch.float32, shuffle: bool = True, seed: int = 0,
                  buffer_rows: int = 65_536, exclude_ids: Iterable[int] = ()):
-        from polysae import models
+        from polysae.data import models
 
         models.check_hooks(model, [hook])
         self.model, self.hook, self.token_batches = model, hook, token_batches
@@ -345,7 +346,7 @@ class LiveActivations:
         return p.device if p is not None else torch.device("cpu")
 
     def __iter__(self) -> Iterator[torch.Tensor]:
-        from polysae import models
+        from polysae.data import models
 
         buf: list[torch.Tensor] = []
         held = 0
