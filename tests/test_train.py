@@ -23,8 +23,8 @@ import torch
 
 import polysae
 from polysae import SAE, SAEConfig
-from polysae.schedule import lr_at
 from polysae.training import TensorSource, TrainConfig, Trainer, TrainingDiverged, train
+from polysae.training.schedule import lr_at
 
 
 @pytest.fixture(autouse=True)

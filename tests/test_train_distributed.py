@@ -6,7 +6,8 @@ every global batch of 64 rows (``TensorSource(rank=, world_size=2)``); one proce
 whole 64-row batch. Both train a TopK vanilla SAE and a TopK PolySAE for 25 steps with AuxK
 active (dead window 3), so gradients, clipping, the retraction and the dead-latent counters must
 all agree. Each rank trains through ``torch.nn.parallel.DistributedDataParallel``
-(``polysae.distributed.wrap``); tests/test_torchrun.py does the same through torchrun and the CLI.
+(``polysae.training.distributed.wrap``); tests/test_torchrun.py does the same through torchrun and
+the CLI.
 
 Tolerance: the only difference is float32 reassociation (per-rank mean losses averaged by an
 all-reduce instead of one mean over 64 rows), so parameters must agree to rtol 1e-5 / atol 1e-5
@@ -32,7 +33,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import polysae
 from polysae import SAE, SAEConfig
-from polysae import distributed as pdist
+from polysae.training import distributed as pdist
 from polysae.training import TensorSource, TrainConfig, Trainer, TrainingDiverged
 
 STEPS, GLOBAL_BATCH = 25, 64

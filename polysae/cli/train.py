@@ -82,7 +82,7 @@ def _names(decoders: list[str], ks: list[int]) -> list[tuple[str, str, int]]:
 def main(args: argparse.Namespace) -> int:
     import torch
 
-    from polysae import distributed as pdist
+    from polysae.training import distributed as pdist
 
     out = Path(args.out)
     info = pdist.init_from_env()
@@ -111,10 +111,10 @@ def _read_run(run_file: Path) -> tuple[dict | None, str | None]:
 def _run(args: argparse.Namespace, info, out: Path) -> int:
     import torch
 
-    from polysae import distributed as pdist
     from polysae.config import SAEConfig
     from polysae.data.store import ActivationStore
     from polysae.sae import SAE
+    from polysae.training import distributed as pdist
     from polysae.training import RUN_FILE, TrainConfig, Trainer, TrainingDiverged
 
     if args.resume:

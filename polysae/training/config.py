@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from polysae.config import known_fields
-from polysae.schedule import SCHEDULES
+from polysae.training.schedule import SCHEDULES
 
 LOGGERS = ("wandb", "tensorboard")
 """Optional metric loggers (``TrainConfig.log_to``)."""

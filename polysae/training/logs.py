@@ -11,9 +11,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from polysae import distributed as pdist
 from polysae.fileio import atomic_write_text
 from polysae.sae import SAE, LossOutput
+from polysae.training import distributed as pdist
 from polysae.training.config import TrainConfig
 
 METRICS_FILE = "metrics.jsonl"

@@ -35,10 +35,9 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from polysae import distributed as pdist
 from polysae.config import SAEConfig
 from polysae.sae import SAE, LossOutput
-from polysae.schedule import lr_at
+from polysae.training import distributed as pdist
 from polysae.training.config import TrainConfig
 from polysae.training.logs import (
     METRICS_FILE,
@@ -47,6 +46,7 @@ from polysae.training.logs import (
     truncate_metrics,
     write_run_file,
 )
+from polysae.training.schedule import lr_at
 from polysae.training.sources import as_source
 from polysae.training.state import (
     STATE_FORMAT,
@@ -106,8 +106,8 @@ class Trainer:
     ``out_dir`` itself) or a mapping name -> SAE (one sub-folder per name). ``metadata`` goes
     into every saved config.json (e.g. ``{"model": ..., "hook": ..., "acts": ...}``).
 
-    Distributed use: call :func:`polysae.distributed.init_from_env` first and give each rank its
-    disjoint shard of the data; rank 0 writes checkpoints and logs, every rank resumes."""
+    Distributed use: call :func:`polysae.training.distributed.init_from_env` first and give each
+    rank its disjoint shard of the data; rank 0 writes checkpoints and logs, every rank resumes."""
 
     def __init__(self, saes: SAE | Mapping[str, SAE], cfg: TrainConfig | None = None,
                  out_dir: str | os.PathLike | None = None, *,
