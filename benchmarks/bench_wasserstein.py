@@ -1,4 +1,4 @@
-"""Batched W1 (polysae.wasserstein) vs the paper's per-latent scipy loop.
+"""Batched W1 (polysae.evaluation.wasserstein) vs the paper's per-latent scipy loop.
 
 Workloads: one probe task's pooled codes, n texts per side and F latents (default 16,384, the
 paper's GPT-2 width):
@@ -36,8 +36,8 @@ import scipy
 import torch
 from scipy.stats import wasserstein_distance
 
+from polysae.evaluation.wasserstein import wasserstein_1d
 from polysae.fileio import atomic_write_text
-from polysae.wasserstein import wasserstein_1d
 
 
 def _timed(fn):

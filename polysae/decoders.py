@@ -226,7 +226,7 @@ class PolyDecoder(nn.Module):
     def pair_factors(self) -> PairFactors:
         """The factors of every pairwise atom at once, ``B_ij = C2 (u[i] * v[j])`` (views of the
         parameters, not copies): for computations over all pairs that must not build the
-        F x F x D tensor of atoms (e.g. :func:`polysae.interactions.pair_candidates`)."""
+        F x F x D tensor of atoms (e.g. :func:`polysae.evaluation.interactions.pair_candidates`)."""
         if self.C2 is None:
             raise ValueError("order < 2: this decoder has no pairwise atoms")
         r2 = self.C2.shape[1]

@@ -17,10 +17,10 @@ head weights) are present and empty.
 The statistics come from the feature browser's one streaming pass
 (:func:`polysae.browser.stats.stream_stats`, summarised by
 :func:`~polysae.browser.stats.feature_summary`); interaction pairs are the ``n_pairs`` co-active
-pairs with the largest |lambda2| * ||B_ij|| (:func:`polysae.interactions.top_pairs`, counted
-exactly by :func:`polysae.interactions.cooccurrence` in a first pass), and their contexts are
-collected in the same pass as the features'. The folder is written under a temporary name and
-renamed into place.
+pairs with the largest |lambda2| * ||B_ij|| (:func:`polysae.evaluation.interactions.top_pairs`,
+counted exactly by :func:`polysae.evaluation.interactions.cooccurrence` in a first pass), and their
+contexts are collected in the same pass as the features'. The folder is written under a temporary
+name and renamed into place.
 """
 
 from __future__ import annotations
@@ -49,8 +49,13 @@ from polysae.browser.stats import (
     stream_stats,
 )
 from polysae.browser.text import TokenText, context_windows
+from polysae.evaluation.interactions import (
+    PairCandidates,
+    cooccurrence,
+    interaction_atoms,
+    top_pairs,
+)
 from polysae.fileio import atomic_write_text, replace_folder
-from polysae.interactions import PairCandidates, cooccurrence, interaction_atoms, top_pairs
 
 log = logging.getLogger(__name__)
 

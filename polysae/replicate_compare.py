@@ -184,7 +184,7 @@ def w1_scale_reading(block: dict[str, Any]) -> dict[str, Any] | None:
 STEERING_NUMBERS = ("report_mean_log2_rank", "report_frac_improved", "concept_wins",
                     "alpha_scale")
 """Per-(SAE, mode) steering numbers carried over seeds (reported cases, alpha chosen on the
-selection cases; see :func:`polysae.steering.steering_eval`)."""
+selection cases; see :func:`polysae.evaluation.steering.steering_eval`)."""
 
 
 def steering_summary(cells: list[CellResult], cfg: ReplicateConfig) -> dict[str, Any] | None:

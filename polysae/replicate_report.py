@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from polysae.report import markdown_table
+from polysae.evaluation.report import markdown_table
 
 MAIN_COLUMNS = ("mse_saebench", "fvu", "ce_recovered", "l0", "dead_fraction", "f1_k1", "f1_k2",
                 "f1_k5", "w1", "w1_std")

@@ -15,7 +15,7 @@ from chartok import CharTok
 
 from polysae import SAE, SAEConfig
 from polysae.evaluation import EvalConfig, evaluate
-from polysae.report import write_report
+from polysae.evaluation.report import write_report
 
 HOOK = "blocks.0.hook_resid_post"
 
@@ -65,7 +65,7 @@ def test_evaluate_api_on_tiny_model(tiny, tmp_path, capsys):
     assert not list((tmp_path / "ev").glob(".*tmp"))
     _check_documented_keys(on_disk)
     # Every metric row of the report's tables has a definition printed under "## Definitions".
-    from polysae.report import DEFINITIONS
+    from polysae.evaluation.report import DEFINITIONS
 
     defs = md.split("## Definitions")[1]
     for section in ("## Reconstruction", "## Interactions"):
@@ -184,7 +184,7 @@ def test_evaluate_with_activation_store(tiny, tmp_path):
 
     from polysae.data.harvesting import HarvestConfig, harvest
     from polysae.data.store import ActivationStore
-    from polysae.reconstruction import reconstruction_stats
+    from polysae.evaluation.reconstruction import reconstruction_stats
 
     npy = tmp_path / "tok.npy"
     np.save(npy, np.random.default_rng(0).integers(3, 64, size=(40, 16)))

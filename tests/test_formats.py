@@ -18,8 +18,8 @@ from safetensors.torch import load_file, save_file
 import polysae
 from polysae import SAE, SAEConfig
 from polysae.__main__ import main as cli_main
+from polysae.evaluation.saebench import LINEAR_DECODER_METRICS, SAEBenchSAE
 from polysae.formats import detect_format, export, read_checkpoint
-from polysae.saebench import LINEAR_DECODER_METRICS, SAEBenchSAE
 
 D, FL, K = 12, 40, 5
 ATOL = 1e-5

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from polysae import SAE, SAEConfig
-from polysae.interactions import (
+from polysae.evaluation.interactions import (
     cooccurrence,
     correlations,
     interaction_atoms,

@@ -82,12 +82,12 @@ def test_the_private_name_checker_catches_what_it_should():
     src = ("from polysae.sae import _pack, SAE\nimport polysae.data.store as st\n"
            "from polysae import decoders\nst._to_torch(1)\ndecoders.PolyDecoder\n"
            "SAE._flatten\nself_like = 1\n")
-    found = cross_module_private_uses("polysae.report", src)
+    found = cross_module_private_uses("polysae.evaluation.report", src)
     assert found == ["line 1: from polysae.sae import _pack", "line 4: st._to_torch",
                      "line 6: SAE._flatten"]
     # a module may use its own private names, and NamedTuple's _asdict is not ours to police
     assert cross_module_private_uses("polysae.sae", "from polysae.sae import _pack\n") == []
-    assert cross_module_private_uses("polysae.report", "x = y._asdict()\n") == []
+    assert cross_module_private_uses("polysae.evaluation.report", "x = y._asdict()\n") == []
 
 
 @pytest.mark.parametrize("module", sorted(MODULES))

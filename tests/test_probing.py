@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from polysae.probing import (
+from polysae.evaluation.probing import (
     PooledText,
     aggregate,
     make_split,
@@ -17,7 +17,7 @@ from polysae.probing import (
     probe_dataset,
     top_k_mean_diff,
 )
-from polysae.wasserstein import wasserstein_1d
+from polysae.evaluation.wasserstein import wasserstein_1d
 
 
 def _data(gen, n_per=60, classes=("a", "b", "c"), F=50, planted=True):

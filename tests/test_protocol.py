@@ -71,7 +71,7 @@ def _w1_reference(feats: np.ndarray, labels: list[str], split, seed: int) -> flo
     """The paper's per-dataset W1 written directly: for each one-vs-rest task on the train split
     (balanced negatives), scipy's W1 per latent between positives and negatives, mean over all
     latents, then the median over classes."""
-    from polysae.probing import make_tasks
+    from polysae.evaluation.probing import make_tasks
 
     per_class = []
     for t in make_tasks(labels, split, seed=seed):
@@ -83,7 +83,7 @@ def _w1_reference(feats: np.ndarray, labels: list[str], split, seed: int) -> flo
 
 
 def test_w1_follows_the_papers_definition():
-    from polysae.probing import aggregate, make_split, probe_dataset
+    from polysae.evaluation.probing import aggregate, make_split, probe_dataset
 
     rng = np.random.default_rng(0)
     per = {}
@@ -111,7 +111,7 @@ def test_w1_follows_the_papers_definition():
 def test_interaction_rs_follow_their_definitions():
     """r(strength, N), r(strength, log N), r(cov, N), r(cov, log N) from numpy formulas on the
     dense codes and the raw decoder parameters."""
-    from polysae import interactions as inter
+    from polysae.evaluation import interactions as inter
 
     torch.manual_seed(0)
     sae = SAE(SAEConfig(d_in=12, d_sae=40, k=5, decoder="poly", ranks=(12, 6, 4))).eval()
@@ -161,7 +161,7 @@ def test_decode_terms_sum_to_the_dense_decode(shared, order):
 
 @pytest.mark.parametrize("decoder", ["linear", "poly"])
 def test_code_scale_matches_dense_formulas(decoder):
-    from polysae.reconstruction import reconstruction_stats
+    from polysae.evaluation.reconstruction import reconstruction_stats
 
     torch.manual_seed(2)
     sae = SAE(SAEConfig(d_in=12, d_sae=48, k=6, decoder=decoder, ranks=(12, 5, 5))).eval()

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from polysae import SAE, SAEConfig
-from polysae.reconstruction import (
+from polysae.evaluation.reconstruction import (
     ce_recovered,
     ce_recovered_many,
     density_histogram,

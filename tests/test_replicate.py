@@ -210,10 +210,10 @@ def test_cli_flags_build_the_config():
 def test_steering_over_seeds_from_summaries(tmp_path):
     """The steering block of replicate: per-seed numbers of each SAE/mode and the paired
     difference of PolySAE's modes against vanilla linear steering, from real summaries built by
-    polysae.steering.summarise on synthetic ranks."""
+    polysae.evaluation.steering.summarise on synthetic ranks."""
+    from polysae.evaluation.steering import summarise
     from polysae.replicate import CellResult
     from polysae.replicate_compare import steering_summary
-    from polysae.steering import summarise
 
     rng = np.random.default_rng(0)
     roles = ["report", "select", "select", "report", "report"]

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from polysae import SAE, SAEConfig
-from polysae.steering import hook_norm, steer_ranks, target_rank, word_latent
+from polysae.evaluation.steering import hook_norm, steer_ranks, target_rank, word_latent
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +56,7 @@ def test_word_latent_and_norm(tiny_model, gen):
 
 
 def test_load_concepts(tmp_path):
-    from polysae.steering import Concept, load_concepts
+    from polysae.evaluation.steering import Concept, load_concepts
 
     rows = [{"name": "canada x oil", "word_i": " Canada", "word_j": " oil",
              "target": " Keystone", "prompt": "The pipeline is called the"},
@@ -85,7 +85,7 @@ def test_steering_eval_on_smollm2_vs_independent_forwards():
     import math
 
     from polysae.data import models
-    from polysae.steering import Concept, steering_eval
+    from polysae.evaluation.steering import Concept, steering_eval
 
     lm = models.load_model("smollm2-135m")
     m = lm.model
@@ -209,7 +209,7 @@ def _closed_form_dirs(sae, i, j):
 
 
 def test_steering_directions_closed_form():
-    from polysae.steering import MODES, sae_modes, steering_directions
+    from polysae.evaluation.steering import MODES, sae_modes, steering_directions
 
     poly = _poly(dtype="float32")
     torch.manual_seed(1)
@@ -234,7 +234,7 @@ def _char_tokens(model, text, bos):
 
 
 def _concepts():
-    from polysae.steering import Concept
+    from polysae.evaluation.steering import Concept
 
     return (Concept("ab x cd", " ab", " cd", " q", "a pipe is the"),
             Concept("ef x gh", " ef", " gh", "z", "we bought it at"),
@@ -250,8 +250,8 @@ def test_steering_eval_modes_ranks_and_held_out_summary(tiny_model, monkeypatch)
     are recomputed on the other prompts only; vanilla SAEs have only the linear mode."""
     import math
 
-    from polysae import steering
-    from polysae.report import render_markdown
+    from polysae.evaluation import steering
+    from polysae.evaluation.report import render_markdown
 
     monkeypatch.setattr(steering, "_tokens", _char_tokens)
     poly = _poly(dtype="float32")
@@ -349,7 +349,7 @@ def test_alpha_is_chosen_on_selection_prompts_only(tiny_model, monkeypatch):
     (kept apart as optimistic) must differ."""
     import math
 
-    from polysae import steering
+    from polysae.evaluation import steering
 
     monkeypatch.setattr(steering, "_tokens", _char_tokens)
     n_sel = 2
@@ -397,7 +397,7 @@ def test_alpha_is_chosen_on_selection_prompts_only(tiny_model, monkeypatch):
 
 
 def test_steering_eval_rejects_bad_split(tiny_model, monkeypatch):
-    from polysae import steering
+    from polysae.evaluation import steering
 
     monkeypatch.setattr(steering, "_tokens", _char_tokens)
     saes = {"v": SAE(SAEConfig(d_in=16, d_sae=24, k=3, decoder="linear")).eval()}

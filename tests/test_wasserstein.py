@@ -7,7 +7,7 @@ import pytest
 import torch
 from scipy.stats import wasserstein_distance
 
-from polysae.wasserstein import _w1, separation, wasserstein_1d
+from polysae.evaluation.wasserstein import _w1, separation, wasserstein_1d
 
 
 @pytest.mark.parametrize("use_numpy", [None, False])

@@ -12,9 +12,9 @@ the site usable straight from disk (no server), while a CSP ``default-src 'self'
 any request from leaving the machine.
 
 Candidate pairs are chosen *before* the pass by interaction strength |lambda2| * ||B_ij|| over
-all i < j (:func:`polysae.interactions.pair_candidates`, computed blockwise through the decoder's
-factors, never the F x F x D tensor), and the site shows the strongest among those that are
-actually co-active.
+all i < j (:func:`polysae.evaluation.interactions.pair_candidates`, computed blockwise through the
+decoder's factors, never the F x F x D tensor), and the site shows the strongest among those that
+are actually co-active.
 
 Modules: :mod:`~polysae.browser.stats` (``StatsConfig`` and the one streaming pass: per-latent
 counts, histograms, top contexts, pair co-activation), :mod:`~polysae.browser.text` (token text
@@ -43,7 +43,7 @@ from polysae.browser.stats import (
     stream_stats,
 )
 from polysae.browser.text import TokenText, context_windows, peak_strings
-from polysae.interactions import PairCandidates, pair_candidates
+from polysae.evaluation.interactions import PairCandidates, pair_candidates
 
 __all__ = [
     "ASSETS", "SITE_MARKER", "BrowseConfig", "FeatureSummary", "PairCandidates", "StatsConfig",

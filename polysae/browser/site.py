@@ -28,8 +28,8 @@ from polysae.browser.stats import (
     stream_stats,
 )
 from polysae.browser.text import TokenText, context_windows, peak_strings
+from polysae.evaluation.interactions import interaction_atoms, pair_candidates
 from polysae.fileio import atomic_write_text, replace_folder
-from polysae.interactions import interaction_atoms, pair_candidates
 
 log = logging.getLogger(__name__)
 

@@ -4,8 +4,9 @@ Neuronpedia export) makes over held-out activations.
 One pass over the rows computes, per latent: firing count (density), sum of activations (mean),
 a histogram over fixed log10 bins (the range is unknown before the pass, a log grid covers every
 scale), and a running top-T of (activation, row) with the activation of that latent on the context
-window around each row. Per candidate pair (:func:`polysae.interactions.pair_candidates`) it counts
-co-activation and keeps a running top-T of rows by z_i * z_j.
+window around each row. Per candidate pair
+(:func:`polysae.evaluation.interactions.pair_candidates`) it counts co-activation and keeps a
+running top-T of rows by z_i * z_j.
 
 Running top-T (:class:`TopPool`): per chunk, candidates above the slot's current T-th value are
 capped to T per slot (two stable sorts), padded to [U, T], concatenated with the pool rows of the
@@ -22,7 +23,7 @@ from typing import Any, Callable, NamedTuple
 import torch
 from torch import Tensor
 
-from polysae.interactions import PairCandidates
+from polysae.evaluation.interactions import PairCandidates
 
 
 @dataclass

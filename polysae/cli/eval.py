@@ -72,7 +72,7 @@ def main(args: argparse.Namespace) -> int:
     if args.acts and not (Path(args.acts) / "manifest.json").is_file():
         raise CLIError(f"--acts {args.acts}: not a harvest folder (no manifest.json)")
     if cfg.concepts:
-        from polysae.steering import load_concepts
+        from polysae.evaluation.steering import load_concepts
 
         try:
             load_concepts(cfg.concepts)   # fail before any model is loaded

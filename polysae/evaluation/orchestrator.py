@@ -5,9 +5,10 @@ steering for one or more SAEs on the same model, hook and data, plus the report.
     metrics = evaluate({"vanilla": "runs/x/vanilla", "poly": "runs/x/poly"}, out="eval/x")
 
 Every SAE sees exactly the same held-out tokens, probing texts and steering prompts; model
-activations are computed once and shared. Stages and their definitions live in
-:mod:`polysae.reconstruction`, :mod:`polysae.probing`, :mod:`polysae.wasserstein`,
-:mod:`polysae.interactions` and :mod:`polysae.steering`; :mod:`polysae.report` writes the files.
+activations are computed once and shared. Stages and their definitions live in the sibling
+modules :mod:`~polysae.evaluation.reconstruction`, :mod:`~polysae.evaluation.probing`,
+:mod:`~polysae.evaluation.wasserstein`, :mod:`~polysae.evaluation.interactions` and
+:mod:`~polysae.evaluation.steering`; :mod:`~polysae.evaluation.report` writes the files.
 """
 
 from __future__ import annotations
@@ -74,7 +75,8 @@ class EvalConfig:
     """Steering strengths as multiples of the median hook-activation norm."""
     concepts: str | None = None
     """Steering concepts ``.jsonl`` (fields name, word_i, word_j, target, prompt; see
-    :func:`polysae.steering.load_concepts`); default: the paper's five published examples."""
+    :func:`polysae.evaluation.steering.load_concepts`); default: the paper's five published
+    examples."""
     saebench_batch_tokens: int = 2048
     """Batch size in tokens behind SAEBench's MSE normalisation (16 prompts x 128)."""
     dense_threshold: float = 0.1
@@ -330,8 +332,12 @@ def evaluate(saes: Any, *, model: Any = None, hook: str | None = None, acts: str
     to_string = (lambda t: tokenizer.decode(t.tolist())) if tokenizer is not None else (
         lambda t: " ".join(str(int(v)) for v in t))
 
-    from polysae import interactions as inter
-    from polysae.reconstruction import ce_recovered_many, reconstruction_stats, stats_dict
+    from polysae.evaluation import interactions as inter
+    from polysae.evaluation.reconstruction import (
+        ce_recovered_many,
+        reconstruction_stats,
+        stats_dict,
+    )
 
     ces: dict[str, Any] = {}
     if ce_tokens is not None and cfg.ce_contexts > 0:
@@ -387,7 +393,7 @@ def evaluate(saes: Any, *, model: Any = None, hook: str | None = None, acts: str
 
     # -- steering -----------------------------------------------------------------------------
     if cfg.steering and tokenizer is not None:
-        from polysae.steering import DEFAULT_CONCEPTS, load_concepts, steering_eval
+        from polysae.evaluation.steering import DEFAULT_CONCEPTS, load_concepts, steering_eval
 
         concepts = DEFAULT_CONCEPTS if cfg.concepts is None else load_concepts(cfg.concepts)
         print("[eval] steering", file=sys.stderr)
@@ -399,7 +405,7 @@ def evaluate(saes: Any, *, model: Any = None, hook: str | None = None, acts: str
     result["timings_s"] = timings
 
     if out is not None:
-        from polysae.report import write_report
+        from polysae.evaluation.report import write_report
 
         write_report(result, out, plots)
     return result
@@ -407,7 +413,7 @@ def evaluate(saes: Any, *, model: Any = None, hook: str | None = None, acts: str
 
 def _probing(models, model, tokenizer, hook, cfg, specials, result) -> None:
     from polysae.data.corpora import load_corpus
-    from polysae.probing import (
+    from polysae.evaluation.probing import (
         aggregate,
         collect_text_acts,
         make_split,

@@ -17,9 +17,9 @@ Pipeline per labelled dataset:
 4. **k-sparse probe** (:func:`probe_f1`): rank features by ``|mean_pos - mean_neg|`` on the train
    set, keep the top k, fit sklearn ``LogisticRegression`` (L2, C=1, lbfgs, max_iter=1000) on those
    k only, report binary F1 on the test set.
-5. **W1** (:func:`polysae.wasserstein.separation`): on the train task, exact W1 between positive
-   and negative pooled values for *every* feature, averaged over features (dead ones count 0),
-   plus two scale-normalised variants.
+5. **W1** (:func:`polysae.evaluation.wasserstein.separation`): on the train task, exact W1
+   between positive and negative pooled values for *every* feature, averaged over features (dead
+   ones count 0), plus two scale-normalised variants.
 6. **Aggregation**: F1 macro over classes per dataset, then mean over datasets; W1 median over
    classes per dataset, then median over datasets.
 """
@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from polysae.wasserstein import separation
+from polysae.evaluation.wasserstein import separation
 
 
 class Split(NamedTuple):
