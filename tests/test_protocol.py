@@ -12,8 +12,8 @@ import torch
 from scipy import stats
 
 from polysae import SAE, SAEConfig
-from polysae.codescale import code_scale
-from polysae.paired import bootstrap_interval, paired_diff, summarize, t_interval
+from polysae.replicate.codescale import code_scale
+from polysae.replicate.paired import bootstrap_interval, paired_diff, summarize, t_interval
 
 
 # -- paired statistics --------------------------------------------------------------------------

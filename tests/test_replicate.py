@@ -212,8 +212,8 @@ def test_steering_over_seeds_from_summaries(tmp_path):
     difference of PolySAE's modes against vanilla linear steering, from real summaries built by
     polysae.evaluation.steering.summarise on synthetic ranks."""
     from polysae.evaluation.steering import summarise
-    from polysae.replicate import CellResult
-    from polysae.replicate_compare import steering_summary
+    from polysae.replicate.compare import steering_summary
+    from polysae.replicate.config import CellResult
 
     rng = np.random.default_rng(0)
     roles = ["report", "select", "select", "report", "report"]
@@ -253,7 +253,7 @@ def test_protocol_table_names_the_batchtopk_evaluation_the_run_used():
     import json
     from pathlib import Path
 
-    from polysae.replicate_report import render_markdown
+    from polysae.replicate.report import render_markdown
 
     table = json.loads((Path(__file__).resolve().parents[1] / "benchmarks" / "results"
                         / "replicate_cpu.json").read_text())

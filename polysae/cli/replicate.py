@@ -1,6 +1,6 @@
 """``polysae replicate``: vanilla vs PolySAE for each sparsifier over N seeds on one activation
-store, with paired confidence intervals (:mod:`polysae.replicate`). Flags are generated from
-:class:`polysae.replicate.ReplicateConfig` and its nested configs (``--train.lr``,
+store, with paired confidence intervals (:mod:`polysae.replicate.run`). Flags are generated from
+:class:`polysae.replicate.config.ReplicateConfig` and its nested configs (``--train.lr``,
 ``--eval.probe-train-per-class``, ``--sae.d-sae``, ``--harvest.tokens`` ...).
 
 Examples::
@@ -28,7 +28,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from polysae.config import SAEConfig
     from polysae.data.harvesting import HarvestConfig
     from polysae.evaluation import EvalConfig
-    from polysae.replicate import ReplicateConfig
+    from polysae.replicate.config import ReplicateConfig
     from polysae.training import TrainConfig
 
     d = ReplicateConfig()
@@ -47,7 +47,7 @@ def build_config(args: argparse.Namespace):
     from polysae.config import SAEConfig
     from polysae.data.harvesting import HarvestConfig
     from polysae.evaluation import EvalConfig
-    from polysae.replicate import ReplicateConfig
+    from polysae.replicate.config import ReplicateConfig
     from polysae.training import TrainConfig
 
     d = ReplicateConfig()
@@ -60,7 +60,7 @@ def build_config(args: argparse.Namespace):
 
 
 def main(args: argparse.Namespace) -> int:
-    from polysae.replicate import replicate
+    from polysae.replicate.run import replicate
 
     cfg = build_config(args)
     res = replicate(cfg)

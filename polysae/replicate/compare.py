@@ -2,23 +2,21 @@
 
 For each sparsifier, each :class:`Metric` is read from the vanilla and the PolySAE metrics.json
 of every seed; :func:`compare` gives mean ± std per decoder and the paired poly − vanilla
-difference over seeds (:mod:`polysae.paired`), plus the interaction contrast, a steering summary
-and a reading of the W1 difference against the code scale. The result is ``replicate.json``.
+difference over seeds (:mod:`polysae.replicate.paired`), plus the interaction contrast, a steering
+summary and a reading of the W1 difference against the code scale. The result is ``replicate.json``.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import math
-from typing import TYPE_CHECKING, Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import torch
 
 from polysae.evaluation import jsonable
-from polysae.paired import paired_diff, summarize
-
-if TYPE_CHECKING:
-    from polysae.replicate import CellResult, ReplicateConfig
+from polysae.replicate.config import CellResult, ReplicateConfig
+from polysae.replicate.paired import paired_diff, summarize
 
 DECODERS = ("vanilla", "poly")
 """The two SAEs of every cell."""

@@ -1,5 +1,5 @@
 """``replicate.md`` and ``paired_f1.png`` from a ``replicate.json`` table (see
-:mod:`polysae.replicate`)."""
+:mod:`polysae.replicate.run`)."""
 
 from __future__ import annotations
 
