@@ -32,7 +32,7 @@ from polysae.cli.flags import config_from_args, field_docs, flag_name, overrides
 from polysae.config import SPARSIFIERS, SAEConfig
 from polysae.data.harvesting import HarvestConfig, HarvestError
 from polysae.evaluation import EvalConfig
-from polysae.neuronpedia import NeuronpediaConfig
+from polysae.formats.neuronpedia import NeuronpediaConfig
 from polysae.pipeline import RunConfig, stage_configs
 from polysae.replicate import ReplicateConfig
 from polysae.training import TrainConfig

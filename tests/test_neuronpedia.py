@@ -1,5 +1,5 @@
-"""Neuronpedia export (polysae.neuronpedia, ``polysae export --format neuronpedia``) over a tiny
-random HookedTransformer's harvested activations: top activations against a brute-force top-k
+"""Neuronpedia export (polysae.formats.neuronpedia, ``polysae export --format neuronpedia``) over a
+tiny random HookedTransformer's harvested activations: top activations against a brute-force top-k
 of the dense codes, densities against numpy, logit effects against the dense atom @ W_U,
 interaction pairs against co-occurrence counted from the dense codes and ||C2 (u_i * u_j)||
 computed in numpy, the token text against the tokenizer's own decode, and the JSON keys."""
@@ -16,7 +16,7 @@ import torch
 from polysae import SAE, SAEConfig
 from polysae.__main__ import main as cli_main
 from polysae.browser import StatsConfig
-from polysae.neuronpedia import (
+from polysae.formats.neuronpedia import (
     ACTIVATION_KEYS,
     FEATURE_KEYS,
     NeuronpediaConfig,
@@ -226,7 +226,7 @@ def test_logit_effects_and_prompt_count_vs_numpy(gen):
 
 
 def test_linear_sae_and_bad_inputs(harvested, tmp_path):
-    from polysae.neuronpedia import export_neuronpedia_from_rows
+    from polysae.formats.neuronpedia import export_neuronpedia_from_rows
     from polysae.sae import load_checkpoint
 
     model, tok, acts, _, vanilla = harvested

@@ -31,7 +31,7 @@ class StatsConfig:
     """The per-latent statistics a viewer collects and shows: the settings of the one pass
     (:func:`stream_stats`) and of the logit step, shared by the feature browser
     (:attr:`polysae.browser.BrowseConfig.stats`) and the Neuronpedia export
-    (:attr:`polysae.neuronpedia.NeuronpediaConfig.stats`)."""
+    (:attr:`polysae.formats.neuronpedia.NeuronpediaConfig.stats`)."""
 
     n_contexts: int = 20
     """Top-activating contexts (token windows) kept per latent."""

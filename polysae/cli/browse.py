@@ -55,7 +55,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def viewer_config(args: argparse.Namespace, cls: type):
     """A viewer's config ``cls`` (:class:`~polysae.browser.BrowseConfig` here,
-    :class:`~polysae.neuronpedia.NeuronpediaConfig` for ``polysae export``) from the parsed
+    :class:`~polysae.formats.neuronpedia.NeuronpediaConfig` for ``polysae export``) from the parsed
     flags, its ``stats`` from the :class:`~polysae.browser.StatsConfig` flags; a rejected value
     is a CLIError naming the flag the user typed."""
     from polysae.browser import StatsConfig

@@ -24,7 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from polysae.browser import StatsConfig
     from polysae.cli.flags import add_config_flags, field_values
     from polysae.formats import EXPORT_FORMATS
-    from polysae.neuronpedia import NeuronpediaConfig
+    from polysae.formats.neuronpedia import NeuronpediaConfig
 
     parser.add_argument("source", help="checkpoint folder, registry name, hf:// source or URL")
     parser.add_argument("out", help="output folder (created; existing files of the format are "
@@ -102,8 +102,8 @@ def _neuronpedia(args: argparse.Namespace, out_dir) -> int:
 
     from polysae.cli import CLIError
     from polysae.cli.browse import load_store_model, open_store, viewer_config
+    from polysae.formats.neuronpedia import NeuronpediaConfig, export_neuronpedia
     from polysae.loader import load_with_metadata
-    from polysae.neuronpedia import NeuronpediaConfig, export_neuronpedia
 
     if not args.acts:
         raise CLIError("--format neuronpedia needs --acts DIR (a harvest folder): top "

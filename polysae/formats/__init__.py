@@ -27,8 +27,10 @@ is refused rather than mixed with a second one.
 
 Modules: :mod:`.dispatch` (detection, :func:`read_checkpoint`, :func:`export`), one per layout
 (:mod:`.saelens`, :mod:`.reference`, :mod:`.sparsify`, :mod:`.gemmascope`; polysae's own layout is
-:mod:`polysae.sae`), :mod:`.files` (JSON / safetensors reading and the atomic weights writer) and
-:mod:`.roundtrip` (polysae's config carried inside other layouts).
+:mod:`polysae.sae`), :mod:`.files` (JSON / safetensors reading and the atomic weights writer),
+:mod:`.roundtrip` (polysae's config carried inside other layouts) and :mod:`.neuronpedia` (feature
+dashboards for Neuronpedia, built from an activation store; not re-exported here, so reading a
+checkpoint never imports the browser's statistics).
 
 Every import maps the source's equations onto an *exactly* equivalent polysae config: e.g. SAELens
 JumpReLU ``relu(pre) * (pre > t)`` equals polysae's ``pre * (pre > max(t, 0))``, so thresholds are

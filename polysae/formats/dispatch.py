@@ -21,7 +21,7 @@ FORMATS = ("polysae", "saelens", "polysae-ref", "sparsify", "gemmascope")
 
 EXPORT_FORMATS = ("saelens", "polysae-ref", "sparsify", "polysae")
 """Checkpoint layouts :func:`export` writes (``polysae export`` also writes ``neuronpedia``
-feature batches, :mod:`polysae.neuronpedia`)."""
+feature batches, :mod:`polysae.formats.neuronpedia`)."""
 
 
 LAYOUT_FILES = {
