@@ -4,8 +4,13 @@ Public ops (same signatures as their ``reference.*_ref`` specs):
 
 - ``poly_decode(values, indices, U, C1, C2, C3, lambda2, lambda3, bias, U2=None, U3=None)``
 - ``linear_decode(values, indices, W_dec, bias)``
-- ``topk_encode(x, W_enc, b_enc, k)`` -> (values, indices, pre): the TopK encoder with a backward
-  that touches only the k selected latents per row (unless ``pre`` itself receives a gradient)
+- ``topk_encode(x, W_enc, b_enc, k, b_dec=None)`` -> (values, indices, pre): the TopK encoder
+  (pre = (x - b_dec) W_enc + b_enc) with a backward that touches only the k selected latents per row
+- ``batchtopk_encode(x, W_enc, b_enc, k, b_dec=None)`` -> the same for BatchTopK (k*N kept over the
+  batch, rows padded with zero values)
+
+The encoders' backward stays sparse on both paths (Triton kernels, or ``torch_ops``: gathers and
+``embedding_bag``); only a dense gradient of ``pre`` itself selects the dense formulas.
 
 ``BACKEND`` names the active path, resolved once at import: ``"triton"`` when triton imports and
 CUDA is present or ``TRITON_INTERPRET=1`` is set, and ``POLYSAE_DISABLE_TRITON`` is not set;
@@ -51,7 +56,8 @@ else:
 
     import torch
 
-    from .reference import linear_decode_ref, poly_decode_ref, topk_encode_ref
+    from . import torch_ops
+    from .reference import linear_decode_ref, poly_decode_ref
 
     log = logging.getLogger("polysae.kernels")
 
@@ -108,11 +114,17 @@ else:
         return linear_decode_ref(values, indices, W_dec, bias)
 
 
-    def topk_encode(x, W_enc, b_enc, k):
+    def topk_encode(x, W_enc, b_enc, k, b_dec=None):
         if BACKEND == "triton":
-            return _TRITON.topk_encode(x, W_enc, b_enc, k)
-        return topk_encode_ref(x, W_enc, b_enc, k)
+            return _TRITON.topk_encode(x, W_enc, b_enc, k, b_dec)
+        return torch_ops.topk_encode(x, W_enc, b_enc, k, b_dec)
+
+
+    def batchtopk_encode(x, W_enc, b_enc, k, b_dec=None):
+        if BACKEND == "triton":
+            return _TRITON.batchtopk_encode(x, W_enc, b_enc, k, b_dec)
+        return torch_ops.batchtopk_encode(x, W_enc, b_enc, k, b_dec)
 
 
     __all__ = ["BACKEND", "set_backend", "set_deterministic", "poly_decode", "linear_decode",
-               "topk_encode"]
+               "topk_encode", "batchtopk_encode"]

@@ -1,35 +1,38 @@
-"""TopK encoder whose backward touches only the k selected latents per row.
+"""TopK / BatchTopK encoder whose backward touches only the selected latents (Triton path).
 
-Equivalent to ``reference.topk_encode_ref`` (same forward: the dense encoder GEMM and
-``torch.topk``; that GEMM is the one dense matmul a sparse SAE step keeps). Its backward differs in
-cost: the reference scatters dvalues into a dense [N, F] gradient and runs two dense GEMMs
-(x^T dpre and dpre W_enc^T); here
+Equivalent to ``reference.topk_encode_ref`` / ``batchtopk_encode_ref`` (same forward: the dense
+encoder GEMM and the selection of ``torch_ops.SELECT``; that GEMM is the one dense matmul a sparse
+SAE step keeps). Its backward differs in cost: the reference scatters dvalues into a dense [N, F]
+gradient and runs two dense GEMMs (x^T dpre and dpre W_enc^T); here
 
 - dW_enc [D, F]: the feature-major ``_segment_reduce_kernel`` over x's rows, driven by the sorted
-  reverse index of the active (row, latent) pairs, written straight into the [D, F] layout by
-  strides (deterministic, no atomics);
+  reverse index of the active (row, latent) pairs, written straight into W_enc's layout by strides
+  (deterministic, no atomics);
 - db_enc [F]: the same reduction of a column of ones (a per-latent segment sum, deterministic);
+- db_dec [D] when ``b_dec`` is passed (pre = (x - b_dec) W_enc + b_enc): -W_enc db_enc (one GEMV);
 - dx [N, D] (only when x requires grad): the gather kernel over the rows of W_enc^T.
 
-When the caller also uses ``pre`` (AuxK reads raw pre-activations of dead latents), its gradient is
-dense anyway, so the backward falls back to the dense formulas for that call.
+Zero-valued slots (BatchTopK's padding, ReLU'd top-k values) are skipped by the kernels. When the
+caller also uses ``pre`` (AuxK reads raw pre-activations of dead latents), its gradient is dense
+anyway, so the backward falls back to the dense formulas for that call.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from . import sparse_gather as sg
+from .torch_ops import SELECT
 
 
 class TopKEncodeFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, W_enc, b_enc, k):
-        pre = torch.addmm(b_enc, x, W_enc)
-        v, idx = pre.topk(k, dim=-1, sorted=False)
-        values = F.relu(v)
-        ctx.save_for_backward(x, W_enc, idx, v > 0)
+    def forward(ctx, x, W_enc, b_enc, b_dec, k, mode):
+        x_in = x if b_dec is None else x - b_dec
+        pre = torch.addmm(b_enc, x_in, W_enc)
+        values, idx = SELECT[mode](pre, k)
+        ctx.save_for_backward(x_in, W_enc, idx, values > 0)
+        ctx.has_bdec = b_dec is not None
         ctx.mark_non_differentiable(idx)
         ctx.set_materialize_grads(False)
         return values, idx, pre
@@ -37,7 +40,8 @@ class TopKEncodeFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, d_values, _d_idx, d_pre):
         x, W, idx, active = ctx.saved_tensors
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        need_x, need_w, need_b, need_bdec = ctx.needs_input_grad[:4]
+        need_bdec = need_bdec and ctx.has_bdec
         N, D = x.shape
         Fl = W.shape[1]
         dv = (d_values * active) if d_values is not None else None
@@ -46,19 +50,21 @@ class TopKEncodeFn(torch.autograd.Function):
                 d_pre.to(W.dtype).clone()
             if dv is not None:
                 g.scatter_add_(1, idx, dv.to(g.dtype))
+            gsum = g.sum(0) if (need_b or need_bdec) else None
             return (g.mm(W.t()) if need_x else None, x.t().mm(g) if need_w else None,
-                    g.sum(0) if need_b else None, None)
+                    gsum if need_b else None, -(W @ gsum) if need_bdec else None, None, None)
         dv = dv.contiguous()
         rev = sg.ReverseIndex(dv, idx, Fl)
         dW = db = dx = None
         if need_w:
-            dW = torch.empty(D, Fl, device=W.device, dtype=W.dtype)
+            dW = torch.empty_like(W)
             sg.scatter_weight_grad(x.to(W.dtype), rev, None, None, Fl, W.dtype, out=dW.t())
-        if need_b:
+        if need_b or need_bdec:
             ones = torch.ones(N, 1, device=x.device, dtype=torch.float32)
             db = sg.scatter_weight_grad(ones, rev, None, None, Fl, W.dtype).reshape(Fl)
         if need_x:
             # TODO(gpu): gather W_enc columns by stride instead of materialising W_enc^T (F*D copy).
             zero = torch.zeros(D, device=x.device, dtype=W.dtype)
             dx = sg.gather_linear(dv, idx, W.t().contiguous(), zero).to(x.dtype)
-        return dx, dW, db, None
+        d_bdec = -(W @ db.to(W.dtype)) if need_bdec else None
+        return dx, dW, db if need_b else None, d_bdec, None, None

@@ -12,6 +12,9 @@ Sparse ops take each row's K (value, index) pairs. A row may carry padding entri
   concatenation [h1, l2*h2, l3*h3] @ [C1 C2 C3]^T, plus the bias.
 - ``poly_decode_ref`` (sparse) and ``poly_decode_dense_ref`` (codes @ U, as the paper's code) give the
   same x_hat up to float reassociation; likewise ``linear_decode_ref`` / ``linear_decode_dense_ref``.
+- ``topk_encode_ref`` / ``batchtopk_encode_ref``: the encoders by plain autograd (dense backward);
+  ``torch_ops`` and ``triton_ops`` implement the same maths with a backward that touches only the
+  selected latents.
 
 Shared-U mode (the paper's): a = z U; h1 = a, h2 = a[:, :R2]^2, h3 = a[:, :R3]^3.
 Separate-U mode: a1 = z U, a2 = z U2, a3 = z U3; h1 = a1, h2 = a1[:, :R2] * a2,
@@ -113,9 +116,34 @@ def _rank(C: Tensor | None) -> int:
     return 0 if C is None else C.shape[1]
 
 
-def topk_encode_ref(x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int):
-    """TopK encoder: pre = x W_enc + b_enc [N, F]; (relu(top-k values) [N, K], indices [N, K], pre).
-    Plain autograd: the backward scatters into a dense [N, F] gradient (the reference's cost)."""
-    pre = torch.addmm(b_enc, x, W_enc)
+def topk_encode_ref(x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, b_dec: Tensor | None = None):
+    """TopK encoder: pre = (x - b_dec) W_enc + b_enc [N, F] (``x W_enc + b_enc`` when b_dec is
+    None); returns (relu(top-k values) [N, K], indices [N, K], pre). Plain autograd: the backward
+    scatters into a dense [N, F] gradient and runs two dense GEMMs (the reference's cost)."""
+    x_in = x if b_dec is None else x - b_dec
+    pre = torch.addmm(b_enc, x_in, W_enc)
     v, i = pre.topk(k, dim=-1, sorted=False)
     return F.relu(v), i, pre
+
+
+def pack_nonzero_ref(z: Tensor) -> tuple[Tensor, Tensor]:
+    """Dense non-negative codes [N, F] -> (values, indices) [N, Kmax], Kmax = max nonzeros per row
+    (at least 1); rows with fewer nonzeros are padded with zero values."""
+    kmax = max(1, int((z != 0).sum(-1).max())) if z.numel() else 1
+    return z.topk(kmax, dim=-1, sorted=False)
+
+
+def batchtopk_encode_ref(x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int,
+                         b_dec: Tensor | None = None):
+    """BatchTopK encoder: the same ``pre``; ReLU, then the k*N largest activations of the whole
+    batch (N rows) are kept; returns (values [N, Kmax], indices [N, Kmax], pre) with Kmax the
+    largest number of kept positive activations in one row and zero-valued padding. Plain autograd
+    through a dense [N, F] code matrix (the reference's cost)."""
+    x_in = x if b_dec is None else x - b_dec
+    pre = torch.addmm(b_enc, x_in, W_enc)
+    acts = F.relu(pre)
+    n_keep = min(acts.numel(), k * acts.shape[0])
+    flat_v, flat_i = acts.flatten().topk(n_keep, sorted=False)
+    z = torch.zeros_like(acts).flatten().scatter(0, flat_i, flat_v).view_as(acts)
+    values, indices = pack_nonzero_ref(z)
+    return values, indices, pre

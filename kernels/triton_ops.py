@@ -1,7 +1,9 @@
-"""Triton implementations of the public ops: ``poly_decode``, ``linear_decode``, ``topk_encode``.
+"""Triton implementations of the public ops: ``poly_decode``, ``linear_decode``, ``topk_encode``,
+``batchtopk_encode``.
 
 Same signatures and semantics as ``reference.poly_decode_ref`` / ``linear_decode_ref`` /
-``topk_encode_ref`` (the encoder's backward is described in ``encoder.py``);
+``topk_encode_ref`` / ``batchtopk_encode_ref`` (the encoders' backward is described in
+``encoder.py``; calls the kernels do not serve go to ``torch_ops``);
 imported by ``polysae.kernels`` only when Triton is usable (CUDA present or ``TRITON_INTERPRET=1``).
 
 Poly forward (one kernel + one GEMM):
@@ -26,8 +28,9 @@ from torch import Tensor
 
 from . import sparse_gather as sg
 from .encoder import TopKEncodeFn
+from . import torch_ops
 from .poly_chain import poly_chain_backward
-from .reference import linear_decode_ref, poly_decode_ref, topk_encode_ref
+from .reference import linear_decode_ref, poly_decode_ref
 
 DETERMINISTIC = True
 """Weight gradients via the sorted reverse index (bitwise reproducible). ``False`` selects the
@@ -185,13 +188,18 @@ def linear_decode(values, indices, W_dec, bias):
     return LinearDecodeFn.apply(values, indices.long(), W_dec, bias)
 
 
-def topk_encode(x, W_enc, b_enc, k: int):
+def topk_encode(x, W_enc, b_enc, k: int, b_dec=None):
     """TopK encoder with a k-sparse backward; equivalent to ``reference.topk_encode_ref``."""
     if not supports(x, W_enc):
-        return topk_encode_ref(x, W_enc, b_enc, k)
-    if x.ndim != 2 or x.shape[1] != W_enc.shape[0] or b_enc.shape != (W_enc.shape[1],):
-        raise ValueError(f"topk_encode: x {tuple(x.shape)}, W_enc {tuple(W_enc.shape)}, b_enc "
-                         f"{tuple(b_enc.shape)} must be [N, D], [D, F], [F]")
-    if not 1 <= k <= W_enc.shape[1]:
-        raise ValueError(f"topk_encode: k={k} must lie in [1, d_sae={W_enc.shape[1]}]")
-    return TopKEncodeFn.apply(x, W_enc, b_enc, k)
+        return torch_ops.topk_encode(x, W_enc, b_enc, k, b_dec)
+    torch_ops.check_encode("topk_encode", x, W_enc, b_enc, k, b_dec, "topk")
+    return TopKEncodeFn.apply(x, W_enc, b_enc, b_dec, int(k), "topk")
+
+
+def batchtopk_encode(x, W_enc, b_enc, k: int, b_dec=None):
+    """BatchTopK encoder with a sparse backward; equivalent to ``reference.batchtopk_encode_ref``
+    (same codes; slots within a row in latent order)."""
+    if not supports(x, W_enc):
+        return torch_ops.batchtopk_encode(x, W_enc, b_enc, k, b_dec)
+    torch_ops.check_encode("batchtopk_encode", x, W_enc, b_enc, k, b_dec, "batchtopk")
+    return TopKEncodeFn.apply(x, W_enc, b_enc, b_dec, int(k), "batchtopk")

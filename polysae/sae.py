@@ -217,35 +217,37 @@ class SAE(nn.Module):
         """The sparsifier on flattened rows [N, D] already on the SAE's device and dtype."""
         cfg = self.cfg
         sp = cfg.sparsifier
+        b_dec = self.b_dec if cfg.apply_b_dec_to_input else None
         if sp == "topk":
-            # Same maths as pre_acts + topk + relu; on the Triton path its backward touches only the
-            # k selected latents (a dense fallback when pre itself gets a gradient, e.g. AuxK).
-            x_in = x - self.b_dec if cfg.apply_b_dec_to_input else x
-            return SparseCodes(*kernels.topk_encode(x_in, self.W_enc, self.b_enc, cfg.k))
+            # Same maths as pre_acts + topk + relu; its backward touches only the k selected
+            # latents (Triton or plain torch; b_dec's gradient is one GEMV, no [N, D] input grad).
+            return SparseCodes(*kernels.topk_encode(x, self.W_enc, self.b_enc, cfg.k, b_dec))
+        if sp in ("batchtopk", "matryoshka") and (
+                self.training or cfg.batchtopk_inference == "batch"
+                or not bool(self.threshold[0] > 0)):
+            return self._batch_topk(x, b_dec)
         pre = self.pre_acts(x)
         if sp == "relu":
             return SparseCodes(*_pack(F.relu(pre)), pre)
         if sp == "jumprelu":
             theta = self.threshold
             return SparseCodes(*_pack(_JumpReLU.apply(pre, theta, cfg.jumprelu_bandwidth)), pre)
-        # batchtopk / matryoshka
-        if self.training or cfg.batchtopk_inference == "batch" or not bool(self.threshold[0] > 0):
-            return SparseCodes(*self._batch_topk(pre), pre)
+        # batchtopk / matryoshka at inference: the EMA threshold
         z = pre * (pre > self.threshold.to(pre.dtype))
         return SparseCodes(*_pack(F.relu(z)), pre)
 
-    def _batch_topk(self, pre: Tensor) -> tuple[Tensor, Tensor]:
-        acts = F.relu(pre)
-        n_keep = min(acts.numel(), self.cfg.k * acts.shape[0])
-        flat_v, flat_i = acts.flatten().topk(n_keep, sorted=False)
-        z = torch.zeros_like(acts).flatten().scatter(0, flat_i, flat_v).view_as(acts)
+    def _batch_topk(self, x: Tensor, b_dec: Tensor | None) -> SparseCodes:
+        """The k*N largest activations of the batch (sparse backward); in training the EMA of the
+        smallest kept activation (the inference threshold) moves towards this batch's."""
+        values, indices, pre = kernels.batchtopk_encode(x, self.W_enc, self.b_enc, self.cfg.k,
+                                                        b_dec)
         if self.training:
             with torch.no_grad():
-                pos = flat_v[flat_v > 0]
+                pos = values[values > 0]
                 if pos.numel():
                     m = self.cfg.batchtopk_threshold_momentum
                     self.threshold.mul_(1 - m).add_(m * pos.min().double())
-        return _pack(z)
+        return SparseCodes(values, indices, pre)
 
     def encode(self, x: Tensor) -> Tensor:
         """[..., D] -> dense codes [..., F] (zeros outside the active latents), on the device

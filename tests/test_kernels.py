@@ -398,33 +398,41 @@ def test_poly_decode_under_autocast_computes_in_parameter_dtype():
 # TopK encoder with a k-sparse backward
 # ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("use_pre", [False, True], ids=["sparse-bwd", "with-pre-grad"])
-@pytest.mark.parametrize("x_grad", [False, True], ids=["x-const", "x-grad"])
+@pytest.mark.parametrize("x_grad,with_bdec", [(False, False), (True, False), (False, True)],
+                         ids=["x-const", "x-grad", "b_dec"])
+@pytest.mark.parametrize("mode", ["topk", "batchtopk"])
 @isolated
-def test_topk_encode_matches_reference(use_pre, x_grad):
-    """values/indices/pre equal the reference; dW_enc, db_enc (and dx) match float64 autograd of
-    ``topk_encode_ref``, both on the k-sparse path and when pre also gets a (dense) gradient."""
+def test_topk_encode_matches_reference(use_pre, x_grad, with_bdec, mode):
+    """values/indices/pre equal the reference; dW_enc, db_enc (and dx, db_dec) match float64
+    autograd of ``topk_encode_ref`` / ``batchtopk_encode_ref``, both on the k-sparse path and when
+    pre also gets a (dense) gradient. BatchTopK codes are compared densified (slot order)."""
     g = torch.Generator().manual_seed(7)
     N, D, F, K = 37, 23, 45, 5
     x = torch.randn(N, D, generator=g).to(DEVICE)
     W = (torch.randn(D, F, generator=g) * 0.3).to(DEVICE)
     b = (torch.randn(F, generator=g) * 0.1).to(DEVICE)
-    G = torch.randn(N, K, generator=g).to(DEVICE)
+    bd = (torch.randn(D, generator=g) * 0.2).to(DEVICE)
+    G = torch.randn(N, F, generator=g).to(DEVICE)
     Gp = torch.randn(N, F, generator=g).to(DEVICE)
+    fast = tops.topk_encode if mode == "topk" else tops.batchtopk_encode
+    spec = ref.topk_encode_ref if mode == "topk" else ref.batchtopk_encode_ref
 
     def run(fn, dtype):
         xx = x.to(dtype, copy=True).requires_grad_(x_grad)
         WW = W.to(dtype, copy=True).requires_grad_()
         bb = b.to(dtype, copy=True).requires_grad_()
-        v, i, pre = fn(xx, WW, bb, K)
-        loss = (v * G.to(dtype)).sum() + ((pre * Gp.to(dtype)).sum() if use_pre else 0)
+        bdd = bd.to(dtype, copy=True).requires_grad_()
+        v, i, pre = fn(xx, WW, bb, K, bdd if with_bdec else None)
+        z = ref.densify(v, i, F)
+        loss = (z * G.to(dtype)).sum() + ((pre * Gp.to(dtype)).sum() if use_pre else 0)
         loss.backward()
-        return v.detach(), i, pre.detach(), WW.grad, bb.grad, (xx.grad if x_grad else None)
+        return (z.detach(), pre.detach(), WW.grad, bb.grad, (xx.grad if x_grad else None),
+                (bdd.grad if with_bdec else None))
 
-    got = run(tops.topk_encode, torch.float32)
-    exp = run(ref.topk_encode_ref, torch.float64)
-    assert torch.equal(got[1], exp[1]), "different top-k selection"
-    for a, e, what in zip(got[:1] + got[2:], exp[:1] + exp[2:], ("values", "pre", "dW_enc",
-                                                                  "db_enc", "dx")):
+    got = run(fast, torch.float32)
+    exp = run(spec, torch.float64)
+    assert torch.equal(got[0] != 0, exp[0] != 0), "different selection"
+    for a, e, what in zip(got, exp, ("codes", "pre", "dW_enc", "db_enc", "dx", "db_dec")):
         if e is None:
             assert a is None
             continue
