@@ -3,8 +3,12 @@
 - no module over 500 lines;
 - no private name (leading underscore) imported from, or read off, another polysae module;
 - the package's functions ``harvest``/``train``/``evaluate`` are never shadowed by a submodule of
-  the same name (the modules are ``harvesting``, ``training``, ``evaluation``);
-- every package directory is listed in ``pyproject.toml`` (or a wheel would silently lack it).
+  the same name (the modules are ``data.harvesting``, ``training``, ``evaluation``), and no name a
+  package ``__init__`` re-exports is one of its own submodules;
+- every package directory is listed in ``pyproject.toml`` (or a wheel would silently lack it);
+- no import cycle among polysae modules, lazy (function-level) imports included, and no module
+  imports the package face ``polysae/__init__.py`` (``__version__`` is in ``polysae.version``);
+- at most 16 loose modules at the top of ``polysae/``: the rest live in one folder per stage.
 """
 
 from __future__ import annotations
@@ -172,3 +176,149 @@ def test_documented_imports_exist(where, statement):
         else:
             for name in names:
                 importlib.import_module(name)
+
+
+# -- import graph ---------------------------------------------------------------------------------
+def import_graph(modules: dict[str, str]) -> dict[str, set[str]]:
+    """Module -> the polysae modules its source imports (``modules``: dotted name -> source).
+
+    Every import statement counts wherever it sits: top level, inside a function (a lazy import
+    only postpones a cycle to the first call, it does not remove the loop) and under
+    ``TYPE_CHECKING``. An edge goes to the module the statement names: ``from pkg import sub``
+    (``sub`` a submodule) to ``pkg.sub``, ``from pkg import name`` (a name defined in
+    ``pkg/__init__.py``) to ``pkg``, ``import pkg.sub`` to ``pkg.sub``.
+
+    The packages above the named module get no edge, although Python runs their ``__init__``
+    first: a package initialises before any of its submodules, so ``pkg/__init__.py`` re-exporting
+    ``pkg.sub`` while ``pkg.sub`` imports its sibling ``pkg.other`` never re-enters a
+    half-initialised module, and counting the implicit parent edge would make every re-exporting
+    package a "cycle" with its own submodules. What does count is a submodule importing a name
+    from its own package's ``__init__`` that re-exports it (``from pkg import name`` inside
+    ``pkg.sub``): that works or fails depending on which module is imported first, and shows up
+    here as the cycle ``pkg -> pkg.sub -> pkg``.
+    """
+    graph: dict[str, set[str]] = {}
+    for module, source in modules.items():
+        is_pkg = module in PACKAGES
+        edges: set[str] = set()
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, ast.ImportFrom):
+                if node.level:
+                    base = module.split(".")
+                    base = base[: len(base) - node.level + (1 if is_pkg else 0)]
+                    src = ".".join([*base, *([node.module] if node.module else [])])
+                else:
+                    src = node.module or ""
+                for a in node.names:
+                    if f"{src}.{a.name}" in modules:
+                        edges.add(f"{src}.{a.name}")
+                    elif src in modules:
+                        edges.add(src)
+            elif isinstance(node, ast.Import):
+                edges.update(a.name for a in node.names if a.name in modules)
+        graph[module] = edges - {module}
+    return graph
+
+
+def strongly_connected(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Tarjan's strongly connected components of ``graph`` (iterative: no recursion limit)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    out: list[list[str]] = []
+    for root in sorted(graph):
+        if root in index:
+            continue
+        work = [(root, iter(sorted(graph[root])))]
+        index[root] = low[root] = len(index)
+        stack.append(root)
+        on_stack.add(root)
+        while work:
+            v, children = work[-1]
+            w = next(children, None)
+            if w is not None:
+                if w not in index:
+                    index[w] = low[w] = len(index)
+                    stack.append(w)
+                    on_stack.add(w)
+                    work.append((w, iter(sorted(graph.get(w, ())))))
+                elif w in on_stack:
+                    low[v] = min(low[v], index[w])
+                continue
+            work.pop()
+            if work:
+                low[work[-1][0]] = min(low[work[-1][0]], low[v])
+            if low[v] == index[v]:
+                comp = []
+                while True:
+                    w = stack.pop()
+                    on_stack.discard(w)
+                    comp.append(w)
+                    if w == v:
+                        break
+                out.append(sorted(comp))
+    return out
+
+
+PACKAGES = {name for name, p in MODULES.items() if p.name == "__init__.py"}
+GRAPH = import_graph({name: p.read_text() for name, p in MODULES.items()})
+
+
+def test_the_cycle_finder_finds_cycles():
+    toy = {"a": {"b"}, "b": {"c"}, "c": {"a", "d"}, "d": {"e"}, "e": {"d"}, "f": set()}
+    assert sorted(strongly_connected(toy)) == [["a", "b", "c"], ["d", "e"], ["f"]]
+    mods = {"polysae.p": "from polysae.p.x import f\n",   # a package re-exporting a submodule
+            "polysae.p.x": "def f():\n    from polysae.p.y import g\n",  # lazy, sibling
+            "polysae.p.y": "from polysae.p import f\n",    # a name off its own package: a cycle
+            "polysae.q": "from polysae import p\nimport polysae.p.x\n"}
+    PACKAGES.add("polysae.p")
+    try:
+        graph = import_graph(mods)
+    finally:
+        PACKAGES.discard("polysae.p")
+    assert graph == {"polysae.p": {"polysae.p.x"}, "polysae.p.x": {"polysae.p.y"},
+                     "polysae.p.y": {"polysae.p"}, "polysae.q": {"polysae.p", "polysae.p.x"}}
+    assert [c for c in strongly_connected(graph) if len(c) > 1] == [
+        ["polysae.p", "polysae.p.x", "polysae.p.y"]]
+
+
+def test_the_import_graph_sees_lazy_imports():
+    """Spot checks against imports known to be in the tree (one of them inside a function)."""
+    assert "polysae.data.corpora" in GRAPH["polysae.data.chunking"]
+    assert "polysae.evaluation.probing" in GRAPH["polysae.evaluation.orchestrator"]  # lazy
+    assert "polysae.training.distributed" in GRAPH["polysae.training.trainer"]  # from pkg import mod
+
+
+def test_no_import_cycles():
+    cycles = [c for c in strongly_connected(GRAPH) if len(c) > 1]
+    assert cycles == [], "import cycles (each list imports itself round the loop): " + "; ".join(
+        " <-> ".join(c) for c in cycles)
+
+
+def test_no_module_imports_the_package_face():
+    """``polysae/__init__.py`` is the API for users; a module that imports it (for ``__version__``
+    or ``SAE``) depends on every module the face pulls in. Read ``polysae.version`` instead."""
+    assert sorted(m for m, edges in GRAPH.items() if "polysae" in edges) == []
+
+
+def test_package_reexports_are_not_submodule_names():
+    """``from pkg.sub import sub`` in ``pkg/__init__.py`` would make ``pkg.sub`` the function or
+    the module depending on import order (``polysae.replicate.compare`` stays the module)."""
+    for pkg in PACKAGES:
+        tree = ast.parse(MODULES[pkg].read_text())
+        for node in tree.body:
+            if isinstance(node, ast.ImportFrom):
+                for a in node.names:
+                    name = a.asname or a.name
+                    src = f"{node.module}.{a.name}"
+                    assert src in MODULES or f"{pkg}.{name}" not in MODULES, (pkg, name)
+
+
+MAX_LOOSE = 16
+
+
+def test_few_loose_modules_at_the_top():
+    loose = sorted(p.name for p in (ROOT / "polysae").glob("*.py"))
+    assert len(loose) <= MAX_LOOSE, (f"{len(loose)} modules at the top of polysae/ (> {MAX_LOOSE}): "
+                                     f"move stage modules into their folder: {loose}")
