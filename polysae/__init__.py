@@ -12,9 +12,9 @@ from polysae.config import SAEConfig
 from polysae.sae import SAE, LossOutput, ParamCounts, SparseCodes, count_params
 from polysae.version import __version__
 
-# name -> module that defines it; imported on first access (PEP 562). The modules are named for
-# their concept (harvesting, training, evaluation), so importing one never rebinds the functions
-# polysae.harvest / polysae.train / polysae.evaluate.
+# name -> module (or the stage package re-exporting it) that provides it; imported on first access
+# (PEP 562). The modules are named for their concept (data.harvesting, training, evaluation), so
+# importing one never rebinds the functions polysae.harvest / polysae.train / polysae.evaluate.
 _LAZY = {
     "load": "polysae.loader",
     "ActivationStore": "polysae.data.store",
