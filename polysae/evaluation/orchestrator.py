@@ -419,6 +419,7 @@ def _probing(models, model, tokenizer, hook, cfg, specials, result) -> None:
         make_split,
         pool_texts,
         probe_dataset,
+        sae_encoder,
         tokenize_texts,
     )
 
@@ -457,7 +458,7 @@ def _probing(models, model, tokenizer, hook, cfg, specials, result) -> None:
                      "classes": sorted(set(labels)), "tokens": pooled.n_tokens}
         print(f"[eval] probing {ds}: {len(used)} texts, {pooled.n_tokens} tokens", file=sys.stderr)
         for name, sae in [*models.items(), ("__acts__", None)]:
-            enc = None if sae is None else (lambda a, s=sae: s.encode(a.to(s.W_enc.dtype)))
+            enc = None if sae is None else sae_encoder(sae)
             feats = pool_texts(pooled, enc)
             per[name][ds] = probe_dataset(feats, labels, sub, ks=cfg.ks, seed=cfg.seed)
     for name in models:

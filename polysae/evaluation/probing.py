@@ -243,6 +243,14 @@ def collect_text_acts(model: Any, hook: str, token_lists: Sequence[Tensor],
     return PooledText([a for a in acts if a is not None], total)
 
 
+def sae_encoder(sae: Any) -> Callable[[Tensor], Tensor]:
+    """``encode`` for :func:`pool_texts`: moves each chunk of (CPU) activations to the SAE's device
+    and dtype and returns the codes there, so pooling runs where the SAE lives (a GPU) and only the
+    pooled [n_texts, F] result comes back to the CPU."""
+    p = sae.W_enc
+    return lambda a: sae.encode(a.to(p.device, p.dtype))
+
+
 def pool_texts(pooled: PooledText, encode: Callable[[Tensor], Tensor] | None = None,
                batch_tokens: int = 8192) -> Tensor:
     """Mean over each text's tokens of ``encode(acts)`` -> [n_texts, F] (``encode=None``: raw
