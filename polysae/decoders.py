@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from polysae import kernels
 from polysae.config import SAEConfig
 from polysae.kernels.reference import linear_decode_dense_ref, poly_decode_dense_ref
-from polysae.orthogonal import retract, retract_separate
+from polysae.orthogonal import check_on_manifold, gram_error, retract, retract_separate
 
 
 class DecodeTerms(NamedTuple):
@@ -135,14 +135,20 @@ class PolyDecoder(nn.Module):
         cfg = self.cfg
         if self.U.is_meta:  # built only to receive a checkpoint's tensors
             return
+        # fp16/bf16: initialised in fp32 (Householder QR has no half-precision kernel) and cast;
+        # fp32 draws the same random numbers either way.
+        low = self.U.dtype not in (torch.float32, torch.float64)
+        us = [torch.empty_like(u, dtype=torch.float32) if low else u for u in self._us()]
         if self.U2 is None:
-            nn.init.orthogonal_(self.U)
+            nn.init.orthogonal_(us[0])
         else:  # start on the manifold of the joint retraction: all columns mutually orthonormal
-            us = self._us()
             for u in us:
                 nn.init.normal_(u)
             for u, q in zip(us, retract_separate(us, fast=False)):
                 u.copy_(q)
+        if low:
+            for u, w in zip(self._us(), us):
+                u.copy_(w)
         for C in (self.C1, self.C2, self.C3):
             if C is not None:
                 nn.init.kaiming_uniform_(C)  # a=0, fan_in = R_k: bound sqrt(6 / R_k)
@@ -196,6 +202,16 @@ class PolyDecoder(nn.Module):
         if qs is not None:
             for u, q in zip(us, qs):
                 u.copy_(q)
+
+    def orthogonality_error(self) -> float:
+        """||W^T W - I||_F over W = [U | U2 | U3] (every column the retraction keeps orthonormal;
+        fp32 Gram with TF32 off): the trainer's logged ``orth_err``."""
+        return gram_error(self._us())
+
+    def check_on_manifold(self, where: str, tol: float = 1e-3) -> float:
+        """Warn when U (U2, U3) is off the constraint set by more than ``tol`` (probe estimate);
+        see :func:`polysae.orthogonal.check_on_manifold`."""
+        return check_on_manifold(self._us(), where, tol)
 
     @torch.no_grad()
     def scale_output_(self, s: float) -> None:

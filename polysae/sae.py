@@ -470,7 +470,9 @@ class SAE(nn.Module):
 
 def load_checkpoint(directory: str | os.PathLike, device: torch.device | str | None = None,
                     verify: bool = True) -> tuple[SAE, dict[str, Any]]:
-    """Read a polysae checkpoint folder -> (SAE in eval mode, metadata). Errors name the file."""
+    """Read a polysae checkpoint folder -> (SAE in eval mode, metadata). Errors name the file.
+    A PolySAE whose U is off the orthonormal constraint set (orthogonality error above 1e-3)
+    loads with a warning."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -510,5 +512,7 @@ def load_checkpoint(directory: str | os.PathLike, device: torch.device | str | N
     sae = SAE(cfg, device="meta")
     sae = sae.to_empty(device=device or "cpu")
     sae.load_tensors(tensors, source=str(w_path))
+    if cfg.decoder == "poly":  # U saved off the constraint set (e.g. between retractions)
+        sae.decoder.check_on_manifold(f"checkpoint {d}")
     sae.eval()
     return sae, doc.get("metadata", {})

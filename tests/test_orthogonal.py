@@ -82,3 +82,125 @@ def test_separate_equal_ranks_is_block_gram_schmidt():
     sae.retract_(fast=False)
     for got, want in zip((d.U, d.U2, d.U3), (Q1, Q2, Q3)):
         torch.testing.assert_close(got.detach(), want, atol=1e-10, rtol=0)
+
+
+# -- the one-pass CholeskyQR with a probe check -----------------------------------------------------
+def _count_passes(monkeypatch):
+    import polysae.orthogonal as orth
+    calls = []
+    real = orth._cholesky_qr_pass
+
+    def counting(A):
+        calls.append(1)
+        return real(A)
+
+    monkeypatch.setattr(orth, "_cholesky_qr_pass", counting)
+    return calls
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_one_pass_reaches_working_precision_after_a_small_step(monkeypatch, dtype):
+    """U orthonormal + an Adam-sized move (1e-3 per entry): one CholeskyQR pass, no fallback, and
+    the result orthonormal to working precision and equal to Householder QR's Q."""
+    calls = _count_passes(monkeypatch)
+    A = _perturbed_orthonormal(2000, 96, 1e-3, dtype=dtype)
+    Q = cholesky_qr_pos(A)
+    assert len(calls) == 1
+    assert orthogonality_error(Q) < (2e-6 if dtype == torch.float32 else 1e-13)
+    torch.testing.assert_close(Q, qr_pos(A), rtol=0, atol=2e-5 if dtype == torch.float32 else 1e-11)
+
+
+def test_failed_probe_check_falls_back_to_cholesky_qr2_then_householder(monkeypatch):
+    import polysae.orthogonal as orth
+    calls = _count_passes(monkeypatch)
+    A = _perturbed_orthonormal(300, 20, 1e-3, dtype=torch.float32)
+    errs = iter([1.0, 0.0])  # first check fails: a second pass, which passes
+    monkeypatch.setattr(orth, "probe_error", lambda Q: next(errs))
+    cholesky_qr_pos(A)
+    assert len(calls) == 2
+    calls.clear()
+    householder = []
+    real_qr = orth.qr_pos
+    monkeypatch.setattr(orth, "probe_error", lambda Q: float("nan"))  # never passes
+    monkeypatch.setattr(orth, "qr_pos", lambda X: householder.append(1) or real_qr(X))
+    Q = cholesky_qr_pos(A)
+    assert len(calls) == 2 and householder == [1]
+    torch.testing.assert_close(Q, real_qr(A))
+
+
+def test_probe_error_estimates_the_orthogonality_error():
+    from polysae.orthogonal import probe_error
+    Q = _perturbed_orthonormal(500, 30, 0.0)
+    assert probe_error(Q) < 1e-13
+    bad = Q.clone()
+    bad[:, 3] *= 1.01  # one column 1% too long: ||Q v||^2 - ||v||^2 = 0.0201 v_3^2
+    assert 1e-6 < probe_error(bad) < 0.03
+    assert probe_error(_perturbed_orthonormal(500, 30, 0.05)) > 1e-3
+    bad[0, 0] = float("nan")
+    assert not probe_error(bad) <= 1.0
+
+
+def test_retraction_keeps_the_global_rng_and_matmul_precision():
+    from polysae.orthogonal import ieee_fp32
+    A = _perturbed_orthonormal(200, 12, 1e-2, dtype=torch.float32)
+    torch.manual_seed(5)
+    state = torch.get_rng_state()
+    retract(A)
+    assert torch.equal(torch.get_rng_state(), state)
+    m = torch.backends.mkldnn.matmul
+    if hasattr(m, "fp32_precision"):
+        before = m.fp32_precision
+        with ieee_fp32("cpu"):
+            assert m.fp32_precision == "ieee"
+        assert m.fp32_precision == before
+        assert torch.get_float32_matmul_precision() in ("highest", "high", "medium")
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("fast", [True, False])
+@pytest.mark.parametrize("shared,ranks", [(True, (16, 6, 4)), (False, (8, 8, 8))])
+def test_half_precision_poly_saes_initialise_and_retract_in_fp32(dtype, fast, shared, ranks):
+    """bf16/fp16 PolySAEs: U starts orthonormal and the retraction (CholeskyQR or Householder QR,
+    computed in fp32) returns it in the parameter dtype, orthonormal to that dtype's precision."""
+    torch.manual_seed(0)
+    sae = SAE(SAEConfig(d_in=16, d_sae=64, k=4, ranks=ranks, shared_u=shared, dtype=dtype))
+    d = sae.decoder
+    us = [u for u in (d.U, d.U2, d.U3) if u is not None]
+    assert all(u.dtype == getattr(torch, dtype) for u in us)
+    assert orthogonality_error(torch.cat(us, 1)) < 2e-2
+    with torch.no_grad():
+        for u in us:
+            u.add_(0.05 * torch.randn_like(u))
+    assert orthogonality_error(torch.cat(us, 1)) > 5e-2
+    sae.retract_(fast=fast)
+    assert all(u.dtype == getattr(torch, dtype) for u in us)
+    assert orthogonality_error(torch.cat(us, 1)) < 2e-2
+    assert d.orthogonality_error() < 5e-2
+
+
+def test_logged_orthogonality_error_covers_u2_and_u3():
+    sae = SAE(SAEConfig(d_in=16, d_sae=48, k=4, ranks=(8, 8, 8), shared_u=False,
+                        dtype="float64"))
+    d = sae.decoder
+    assert d.orthogonality_error() < 1e-6
+    with torch.no_grad():
+        d.U3[:, 0] += d.U[:, 0]  # U3 no longer orthogonal to U: only the joint Gram sees it
+    assert d.orthogonality_error() > 0.5
+    assert orthogonality_error(d.U) < 1e-10
+
+
+def test_load_warns_when_u_is_off_the_manifold(tmp_path):
+    import warnings
+
+    from polysae.sae import load_checkpoint
+    torch.manual_seed(0)
+    sae = SAE(SAEConfig(d_in=16, d_sae=48, k=4, ranks=(16, 4, 4)))
+    sae.save(tmp_path / "ok")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_checkpoint(tmp_path / "ok")
+    with torch.no_grad():
+        sae.decoder.U.add_(0.05 * torch.randn_like(sae.decoder.U))
+    sae.save(tmp_path / "off")
+    with pytest.warns(UserWarning, match="off the orthonormal constraint set"):
+        load_checkpoint(tmp_path / "off")
