@@ -511,3 +511,80 @@ def test_resume_before_first_checkpoint_starts_afresh(tmp_path):
         assert torch.equal(again.saes["sae"].tensors()[k], v), k
     steps = [json.loads(x)["step"] for x in (tmp_path / "a" / "metrics.jsonl").open()]
     assert steps == list(range(1, 9))
+
+
+# -- U on the manifold whenever saved (retract_every > 1) -------------------------------------------
+def test_checkpoint_between_retractions_saves_u_retracted(tmp_path):
+    """retract_every=3, steps=7, checkpoint_every=5: the step-5 checkpoint falls between
+    retractions (last one at step 3). sae.safetensors holds a retracted U (error < 1e-5) while the
+    trainer state keeps the raw U; fit() retracts at its end (7 is not a retraction step)."""
+    from polysae.orthogonal import orthogonality_error
+    from polysae.sae import load_checkpoint
+
+    X = planted(4096)
+    torch.manual_seed(0)
+    sae = SAE(SAEConfig(16, 32, k=4, decoder="poly", ranks=(16, 8, 8)))
+    seen = {}
+
+    def cb(tr, out):
+        if tr.step_count == 5:
+            saved, _ = load_checkpoint(tmp_path)
+            st = torch.load(tmp_path / "trainer_state.pt", weights_only=True)
+            seen["saved"] = orthogonality_error(saved.decoder.U)
+            seen["state"] = orthogonality_error(st["model"]["decoder.U"])
+            seen["live"] = orthogonality_error(tr.slots["sae"].sae.decoder.U)
+            assert torch.equal(st["model"]["decoder.U"], tr.slots["sae"].sae.decoder.U.detach())
+
+    res = train(sae, TensorSource(X, 64), quiet(steps=7, lr=3e-2, retract_every=3,
+                                                checkpoint_every=5), tmp_path, callback=cb)
+    assert seen["saved"] < 1e-5
+    assert seen["state"] > 1e-3 and seen["live"] > 1e-3  # raw: two Adam steps off the manifold
+    end, _ = load_checkpoint(tmp_path)
+    assert orthogonality_error(end.decoder.U) < 1e-5
+    assert orthogonality_error(sae.decoder.U) < 1e-5  # the live SAE, retracted at the end of fit
+    assert orthogonality_error(res.saes["sae"].decoder.U) < 1e-5
+    st = torch.load(tmp_path / "trainer_state.pt", weights_only=True)
+    assert st["step"] == 7 and orthogonality_error(st["model"]["decoder.U"]) > 1e-3
+
+
+def test_retract_every_zero_saves_u_as_trained(tmp_path):
+    """0 = never retract (an ablation with a free U): nothing projects it at save or at the end."""
+    X = planted(2048)
+    torch.manual_seed(0)
+    sae = SAE(SAEConfig(16, 32, k=4, decoder="poly", ranks=(16, 8, 8)))
+    train(sae, TensorSource(X, 64), quiet(steps=3, lr=3e-2, retract_every=0), tmp_path)
+    from polysae.orthogonal import orthogonality_error
+    with pytest.warns(UserWarning, match="off the orthonormal"):
+        saved = polysae.load(tmp_path)
+    assert torch.equal(saved.decoder.U, sae.decoder.U.detach())
+    assert orthogonality_error(saved.decoder.U) > 1e-3
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("fast", [True, False])
+def test_half_precision_poly_trains(tmp_path, dtype, fast):
+    """fp16/bf16 PolySAEs (parameters in that dtype): init and retraction run in fp32 and cast
+    back; a few steps train with finite losses and U stays orthonormal to the dtype's precision.
+    (fp16 needs an Adam eps that fp16 can hold: the default 1e-8 rounds to 0 and 0/0 follows once
+    a squared gradient underflows, for linear SAEs alike.)"""
+    from polysae.orthogonal import orthogonality_error
+    X = planted(2048)
+    torch.manual_seed(0)
+    sae = SAE(SAEConfig(16, 32, k=4, decoder="poly", ranks=(16, 8, 8), dtype=dtype))
+    eps = 1e-4 if dtype == "float16" else 1e-8
+    train(sae, TensorSource(X, 64), quiet(steps=4, lr=1e-3, retract_fast=fast, log_every=1,
+                                          eps=eps), tmp_path)
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").open()]
+    assert all(math.isfinite(r["loss"]) and math.isfinite(r["orth_err"]) for r in lines)
+    assert sae.decoder.U.dtype == getattr(torch, dtype)
+    assert orthogonality_error(sae.decoder.U) < 2e-2
+
+
+def test_cli_trains_a_bf16_polysae(acts, tmp_path):
+    """``polysae train --decoder poly --dtype bfloat16`` (exited 1 on geqrf_cpu before)."""
+    run = tmp_path / "bf16"
+    assert cli("train", "--acts", acts, "--hook", HOOK, "--decoder", "poly", "--dtype",
+               "bfloat16", "--d-sae", 64, "--k", 4, "--ranks", 32, 8, 8, "--steps", 3,
+               "--batch-size", 32, "--no-progress", "--device", "cpu", "--out", run) == 0
+    sae = polysae.load(run / "poly")
+    assert sae.decoder.U.dtype == torch.bfloat16

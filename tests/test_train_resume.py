@@ -35,7 +35,8 @@ SCRIPT = textwrap.dedent("""
     X = ((0.5 + torch.rand(4096, 32, generator=g)) * (torch.rand(4096, 32, generator=g) < 0.08)
          ) @ dirs * 5.0
     cfg = TrainConfig(steps=30, lr=3e-3, checkpoint_every=10, log_every=1, dead_window=3,
-                      normalize=True, norm_batches=3, progress=False, seed=7)
+                      normalize=True, norm_batches=3, progress=False, seed=7,
+                      retract_every=int(os.environ.get("RETRACT_EVERY", "1")))
     torch.manual_seed(cfg.seed)
     saes = {"vanilla": SAE(SAEConfig(16, 48, k=4, decoder="linear")),
             "poly": SAE(SAEConfig(16, 48, k=4, ranks=(16, 8, 8))),
@@ -50,12 +51,13 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-def run(tmp_path, out, kill_at, resume, bs=350):
+def run(tmp_path, out, kill_at, resume, bs=350, retract_every=1):
     script = tmp_path / "job.py"
     script.write_text(SCRIPT)
     # The plain-torch decode path (conftest forces it in-process; a child would otherwise pick the
     # Triton interpreter, ~1000x slower, through the inherited TRITON_INTERPRET=1).
-    env = dict(os.environ, BS=str(bs), POLYSAE_DISABLE_TRITON="1")
+    env = dict(os.environ, BS=str(bs), POLYSAE_DISABLE_TRITON="1",
+               RETRACT_EVERY=str(retract_every))
     return subprocess.run([sys.executable, str(script), str(out), str(kill_at),
                            "1" if resume else "0"], env=env, capture_output=True, text=True,
                           timeout=300)
@@ -110,3 +112,28 @@ def test_resume_picks_common_step_when_states_disagree(tmp_path, ref):
     assert run(tmp_path, tmp_path / "run", -1, True).returncode == 0
     for name in ("vanilla", "poly", "poly-btk"):
         assert trajectory(ref / name) == trajectory(tmp_path / "run" / name)
+
+
+def test_resume_between_retractions_is_bit_identical(tmp_path):
+    """retract_every=3: the step-20 checkpoint falls between retractions (last at 18). Its
+    sae.safetensors holds a retracted copy, its trainer state the raw weights, so the run killed
+    at 23 and resumed from 20 matches the uninterrupted one bit for bit."""
+    from polysae.orthogonal import orthogonality_error
+    ref3 = run(tmp_path, tmp_path / "ref", -1, False, retract_every=3)
+    assert ref3.returncode == 0, ref3.stderr
+    killed = run(tmp_path, tmp_path / "run", 23, False, retract_every=3)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    poly = tmp_path / "run" / "poly"
+    st = torch.load(poly / "trainer_state.pt", weights_only=True)
+    assert st["step"] == 20
+    assert orthogonality_error(st["model"]["decoder.U"]) > 1e-6  # raw: 2 steps since step 18
+    from polysae.sae import load_checkpoint
+    assert orthogonality_error(load_checkpoint(poly)[0].decoder.U) < 1e-5
+    resumed = run(tmp_path, tmp_path / "run", -1, True, retract_every=3)
+    assert resumed.returncode == 0, resumed.stderr
+    for name in ("vanilla", "poly", "poly-btk"):
+        assert trajectory(tmp_path / "ref" / name) == trajectory(tmp_path / "run" / name), name
+        ta = polysae.load(tmp_path / "ref" / name).tensors()
+        tb = polysae.load(tmp_path / "run" / name).tensors()
+        for k in ta:
+            assert torch.equal(ta[k], tb[k]), (name, k)

@@ -53,10 +53,13 @@ class TrainConfig:
 
     retract_every: int = 1
     """Orthogonality retraction of U every this many steps (1 = every step, the paper; 0 = never).
-    Larger cadences are cheaper but change the method (docs/method.md)."""
+    Larger cadences are cheaper but change the method (docs/method.md). With a cadence > 1 the
+    weights saved in ``sae.safetensors`` are a retracted copy (the trainer state keeps the raw
+    ones, so resume is exact) and ``fit()`` retracts once more at its end."""
 
     retract_fast: bool = True
-    """Use CholeskyQR2 (falls back to Householder QR) instead of plain Householder QR."""
+    """One CholeskyQR pass checked with probe vectors (falling back to CholeskyQR2, then
+    Householder QR) instead of plain Householder QR; the same Q (docs/method.md)."""
 
     dead_window: int = 1000
     """A latent that has not fired in this many steps counts as dead and feeds AuxK."""

@@ -26,7 +26,8 @@ RUN_FORMAT = "polysae-train-run"
 @torch.no_grad()
 def sae_record(sae: SAE, lo: LossOutput, batch_var: Tensor) -> dict[str, Any]:
     """One SAE's numbers of a logged step: loss terms, FVU (``mse / batch_var``), L0 (averaged
-    over ranks), the lambdas and the orthonormality error ``||U^T U - I||_F`` of a poly decoder."""
+    over ranks), the lambdas and the orthonormality error ``||W^T W - I||_F`` of a poly decoder,
+    W = [U | U2 | U3] (every column the retraction keeps orthonormal)."""
     codes = lo.codes
     vals = torch.stack([lo.loss.float(), lo.mse.float(), lo.aux.float(),
                         batch_var.to(lo.mse.device), (codes.values > 0).sum(-1).float().mean()])
@@ -35,8 +36,7 @@ def sae_record(sae: SAE, lo: LossOutput, batch_var: Tensor) -> dict[str, Any]:
     dec = sae.decoder
     orth = None
     if sae.cfg.decoder == "poly":
-        U = dec.U.detach().float()
-        orth = float(torch.linalg.matrix_norm(U.T @ U - torch.eye(U.shape[1], device=U.device)))
+        orth = dec.orthogonality_error()
     lam = {n: float(getattr(dec, n)) if getattr(dec, n, None) is not None else None
            for n in ("lambda2", "lambda3")}
     return {"loss": loss, "mse": mse, "aux": aux, "fvu": mse / var if var > 0 else None,

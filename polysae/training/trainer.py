@@ -287,6 +287,9 @@ class Trainer:
         every = self.cfg.checkpoint_every
         if self.step_count and (not every or self.step_count % every):
             self.save_checkpoint()  # the last step, unless the cadence just saved it
+        if self._off_manifold():  # retract_every > 1 and the run ended between retractions
+            for s in self.slots.values():  # after the save: its trainer state keeps the raw U
+                s.sae.retract_(fast=self.cfg.retract_fast)
         self._close_logs()
         return TrainResult({n: self.export(n) for n in self.slots}, self.step_count, self.tokens,
                            self.act_scale)
@@ -387,6 +390,13 @@ class Trainer:
             sae.fold_scale_(self.act_scale)
         return sae.eval()
 
+    def _off_manifold(self) -> bool:
+        """Whether U may be off the constraint set now: a cadence ``retract_every > 1`` whose last
+        retraction was not at this step (``retract_every = 0`` never retracts: U is free)."""
+        every = self.cfg.retract_every
+        return bool(every and every > 1 and self.step_count % every
+                    and any(s.sae.cfg.decoder == "poly" for s in self.slots.values()))
+
     def _state(self, s: _Slot) -> dict[str, Any]:
         cpu = lambda t: t.detach().to("cpu", copy=True)  # noqa: E731
         return {"format": STATE_TAG, "format_version": STATE_FORMAT,
@@ -414,9 +424,15 @@ class Trainer:
         meta = dict(self.metadata, tokens_trained=self.tokens, step=self.step_count,
                     act_scale=self.act_scale)
         states = {}
+        retract = self._off_manifold()
         for s in self.slots.values():
-            # A copy only when there is a scale to fold in (saves GPU memory otherwise).
+            # A copy only when there is a scale to fold in or a U to retract (saves GPU memory
+            # otherwise). sae.safetensors always holds U on the constraint set; the trainer state
+            # keeps the raw weights, so a resumed run continues bit for bit.
             out = s.sae if self.act_scale is None else self.export(s.name)
+            if retract and s.sae.cfg.decoder == "poly":
+                out = copy.deepcopy(out) if out is s.sae else out
+                out.retract_(fast=self.cfg.retract_fast)
             out.save(s.folder, metadata=meta)
             states[s.folder] = self._state(s)
         write_states(states)  # published together, once every one is on disk
