@@ -5,10 +5,8 @@ steering for one or more SAEs on the same model, hook and data, plus the report.
     metrics = evaluate({"vanilla": "runs/x/vanilla", "poly": "runs/x/poly"}, out="eval/x")
 
 Every SAE sees exactly the same held-out tokens, probing texts and steering prompts; model
-activations are computed once and shared. Stages and their definitions live in the sibling
-modules :mod:`~polysae.evaluation.reconstruction`, :mod:`~polysae.evaluation.probing`,
-:mod:`~polysae.evaluation.wasserstein`, :mod:`~polysae.evaluation.interactions` and
-:mod:`~polysae.evaluation.steering`; :mod:`~polysae.evaluation.report` writes the files.
+activations are computed once and shared. Stages and their definitions live in the sibling modules
+(reconstruction, probing, wasserstein, interactions, steering); ``report`` writes the files.
 """
 
 from __future__ import annotations
