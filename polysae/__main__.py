@@ -35,6 +35,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+INTERRUPT_HINTS = {"harvest": "rerun the same command to resume (finished shards are kept)",
+                   "run": "rerun the same command to resume",
+                   "train": "resume with --resume (from the last checkpoint)"}
+"""What a Ctrl-C'd command prints after "interrupted" when the command says nothing more."""
+
+
+def _check_device_flag(args: argparse.Namespace) -> None:
+    """A ``--device`` this machine does not have is a usage error before anything loads."""
+    device = getattr(args, "device", None)
+    if device:
+        from polysae.device import check_device
+
+        try:
+            check_device(device)
+        except ValueError as e:
+            raise CLIError(str(e)) from None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -45,8 +63,18 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "_module", None):
         parser.print_help()
         return 2
+    from polysae.outlock import command_lock
+
     try:
-        return int(args._module.main(args) or 0)
+        _check_device_flag(args)
+        with command_lock(args.command, args._module, args,
+                          sys.argv[1:] if argv is None else argv):
+            return int(args._module.main(args) or 0)
+    except KeyboardInterrupt as e:  # Ctrl-C: one line, no traceback (resume hint where known)
+        hint = INTERRUPT_HINTS.get(args.command)
+        print(f"polysae {args.command}: {str(e) or ('interrupted; ' + hint if hint else 'interrupted')}",
+              file=sys.stderr)
+        return 130
     except CLIError as e:
         print(f"polysae {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -164,6 +164,10 @@ def _run(args: argparse.Namespace, info, out: Path) -> int:
         return 1
     except FileExistsError as e:
         raise CLIError(str(e)) from e
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(f"interrupted at step {trainer.step_count}; resume with "
+                                f"`polysae train --out {out} --resume` (from the last "
+                                "checkpoint)") from None
     if info.rank == 0:
         for name in res.saes:
             print(f"{out / name}: {res.steps} steps, {res.tokens} tokens")
