@@ -203,7 +203,7 @@ def test_viewer_old_spellings_parse_like_the_new_ones(capsys):
                          "--right", 2, "--n-pairs", 40, "--min-pair-count", 3, "--sae-set", "s")
     assert old == new == NeuronpediaConfig(
         features_per_batch=64, n_pairs=40, min_pair_count=3, sae_set="s",
-        stats=StatsConfig(n_contexts=5, left=6, right=2))
+        stats=StatsConfig(n_contexts=5, left=6, right=2, hist_bins=50))  # SAEDashboard's 50
     with pytest.raises(CLIError, match="--contexts must be >= 1, got 0"):
         _viewer_config("browse", "--contexts", 0)
     with pytest.raises(CLIError, match="--hist-lo 2.0 must be < hist_hi 1.0"):

@@ -3,8 +3,9 @@ Neuronpedia export) makes over held-out activations.
 
 One pass over the rows computes, per latent: firing count (density), sum of activations (mean),
 a histogram over fixed log10 bins (the range is unknown before the pass, a log grid covers every
-scale), and a running top-T of (activation, row) with the activation of that latent on the context
-window around each row. Per candidate pair
+scale; a caller that knows each latent's range, like the Neuronpedia export, passes it and gets
+linear bins over it instead), and a running top-T of (activation, row) with the activation of
+that latent on the context window around each row. Per candidate pair
 (:func:`polysae.evaluation.interactions.pair_candidates`) it counts co-activation and keeps a
 running top-T of rows by z_i * z_j.
 
@@ -96,7 +97,8 @@ class StreamStats(NamedTuple):
     act_sum: Tensor
     """[F] float64 sum of the latent's activations."""
     hist: Tensor
-    """[F, bins] int64 histogram of log10(activation) over StatsConfig's grid."""
+    """[F, bins] int64 histogram of log10(activation) over StatsConfig's grid (with
+    ``hist_range``: of the activation over each latent's own linear bins)."""
     top_val: Tensor
     """[F, T] top activations, descending (-inf where fewer than T rows fired)."""
     top_row: Tensor
@@ -196,14 +198,32 @@ class TopPool:
 
 
 # -- the pass -----------------------------------------------------------------------------------
+def linear_bins(v: Tensor, lo: Tensor, hi: Tensor, bins: int) -> Tensor:
+    """Bin of each value ``v`` among ``bins`` equal bins over its own ``[lo, hi]`` (all three
+    aligned, float32): ``torch.histc``'s rule (the bin of ``(v - lo) * bins / (hi - lo)``, the top
+    edge in the last bin; a range with ``lo == hi`` widened to ``[lo - 1, hi + 1]``), with values
+    outside the range clamped to the end bins."""
+    same = hi <= lo
+    lo = torch.where(same, lo - 1, lo)
+    hi = torch.where(same, hi + 1, hi)
+    return ((v - lo) * bins / (hi - lo)).floor().clamp(0, bins - 1).long()
+
+
 @torch.no_grad()
 def stream_stats(sae, read_rows: Callable[[int, int], Tensor], n_rows: int,
                  pairs: PairCandidates | None = None, config: StatsConfig | None = None,
-                 progress: bool = False) -> StreamStats:
+                 progress: bool = False, *, skip: Tensor | None = None,
+                 hist_range: tuple[Tensor, Tensor] | None = None) -> StreamStats:
     """One pass over rows ``read_rows(start, stop) -> [stop-start, d_in]`` (unshuffled, in order).
 
     Rows of the context windows that lie in neighbouring chunks are read and encoded again (an
-    overlap of left + right rows per chunk), so windows never depend on chunk boundaries."""
+    overlap of left + right rows per chunk), so windows never depend on chunk boundaries.
+
+    ``skip`` [n_rows] bool marks rows whose codes count as all zero (special tokens, say): they
+    add nothing to counts, sums, histograms, top activations or pair statistics, and show 0 in
+    the context windows of other rows. ``hist_range`` = (lo [F], hi [F]) switches the histogram
+    from the log10 grid to ``hist_bins`` linear bins over each latent's own [lo, hi]
+    (:func:`linear_bins`); ``hist_lo`` / ``hist_hi`` are then unused."""
     cfg = config or StatsConfig()
     F_ = sae.cfg.d_sae
     L, R, W = cfg.left, cfg.right, cfg.window
@@ -221,6 +241,10 @@ def stream_stats(sae, read_rows: Callable[[int, int], Tensor], n_rows: int,
     ppool = TopPool(max(P, 1), cfg.n_pair_contexts, 2, W)
     offs = torch.arange(-L, R + 1)
     dev = sae.W_enc.device
+    if skip is not None and tuple(skip.shape) != (n_rows,):
+        raise ValueError(f"stream_stats: skip has shape {tuple(skip.shape)}, expected ({n_rows},)")
+    if hist_range is not None:
+        h_lo, h_hi = (t.detach().float().cpu().reshape(F_) for t in hist_range)
     it = range(0, n_rows, cfg.chunk_rows)
     if progress:
         from tqdm import tqdm
@@ -235,6 +259,8 @@ def stream_stats(sae, read_rows: Callable[[int, int], Tensor], n_rows: int,
         codes = sae.encode_sparse(x.to(dev))
         vals = codes.values.detach().float().cpu()
         idx = codes.indices.detach().cpu()
+        if skip is not None:
+            vals = vals.masked_fill(skip[ws:we, None].cpu(), 0.0)  # out of place: codes stay
         # Dense codes of the window, written over the pre-activation buffer the encoder already
         # allocated (no second [rows, d_sae] tensor): context activations and pair activations
         # become plain gathers instead of [n, W, K] index comparisons.
@@ -258,8 +284,11 @@ def stream_stats(sae, read_rows: Callable[[int, int], Tensor], n_rows: int,
         lat, v, r = ci[active], cv[active], rows[active]
         count += torch.bincount(lat, minlength=F_)
         act_sum += torch.bincount(lat, weights=v.double(), minlength=F_)
-        bins = ((torch.log10(v.double()) - cfg.hist_lo) / (cfg.hist_hi - cfg.hist_lo) * B)
-        bins = bins.floor().clamp(0, B - 1).long()
+        if hist_range is None:
+            bins = ((torch.log10(v.double()) - cfg.hist_lo) / (cfg.hist_hi - cfg.hist_lo) * B)
+            bins = bins.floor().clamp(0, B - 1).long()
+        else:
+            bins = linear_bins(v, h_lo[lat], h_hi[lat], B)
         hist += torch.bincount(lat * B + bins, minlength=F_ * B)
         pool.offer(lat, v, r, lambda sl, rr: window_acts(sl[:, None], rr))
         if P:

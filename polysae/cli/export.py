@@ -12,7 +12,8 @@ HELP = ("export a dictionary as SAELens, reference-PolySAE, sparsify or polysae 
         "Neuronpedia feature batches")
 FORMATS_HELP = ("saelens (linear decoders), polysae-ref (poly decoders: the reference "
                 "PolySAE/SAELens-fork layout), sparsify (linear TopK SAEs, EleutherAI sparsify's "
-                "layout), polysae, or neuronpedia (feature dashboards + interaction pairs; needs "
+                "layout), polysae, or neuronpedia (SAEDashboard-layout feature batches + "
+                "interaction pairs, --upload adds the Neuronpedia client's upload bodies; needs "
                 "--acts)")
 
 
@@ -126,6 +127,13 @@ def _neuronpedia(args: argparse.Namespace, out_dir) -> int:
     res = export_neuronpedia(sae, store, out_dir, model=model, config=cfg, meta=meta,
                              progress=not args.no_progress)
     extra = f", {res.n_pairs} interaction pairs" if res.n_pairs else ""
+    if res.n_masked:
+        extra += f"; {res.n_masked:,} special tokens masked (--include-special counts them)"
+    if res.n_dead:
+        extra += f"; {res.n_dead} dead features"
+    if cfg.upload:
+        extra += (f"; {res.n_upload} upload request bod{'y' if res.n_upload == 1 else 'ies'} "
+                  f"in {out_dir / 'upload'} (dead features skipped, listed in upload.json)")
     print(f"wrote Neuronpedia export to {out_dir}: {res.n_features} features in {res.n_batches} "
           f"batch file(s) over {res.n_rows:,} tokens{extra}")
     return 0

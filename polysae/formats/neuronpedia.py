@@ -1,35 +1,48 @@
-"""Neuronpedia export: feature dashboards as ``batch-N.json`` files in the layout Neuronpedia's
-importer reads (the one SAEDashboard's Neuronpedia runner writes), plus PolySAE's interaction
-pairs in ``interactions.json``, an extension of ours (see docs/exports.md for both layouts).
+"""Neuronpedia export: feature dashboards as ``batch-N.json`` files in the layout SAEDashboard's
+Neuronpedia runner writes (``NeuronpediaDashboardBatch``), which Neuronpedia's converter
+(``convert-saedashboard-to-neuronpedia-export.py``) turns into its import files, plus PolySAE's
+interaction pairs in ``interactions.json`` (an addition of ours) and, on request, the request
+bodies of the Neuronpedia client's feature upload in ``upload/`` (docs/exports.md describes
+every field).
 
-Each ``batch-N.json`` is ``{"model_id", "layer", "sae_set", "features": [...]}``; a feature holds
-``feature_index``, ``frac_nonzero`` (density over the exported tokens), the activation histogram
-(``freq_hist_data_bar_values`` / ``_heights``, log-spaced bins of the nonzero activations), the
-logit effects of its linear atom through the unembedding (``pos_str`` / ``pos_values``,
-``neg_str`` / ``neg_values`` and a histogram of all its logits), the largest entries of the atom
-in the neuron basis (``neuron_alignment_*``), ``n_prompts_total`` / ``n_tokens_in_prompt`` /
-``dataset``, and ``activations``: its top-activating token windows, each ``{"tokens", "values",
-"maxValue", "maxValueTokenIndex", "bin_min", "bin_max", "bin_contains"}`` (the top-activations
-group: ``bin_min`` = ``bin_contains`` = -1, ``bin_max`` = the feature's max activation). Fields
-SAEDashboard fills from analyses polysae does not run (correlated neurons / features, attention
-head weights) are present and empty.
+Each ``batch-N.json`` is ``{"model_id", "layer", "sae_set", "sae_id_suffix", "features"}``; a
+feature holds exactly the keys of SAEDashboard's ``NeuronpediaDashboardFeature`` (``FEATURE_KEYS``):
+``feature_index``, ``frac_nonzero`` (density over the counted tokens), the activation histogram
+(``freq_hist_data_bar_values`` / ``_heights``: 50 linear bins over the feature's own [min, max] of
+its nonzero activations, empty for a dead feature, as SAEDashboard's ``HistogramData`` makes it),
+the logit effects of its linear atom through the unembedding (``pos_str`` / ``pos_values``,
+``neg_str`` / ``neg_values`` and a histogram of all its logits), the three largest signed entries of
+the atom in the neuron basis (``neuron_alignment_*``, as SAEDashboard), ``n_prompts_total`` /
+``n_tokens_in_prompt`` / ``dataset``, ``vector`` (always ``[]``: a PolySAE feature does not steer
+along one direction, so no steering vector is claimed), and ``activations``: its top-activating
+token windows, each ``{"bin_min", "bin_max", "bin_contains", "tokens", "values",
+"qualifying_token_index"}`` (the top-activations group: ``bin_min`` = ``bin_contains`` = -1,
+``bin_max`` = the feature's max activation; ``qualifying_token_index`` = the position of the
+selected token in ``tokens``). No ``maxValue``: the converter takes the window's maximum and its
+index from ``values``. Fields SAEDashboard fills from analyses polysae does not run (correlated
+neurons / features, attention head weights) are present and empty.
+
+The tokenizer's special tokens (BOS, EOS, PAD) are masked by default
+(``NeuronpediaConfig.include_special``): their activations count as zero everywhere (top
+activations, density, histograms, pairs, and the values shown in windows).
 
 The statistics come from the feature browser's one streaming pass
 (:func:`polysae.browser.stats.stream_stats`, summarised by
-:func:`~polysae.browser.stats.feature_summary`); interaction pairs are the ``n_pairs`` co-active
+:func:`~polysae.browser.stats.feature_summary`), after a first encoder pass that finds each
+feature's activation range (the histogram's bins); interaction pairs are the ``n_pairs`` co-active
 pairs with the largest |lambda2| * ||B_ij|| (:func:`polysae.evaluation.interactions.top_pairs`,
-counted exactly by :func:`polysae.evaluation.interactions.cooccurrence` in a first pass), and their
-contexts are collected in the same pass as the features'. The folder is written under a temporary
-name and renamed into place.
+counted exactly by :func:`polysae.evaluation.interactions.cooccurrence` in one more pass), and
+their contexts are collected in the same pass as the features'. The folder is written under a
+temporary name and renamed into place. The per-feature figures are in
+:mod:`polysae.formats.neuronpedia_stats`, the upload bodies in
+:mod:`polysae.formats.neuronpedia_upload` (both re-exported here).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import os
-import re
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -45,10 +58,8 @@ from polysae.browser.stats import (
     check_counts,
     config_record,
     feature_summary,
-    hist_centres,
     stream_stats,
 )
-from polysae.browser.text import TokenText, context_windows
 from polysae.evaluation.interactions import (
     PairCandidates,
     cooccurrence,
@@ -56,12 +67,44 @@ from polysae.evaluation.interactions import (
     top_pairs,
 )
 from polysae.fileio import atomic_write_text, replace_folder
+from polysae.formats.neuronpedia_stats import (
+    LogitEffects,
+    TokenWindows,
+    activation_histogram,
+    activation_range,
+    count_prompts,
+    hook_layer,
+    kept_batches,
+    logit_effects,
+    round_list,
+    special_token_ids,
+)
+from polysae.formats.neuronpedia_upload import (
+    UPLOAD_MAX_FEATURES,
+    UPLOAD_MAX_LOGITS,
+    UPLOAD_MAX_TOKENS,
+    UploadPlan,
+    read_batches,
+    source_id,
+    upload_plan,
+    write_upload,
+)
 
 log = logging.getLogger(__name__)
 
-SETTINGS_FILE = "run_settings.json"
+SETTINGS_FILE = "polysae-neuronpedia.json"
+"""polysae's record of the export (never ``run_settings.json``: SAEDashboard's runner writes its
+own settings under that name)."""
+LEGACY_SETTINGS_FILES = ("run_settings.json",)
+"""Where exports before 0.3 kept that record (recognised, by its ``generator``, when replacing an
+old export)."""
 INTERACTIONS_FILE = "interactions.json"
+UPLOAD_DIR = "upload"
+"""Sub-folder of the upload request bodies (``NeuronpediaConfig.upload``)."""
 GENERATOR = "polysae-neuronpedia"
+
+BATCH_KEYS = ("model_id", "layer", "sae_set", "sae_id_suffix", "features")
+"""Keys of every batch file (SAEDashboard's ``NeuronpediaDashboardBatch``)."""
 
 FEATURE_KEYS = (
     "feature_index", "neuron_alignment_indices", "neuron_alignment_values",
@@ -70,16 +113,19 @@ FEATURE_KEYS = (
     "correlated_features_pearson", "neg_str", "neg_values", "pos_str", "pos_values",
     "frac_nonzero", "freq_hist_data_bar_values", "freq_hist_data_bar_heights",
     "logits_hist_data_bar_heights", "logits_hist_data_bar_values", "n_prompts_total",
-    "n_tokens_in_prompt", "dataset", "decoder_weights_dist", "activations")
-"""Keys of every feature in a batch file, as Neuronpedia's dashboard format lists them."""
+    "n_tokens_in_prompt", "dataset", "decoder_weights_dist", "activations", "vector")
+"""Keys of every feature in a batch file: those of SAEDashboard's ``NeuronpediaDashboardFeature``,
+in its ``to_dict`` order."""
 
-ACTIVATION_KEYS = ("bin_min", "bin_max", "bin_contains", "tokens", "values", "maxValue",
-                   "maxValueTokenIndex")
-"""Keys of every entry of a feature's ``activations``."""
+ACTIVATION_KEYS = ("bin_min", "bin_max", "bin_contains", "tokens", "values",
+                   "qualifying_token_index")
+"""Keys of every entry of a feature's ``activations`` (SAEDashboard's
+``NeuronpediaDashboardActivation`` without its optional ``dfa_*`` keys)."""
 
 
 def _neuronpedia_stats() -> StatsConfig:
-    return StatsConfig(left=16, right=8)  # wider windows than the browser's 8 / 4
+    # wider windows than the browser's 8 / 4; SAEDashboard's 50 histogram bins
+    return StatsConfig(left=16, right=8, hist_bins=50)
 
 
 @dataclass
@@ -100,15 +146,26 @@ class NeuronpediaConfig:
     """Neuronpedia SAE set name written in every batch (default ``polysae-<decoder>``)."""
     decimals: int = 3
     """Decimals kept for values in the JSON (SAEDashboard rounds to 3)."""
+    sae_id_suffix: str | None = None
+    """``sae_id_suffix`` of every batch: Neuronpedia's converter names the source
+    ``<layer>-<set>__<suffix>`` (none: ``<layer>-<set>``)."""
+    include_special: bool = False
+    """Count the tokenizer's special tokens (BOS, EOS, PAD) like any other token; by default
+    they are masked: left out of the top activations, density and histograms, and shown as 0
+    in the windows."""
+    upload: bool = False
+    """Also write upload/: the request bodies of the Neuronpedia client's feature upload
+    (FeatureRequest.upload_batch), at most 128 features each, dead features skipped and listed."""
     stats: StatsConfig = field(default_factory=_neuronpedia_stats)
-    """Top activations, token windows (16 tokens before the peak, 8 after), histogram, logit
-    tokens and chunking of the one pass."""
+    """Top activations, token windows (16 tokens before the peak, 8 after), histogram (hist_bins
+    linear bins over each feature's own range; hist_lo / hist_hi are the browser's and unused
+    here), logit tokens and chunking of the pass."""
 
     RECORD_KEYS = ("features_per_batch", "n_contexts", "left", "right", "n_logit_tokens",
                    "logit_hist_bins", "hist_bins", "hist_lo", "hist_hi", "n_alignment",
                    "n_pairs", "min_pair_count", "n_pair_contexts", "chunk_rows", "sae_set",
-                   "decimals")
-    """Key order of the flat ``config`` record in ``run_settings.json`` (:meth:`record`)."""
+                   "decimals", "sae_id_suffix", "include_special", "upload")
+    """Key order of the flat ``config`` record in ``polysae-neuronpedia.json`` (:meth:`record`)."""
 
     def __post_init__(self) -> None:
         check_counts(self, at_least_one=("features_per_batch", "logit_hist_bins",
@@ -133,79 +190,29 @@ class NeuronpediaExport(NamedTuple):
     """Pairs in ``interactions.json`` (0 when there is none)."""
     n_rows: int
     """Activation rows (tokens) the statistics were computed over."""
+    n_masked: int = 0
+    """Rows of special tokens among them, masked (0 with ``include_special``)."""
+    n_dead: int = 0
+    """Features that never fired on a counted token (no activations, empty histogram)."""
+    n_upload: int = 0
+    """Upload request bodies written to ``upload/`` (0 without ``NeuronpediaConfig.upload``)."""
 
 
-# -- helpers ----------------------------------------------------------------------------------
-def hook_layer(hook: str | None) -> int | None:
-    """Layer number of a transformer-lens hook name (``blocks.6.hook_resid_post`` -> 6)."""
-    m = re.match(r"blocks\.(\d+)\.", hook or "")
-    return int(m.group(1)) if m else None
-
-
-def _round(x: Tensor, nd: int) -> list:
-    """Values rounded to ``nd`` decimals for the JSON (non-finite -> 0). Plain Python: the lists
-    are short, and per-call tensor overhead would dominate."""
-    return [round(v, nd) if math.isfinite(v) else 0.0 for v in x.tolist()]
-
-
-def count_prompts(positions: Tensor | None, n_rows: int) -> int:
-    """Forward contexts among the rows: a new one starts wherever the context position does not
-    advance by exactly one from the previous row."""
-    if positions is None or positions.numel() == 0:
-        return 0
-    starts = torch.ones(positions.numel(), dtype=torch.bool)
-    starts[1:] = positions[1:] != positions[:-1] + 1
-    return int(starts.sum())
-
-
-class LogitEffects(NamedTuple):
-    """Per direction: the strongest promoted / suppressed tokens and a histogram of all logits."""
-
-    up_ids: Tensor
-    """[M, n] token ids with the largest logits, largest first."""
-    up_vals: Tensor
-    """[M, n] their logits."""
-    down_ids: Tensor
-    """[M, n] token ids with the smallest logits, smallest first."""
-    down_vals: Tensor
-    """[M, n] their logits."""
-    hist_heights: Tensor
-    """[M, B] counts of the vocabulary's logits per bin."""
-    hist_values: Tensor
-    """[M, B] bin centres (each row spans its own [min, max])."""
-
-
-@torch.no_grad()
-def logit_effects(directions: Tensor, W_U: Tensor, n: int, bins: int,
-                  block: int = 256) -> LogitEffects:
-    """Logits ``directions [M, D] @ W_U [D, vocab]`` of each direction, in blocks of rows."""
-    W = W_U.detach().float().cpu()
-    n = min(n, W.shape[1])
-    out: list[list[Tensor]] = [[] for _ in range(6)]
-    for s in range(0, directions.shape[0], block):
-        lg = directions[s:s + block].detach().float().cpu() @ W
-        uv, ui = lg.topk(n, dim=1)
-        dv, di = lg.topk(n, dim=1, largest=False)
-        lo, hi = lg.min(1, keepdim=True).values, lg.max(1, keepdim=True).values
-        width = (hi - lo).clamp_min(1e-12) / bins
-        b = ((lg - lo) / width).floor().clamp(0, bins - 1).long()
-        heights = torch.zeros(lg.shape[0], bins).scatter_add_(1, b, torch.ones_like(lg))
-        centres = lo + width * (torch.arange(bins) + 0.5)
-        for lst, t in zip(out, (ui, uv, di, dv, heights, centres)):
-            lst.append(t)
-    return LogitEffects(*(torch.cat(t) for t in out))
+def _is_ours(out: Path) -> bool:
+    for name in (SETTINGS_FILE, *LEGACY_SETTINGS_FILES):
+        try:
+            if json.loads((out / name).read_text()).get("generator") == GENERATOR:
+                return True
+        except (OSError, ValueError, AttributeError):
+            pass
+    return False
 
 
 def _check_out(out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise ValueError(f"neuronpedia: output {out} exists and is not a folder")
     if out.is_dir() and any(out.iterdir()):
-        ok = False
-        try:
-            ok = json.loads((out / SETTINGS_FILE).read_text()).get("generator") == GENERATOR
-        except (OSError, ValueError, AttributeError):
-            pass
-        if not ok:
+        if not _is_ours(out):
             raise ValueError(f"neuronpedia: output folder {out} is not empty and is not a polysae "
                              "Neuronpedia export; refusing to overwrite it")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -215,43 +222,6 @@ def _write_json(path: Path, doc: Any) -> None:
     # dumps, not dump: the C encoder (dump is pure Python)
     atomic_write_text(path, json.dumps(doc, ensure_ascii=False, allow_nan=False,
                                        separators=(",", ":")))
-
-
-class _Windows:
-    """Token strings and per-token values of context windows, trimmed to their valid span."""
-
-    def __init__(self, token_ids: Tensor, doc_ids: Tensor | None, positions: Tensor | None,
-                 tokenizer: Any, left: int, right: int):
-        self.token_ids, self.doc_ids, self.positions = token_ids, doc_ids, positions
-        self.text = TokenText(tokenizer)
-        self.left, self.right = left, right
-
-    def get(self, rows: Tensor) -> tuple[Tensor, Tensor, list[list[str]]]:
-        """rows [M] -> (ids [M, W], valid [M, W], pieces per window)."""
-        ids, ok, ov = context_windows(rows, self.token_ids, self.doc_ids, self.left, self.right,
-                                      self.text, self.positions)
-        pieces = []
-        for c, row in enumerate(ids.tolist()):
-            p = ov.get(c)
-            pieces.append(p if p is not None else
-                          [self.text.piece(t) if t >= 0 else "" for t in row])
-        return ids, ok, pieces
-
-    def entries(self, rows: Tensor, vals: Tensor) -> list[list[tuple[list[str], list[int], int]]]:
-        """For top rows [S, T] with values [S, T] (-inf / row -1 where a slot has fewer than T):
-        per slot, best first, (tokens, kept window offsets, index of the peak token in them)."""
-        S, T = rows.shape
-        flat = rows.reshape(-1)
-        live = (flat >= 0) & torch.isfinite(vals.reshape(-1))
-        ids, ok, pieces = self.get(flat.clamp_min(0))
-        out: list[list[tuple[list[str], list[int], int]]] = [[] for _ in range(S)]
-        for n in range(flat.numel()):
-            if not bool(live[n]):
-                continue
-            keep = ok[n].nonzero().flatten().tolist()
-            toks = [pieces[n][w] for w in keep]
-            out[n // T].append((toks, keep, keep.index(self.left)))
-        return out
 
 
 # -- the export -------------------------------------------------------------------------------
@@ -265,7 +235,8 @@ def export_neuronpedia_from_rows(
 
     ``token_ids`` / ``doc_ids`` / ``positions`` [n_rows] align with the rows; ``tokenizer``
     (``.decode(list[int]) -> str``) gives the token text; ``W_U`` [d_in, vocab] the logit
-    effects. ``meta`` may name ``model``, ``hook``, ``dataset`` and ``ctx`` (tokens per prompt)."""
+    effects. ``meta`` may name ``model``, ``hook``, ``dataset`` and ``ctx`` (tokens per prompt).
+    Rows holding the tokenizer's special tokens are masked unless ``config.include_special``."""
     cfg = config or NeuronpediaConfig()
     meta = dict(meta or {})
     out = Path(out_dir)
@@ -288,42 +259,62 @@ def export_neuronpedia_from_rows(
     F_ = sae.cfg.d_sae
     sc = cfg.stats
     nd = cfg.decimals
+    special = [] if cfg.include_special else special_token_ids(tokenizer)
+    skip = None
+    n_masked = 0
+    if special:
+        skip = torch.isin(token_ids.long().cpu(), torch.tensor(special, dtype=torch.long))
+        n_masked = int(skip.sum())
+        if n_masked == 0:
+            skip = None
+    n_counted = n_rows - n_masked
+    if n_counted < 1:
+        raise ValueError(f"neuronpedia: all {n_rows} exported tokens are special tokens "
+                         f"{special} (masked); pass include_special (--include-special) to count "
+                         "them")
     was_training = sae.training
     sae.eval()
     dev = sae.W_enc.device
-
-    # pass 1 (PolySAE): exact co-occurrence of every co-active pair -> the strongest pairs
-    pairs = None
-    top: list = []
-    dec = sae.decoder
-    poly = getattr(dec, "kind", "") == "poly" and getattr(dec, "C2", None) is not None
-    if poly and cfg.n_pairs > 0:
-        # large batches: cooccurrence merges its pair table once per batch
-        size = max(sc.chunk_rows, 4096)
-        st_pairs = cooccurrence(sae, (read_rows(s, min(n_rows, s + size)).to(dev)
-                                      for s in range(0, n_rows, size)))
-        top = top_pairs(sae, None, cfg.n_pairs, min_count=cfg.min_pair_count, stats=st_pairs)
-        if top:
-            pairs = PairCandidates(torch.tensor([p.i for p in top]),
-                                   torch.tensor([p.j for p in top]),
-                                   torch.tensor([p.strength for p in top]))
-    # pass 2: per-feature statistics and top windows (and the pairs' windows)
-    st = stream_stats(sae, lambda a, b: read_rows(a, b).float(), n_rows, pairs, sc,
-                      progress=progress)
-    sae.train(was_training)
-    windows = _Windows(token_ids.long(), None if doc_ids is None else doc_ids.long(),
-                       None if positions is None else positions.long(), tokenizer, sc.left,
-                       sc.right)
+    try:
+        # pass 1: each feature's activation range (the linear bins of its histogram)
+        h_lo, h_hi = activation_range(sae, kept_batches(
+            lambda a, b: read_rows(a, b).float(), n_rows, sc.chunk_rows, skip))
+        # pass 1b (PolySAE): exact co-occurrence of every co-active pair -> the strongest pairs
+        pairs = None
+        top: list = []
+        dec = sae.decoder
+        poly = getattr(dec, "kind", "") == "poly" and getattr(dec, "C2", None) is not None
+        if poly and cfg.n_pairs > 0:
+            # large batches: cooccurrence merges its pair table once per batch
+            size = max(sc.chunk_rows, 4096)
+            st_pairs = cooccurrence(sae, (x.to(dev) for x in kept_batches(
+                read_rows, n_rows, size, skip)))
+            top = top_pairs(sae, None, cfg.n_pairs, min_count=cfg.min_pair_count,
+                            stats=st_pairs)
+            if top:
+                pairs = PairCandidates(torch.tensor([p.i for p in top]),
+                                       torch.tensor([p.j for p in top]),
+                                       torch.tensor([p.strength for p in top]))
+        # pass 2: per-feature statistics and top windows (and the pairs' windows)
+        st = stream_stats(sae, lambda a, b: read_rows(a, b).float(), n_rows, pairs, sc,
+                          progress=progress, skip=skip,
+                          hist_range=(h_lo.clamp_max(torch.finfo(torch.float32).max),
+                                      h_hi.clamp_min(0.0)))
+    finally:
+        sae.train(was_training)
+    windows = TokenWindows(token_ids.long(), None if doc_ids is None else doc_ids.long(),
+                           None if positions is None else positions.long(), tokenizer, sc.left,
+                           sc.right)
     atoms = sae.linear_atoms().detach().float().cpu()  # [F, D]
     eff = logit_effects(atoms, W_U, sc.n_logit_tokens, cfg.logit_hist_bins)
     n_al = min(cfg.n_alignment, atoms.shape[1])
-    al_v, al_i = atoms.abs().topk(n_al, dim=1)
-    al_signed = atoms.gather(1, al_i)
-    al_l1 = al_v / atoms.abs().sum(1, keepdim=True).clamp_min(1e-12)
+    # as SAEDashboard: the largest signed entries (not magnitudes), |value| over the L1 norm
+    al_v, al_i = atoms.topk(n_al, dim=1)
+    al_l1 = al_v.abs() / atoms.abs().sum(1, keepdim=True).clamp_min(1e-12)
     summary = feature_summary(st)
-    density = summary.density
-    centres = hist_centres(sc.hist_lo, sc.hist_hi, sc.hist_bins)
+    density = st.count.double() / n_counted
     n_prompts = count_prompts(positions, n_rows)
+    n_dead = int((st.count == 0).sum())
     ctx_len = meta.get("ctx")
     dataset = str(meta.get("dataset") or "")
     model_id = str(meta.get("model") or "")
@@ -335,6 +326,7 @@ def export_neuronpedia_from_rows(
         return [vocab_piece(int(t)) for t in ids.tolist()]
 
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    batches: list[dict] = []
     try:
         n_batches = 0
         for b0 in range(0, F_, cfg.features_per_batch):
@@ -347,36 +339,41 @@ def export_neuronpedia_from_rows(
                 for t, (toks, keep, peak) in enumerate(ents[f - b0]):
                     vals = st.top_ctx[f, t, keep].clamp_min(0)
                     acts.append({"bin_min": -1, "bin_max": round(mx, nd), "bin_contains": -1,
-                                 "tokens": toks, "values": _round(vals, nd),
-                                 "maxValue": round(float(st.top_val[f, t]), nd),
-                                 "maxValueTokenIndex": peak})
+                                 "tokens": toks, "values": round_list(vals, nd),
+                                 "qualifying_token_index": peak})
+                hv, hh = activation_histogram(st.hist[f], float(h_lo[f]), float(h_hi[f]), nd)
                 feats.append({
                     "feature_index": f,
                     "neuron_alignment_indices": al_i[f].tolist(),
-                    "neuron_alignment_values": _round(al_signed[f], nd),
-                    "neuron_alignment_l1": _round(al_l1[f], nd),
+                    "neuron_alignment_values": round_list(al_v[f], nd),
+                    "neuron_alignment_l1": round_list(al_l1[f], nd),
                     "correlated_neurons_indices": [], "correlated_neurons_l1": [],
                     "correlated_neurons_pearson": [], "correlated_features_indices": [],
                     "correlated_features_l1": [], "correlated_features_pearson": [],
-                    "neg_str": strs(eff.down_ids[f]), "neg_values": _round(eff.down_vals[f], nd),
-                    "pos_str": strs(eff.up_ids[f]), "pos_values": _round(eff.up_vals[f], nd),
+                    "neg_str": strs(eff.down_ids[f]),
+                    "neg_values": round_list(eff.down_vals[f], nd),
+                    "pos_str": strs(eff.up_ids[f]), "pos_values": round_list(eff.up_vals[f], nd),
                     "frac_nonzero": float(density[f]),
-                    "freq_hist_data_bar_values": _round(centres, 6),
-                    "freq_hist_data_bar_heights": st.hist[f].tolist(),
+                    "freq_hist_data_bar_values": hv,
+                    "freq_hist_data_bar_heights": hh,
                     "logits_hist_data_bar_heights": eff.hist_heights[f].long().tolist(),
-                    "logits_hist_data_bar_values": _round(eff.hist_values[f], nd),
+                    "logits_hist_data_bar_values": round_list(eff.hist_values[f], nd),
                     "n_prompts_total": n_prompts,
                     "n_tokens_in_prompt": int(ctx_len) if ctx_len else 0,
                     "dataset": dataset, "decoder_weights_dist": [], "activations": acts,
+                    # no steering vector: a PolySAE feature's effect is not one direction
+                    "vector": [],
                 })
             batch = {"model_id": model_id, "layer": layer if layer is not None else 0,
-                     "sae_set": sae_set, "features": feats}
+                     "sae_set": sae_set, "sae_id_suffix": cfg.sae_id_suffix, "features": feats}
             _write_json(tmp / f"batch-{n_batches}.json", batch)
+            if cfg.upload:
+                batches.append(batch)
             n_batches += 1
         n_pairs = 0
         if pairs is not None:
             n_pairs = _write_interactions(tmp / INTERACTIONS_FILE, sae, top, st, windows, W_U,
-                                          cfg, model_id, layer, sae_set, strs)
+                                          cfg, model_id, layer, sae_set, strs, n_counted)
         settings = {"generator": GENERATOR, "format_version": 1, "model_id": model_id,
                     "layer": layer, "sae_set": sae_set, "hook": meta.get("hook"),
                     "d_sae": F_, "d_in": sae.cfg.d_in, "decoder": sae.cfg.decoder,
@@ -384,20 +381,29 @@ def export_neuronpedia_from_rows(
                     "n_prompts_total": n_prompts, "n_tokens_in_prompt": ctx_len,
                     "dataset": dataset, "n_batches": n_batches,
                     "features_per_batch": cfg.features_per_batch,
+                    "sae_id_suffix": cfg.sae_id_suffix,
+                    "source_id": source_id(layer, sae_set, cfg.sae_id_suffix),
+                    "special_tokens_masked": {str(i): vocab_piece(i) for i in special},
+                    "n_rows_masked": n_masked, "n_rows_counted": n_counted,
+                    "n_dead": n_dead,
                     "interactions": INTERACTIONS_FILE if n_pairs else None,
+                    "upload": UPLOAD_DIR if cfg.upload else None,
                     "config": cfg.record(), "meta": meta}
+        n_upload = 0
+        if cfg.upload:
+            n_upload = write_upload(upload_plan(batches), tmp / UPLOAD_DIR)
         _write_json(tmp / SETTINGS_FILE, settings)
         _check_out(out)  # again: something may have appeared there during the pass
         replace_folder(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return NeuronpediaExport(out, n_batches, F_, n_pairs, st.n_rows)
+    return NeuronpediaExport(out, n_batches, F_, n_pairs, st.n_rows, n_masked, n_dead, n_upload)
 
 
-def _write_interactions(path: Path, sae, top: list, st, windows: _Windows, W_U: Tensor,
+def _write_interactions(path: Path, sae, top: list, st, windows: TokenWindows, W_U: Tensor,
                         cfg: NeuronpediaConfig, model_id: str, layer: int | None, sae_set: str,
-                        strs: Callable[[Tensor], list[str]]) -> int:
+                        strs: Callable[[Tensor], list[str]], n_counted: int) -> int:
     """``interactions.json``: the strongest co-active pairs with counts, windows and the logit
     effects of their pairwise atom lambda2 * B_ij (symmetrised with a separate U2)."""
     nd = cfg.decimals
@@ -414,18 +420,20 @@ def _write_interactions(path: Path, sae, top: list, st, windows: _Windows, W_U: 
         for t, (toks, keep, peak) in enumerate(ents[p]):
             va = st.pair_ctx[p, t, 0, keep].clamp_min(0)
             vb = st.pair_ctx[p, t, 1, keep].clamp_min(0)
-            acts.append({"tokens": toks, "values_a": _round(va, nd), "values_b": _round(vb, nd),
-                         "values": _round(va * vb, nd),
+            acts.append({"tokens": toks, "values_a": round_list(va, nd),
+                         "values_b": round_list(vb, nd),
+                         "values": round_list(va * vb, nd),
                          "maxValue": round(float(st.pair_val[p, t]), nd),
                          "maxValueTokenIndex": peak})
         rows.append({"feature_a": pair.i, "feature_b": pair.j,
                      "strength": round(pair.strength, 6), "cooccurrence": pair.count,
-                     "frac_cooccurrence": pair.count / st.n_rows,
-                     "pos_str": strs(eff.up_ids[p]), "pos_values": _round(eff.up_vals[p], nd),
-                     "neg_str": strs(eff.down_ids[p]), "neg_values": _round(eff.down_vals[p], nd),
+                     "frac_cooccurrence": pair.count / n_counted,
+                     "pos_str": strs(eff.up_ids[p]), "pos_values": round_list(eff.up_vals[p], nd),
+                     "neg_str": strs(eff.down_ids[p]),
+                     "neg_values": round_list(eff.down_vals[p], nd),
                      "activations": acts})
     doc = {"format": "polysae-interactions", "format_version": 1, "model_id": model_id,
-           "layer": layer, "sae_set": sae_set, "lambda2": lam, "n_tokens": st.n_rows,
+           "layer": layer, "sae_set": sae_set, "lambda2": lam, "n_tokens": n_counted,
            "min_count": cfg.min_pair_count,
            "definition": "pairs (feature_a < feature_b) that fire together on at least "
                          "min_count tokens, ranked by strength = |lambda2| * ||B_ab||_2, B_ab = "
@@ -467,6 +475,9 @@ def export_neuronpedia(sae, store, out_dir: str | os.PathLike, model=None, token
         tokenizer=tokenizer, W_U=W_U, config=config, meta=m, progress=progress)
 
 
-__all__ = ["NeuronpediaConfig", "NeuronpediaExport", "LogitEffects", "FEATURE_KEYS",
-           "ACTIVATION_KEYS", "SETTINGS_FILE", "INTERACTIONS_FILE", "export_neuronpedia",
-           "export_neuronpedia_from_rows", "logit_effects", "count_prompts", "hook_layer"]
+__all__ = ["NeuronpediaConfig", "NeuronpediaExport", "LogitEffects", "UploadPlan", "BATCH_KEYS",
+           "FEATURE_KEYS", "ACTIVATION_KEYS", "SETTINGS_FILE", "INTERACTIONS_FILE", "UPLOAD_DIR",
+           "UPLOAD_MAX_FEATURES", "UPLOAD_MAX_LOGITS", "UPLOAD_MAX_TOKENS", "TokenWindows",
+           "export_neuronpedia", "export_neuronpedia_from_rows", "logit_effects",
+           "count_prompts", "hook_layer", "special_token_ids", "source_id", "activation_range",
+           "activation_histogram", "upload_plan", "read_batches", "write_upload"]
