@@ -24,6 +24,7 @@ def _trained_like(cfg: SAEConfig) -> SAE:
             p.add_(0.01 * torch.randn_like(p))
         if cfg.uses_threshold and cfg.sparsifier != "jumprelu":
             sae.threshold.fill_(0.0123456789012345)  # float64 EMA survives exactly
+    sae.retract_()  # as after a training step: U on the manifold (load warns otherwise)
     return sae
 
 

@@ -87,6 +87,17 @@ class StepMetrics(NamedTuple):
 
 
 # -- the trainer ---------------------------------------------------------------------------------
+def make_adam(params: list[Tensor], cfg: TrainConfig) -> torch.optim.Adam:
+    """torch's Adam with ``fused=True`` (one pass over each parameter instead of the ~10 of the
+    default multi-tensor path: 8x faster on CPU, where Adam was a fifth of a TopK step), or the
+    default implementation where this torch has no fused kernel for these parameters. Same
+    algorithm; results differ from the default path in the last bit."""
+    try:
+        return torch.optim.Adam(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=True)
+    except (RuntimeError, TypeError, ValueError):
+        return torch.optim.Adam(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+
+
 class _Slot:
     """One SAE's training state."""
 
@@ -96,7 +107,7 @@ class _Slot:
         # Under torch.distributed: SAE.loss as the forward of a DDP module (it all-reduces the
         # gradients during backward and broadcasts rank 0's weights now); None in one process.
         self.ddp = pdist.wrap(sae) if pdist.world()[1] > 1 else None
-        self.opt = torch.optim.Adam(self.params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+        self.opt = make_adam(self.params, cfg)
         self.since_fired = torch.zeros(sae.cfg.d_sae, dtype=torch.long, device=sae.b_dec.device)
         self.metrics_file = None
 
