@@ -28,10 +28,17 @@ docs/kernels.md#roofline-model (``roofline_ms`` below; meaningful on an H100 onl
     .venv/bin/python benchmarks/bench_decoder.py --quick    # one config (CI smoke / GPU sanity)
     .venv/bin/python benchmarks/bench_decoder.py --dry-run  # gate only, Triton via the interpreter
     python benchmarks/bench_decoder.py                       # on an H100: the full grid
+    python benchmarks/bench_decoder.py --sweep-blocks --quick  # Triton block sizes (TODO(gpu))
 
 Axes can be overridden (``--d-in 768 --d-sae 16384 65536`` ...) to split a GPU sweep across runs;
 give each part its own ``--suffix`` (e.g. ``_d768``) so that the results files do not overwrite each
-other. Writes benchmarks/results/decoder_<device>.json and .md.
+other. Writes benchmarks/results/decoder_<device>.json and .md. ``--triton`` adds the Triton
+providers off CUDA too (the interpreter: correctness, not speed; used by the GPU suite's dry run).
+
+``--sweep-blocks`` times the fused Triton decode (poly and linear, fwd+bwd) for every
+``--block-n`` x ``--block-r`` (x ``--num-warps``) of ``polysae.kernels.sparse_gather`` at the
+first config of the grid, each gated for correctness first (the ``TODO(gpu)`` block-size sweep of
+kernels/sparse_gather.py); writes decoder_blocks_<device>.json and .md.
 """
 
 from __future__ import annotations
@@ -49,7 +56,8 @@ from pathlib import Path
 
 import torch
 
-if __name__ == "__main__" and "--dry-run" in sys.argv:
+if __name__ == "__main__" and ("--dry-run" in sys.argv or "--triton" in sys.argv) \
+        and not torch.cuda.is_available():
     # The dispatch is decided when polysae.kernels is imported: ask for the interpreter first.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
@@ -291,6 +299,16 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     ap.add_argument("--suffix", default="",
                     help="appended to the results file name, e.g. '_d768' for one part of a split")
+    ap.add_argument("--triton", action="store_true",
+                    help="include the Triton providers off CUDA too (interpreter: correctness, "
+                         "not speed)")
+    ap.add_argument("--sweep-blocks", action="store_true",
+                    help="time the fused Triton decode for each --block-n x --block-r x "
+                         "--num-warps at the first config of the grid (the TODO(gpu) sweep)")
+    ap.add_argument("--block-n", type=int, nargs="+", default=[16, 32, 64])
+    ap.add_argument("--block-r", type=int, nargs="+", default=[64, 128, 256])
+    ap.add_argument("--num-warps", type=int, nargs="+", default=None,
+                    help="warps per program to sweep (default: the kernels' NUM_WARPS only)")
     ap.add_argument("--dry-run", action="store_true",
                     help="no timing: run the correctness gate of every provider, Triton included "
                          "(interpreter on CPU), on a tiny shape, and write nothing")
@@ -301,7 +319,10 @@ def main(argv=None) -> int:
     torch.backends.cuda.matmul.allow_tf32 = False  # the reference as shipped: full fp32
     if args.dry_run:
         return dry_run(device)
-    provs = {k: v for k, v in providers(device).items() if k not in args.skip.split(",")}
+    if args.sweep_blocks:
+        return sweep_blocks(device, args)
+    provs = {k: v for k, v in providers(device, triton_ok=args.triton or None).items()
+             if k not in args.skip.split(",")}
     env = environment(device)
     print(f"# device {env['device_name']}; torch {env['torch']}; triton {env['triton']}")
     rows = []
@@ -344,6 +365,130 @@ def dry_run(device) -> int:
     errs = gate(provs, v, i, p, F, g)
     print("dry run, correctness gate passed: " + ", ".join(f"{n} {e:.1e}" for n, e in errs.items()))
     return 0
+
+
+def _block_modules():
+    """The kernel modules holding launch-time block-size globals (poly_chain copies BLOCK_N and
+    NUM_WARPS at import, so both are set)."""
+    from polysae.kernels import poly_chain, sparse_gather
+    return sparse_gather, poly_chain
+
+
+def set_blocks(block_n: int, block_r: int, num_warps: int) -> tuple[int, int, int]:
+    """Set the Triton launch block sizes; returns the previous (BLOCK_N, BLOCK_R, NUM_WARPS)."""
+    sg, pc = _block_modules()
+    old = (sg.BLOCK_N, sg.BLOCK_R, sg.NUM_WARPS)
+    sg.BLOCK_N, sg.BLOCK_R, sg.NUM_WARPS = block_n, block_r, num_warps
+    pc.BLOCK_N, pc.NUM_WARPS = block_n, num_warps
+    return old
+
+
+def sweep_blocks(device, args) -> int:
+    """Fused poly and linear decode, fwd+bwd, for each block-size combination at one config.
+
+    Every combination is gated for correctness before timing; a gate failure is a bug (exit 1),
+    while a combination that does not compile or launch (out of registers or shared memory) is
+    recorded and skipped. Results are rewritten after every combination, so a sweep cut short
+    keeps what it measured."""
+    if pk._TRITON is None:
+        print("bench_decoder --sweep-blocks: the Triton path is unavailable here (needs CUDA, or "
+              "TRITON_INTERPRET=1 with --triton)", file=sys.stderr)
+        return 2
+    all_provs = providers(device, triton_ok=True)
+    gate_provs = {n: all_provs[n] for n in ("torch_sparse", "linear_sparse", "fused_triton",
+                                            "linear_triton")}
+    timed = {n: gate_provs[n] for n in ("fused_triton", "linear_triton")}
+    B, d, F, k, ranks = grid(args, device)[0]
+    gen = torch.Generator(device=device).manual_seed(0)
+    v, i = zipf_codes(B, k, F, device, gen)
+    p = make_params(d, F, ranks, device, gen)
+    g = torch.randn(B, d, device=device, generator=gen)
+    sg, _ = _block_modules()
+    default = (sg.BLOCK_N, sg.BLOCK_R, sg.NUM_WARPS)
+    warps = args.num_warps or [default[2]]
+    combos = list(itertools.product(args.block_n, args.block_r, warps))
+    env = environment(device)
+    rows = []
+    try:
+        for bn, br, nw in combos:
+            set_blocks(bn, br, nw)
+            row = {"BLOCK_N": bn, "BLOCK_R": br, "NUM_WARPS": nw,
+                   "default": (bn, br, nw) == default}
+            t0 = time.perf_counter()
+            try:
+                row["gate_error"] = gate(gate_provs, v, i, p, F, g)
+            except SystemExit as e:  # a wrong result at these block sizes: a bug
+                row.update(error=str(e), error_kind="gate")
+            except Exception as e:  # noqa: BLE001 - does not compile / launch here
+                row.update(error=f"{type(e).__name__}: {e}"[:500], error_kind="launch")
+            if "error" not in row:
+                row["compile_and_gate_s"] = time.perf_counter() - t0
+                ms = time_all(device, timed, v, i, p, F, g, args.reps)
+                row["fwd_bwd_ms"] = {n: t[1] for n, t in ms.items()}
+                row["fwd_ms"] = {n: t[0] for n, t in ms.items()}
+            rows.append(row)
+            print(f"BLOCK_N {bn} BLOCK_R {br} NUM_WARPS {nw}: "
+                  + (row.get("error") or ", ".join(f"{n} fwd+bwd {t:.3f} ms"
+                                                   for n, t in row["fwd_bwd_ms"].items())),
+                  flush=True)
+            _write_sweep(Path(args.out), device, env, args, (B, d, F, k, ranks), default, rows,
+                         list(timed), len(combos))
+    finally:
+        set_blocks(*default)
+    ok = [r for r in rows if "error" not in r]
+    bad_gate = [r for r in rows if r.get("error_kind") == "gate"]
+    return 0 if ok and not bad_gate else 1
+
+
+def _write_sweep(out: Path, device, env, args, config, default, rows, names, planned) -> None:
+    B, d, F, k, ranks = config
+    ok = [r for r in rows if "error" not in r]
+    best = {n: min(ok, key=lambda r: r["fwd_bwd_ms"][n]) for n in names} if ok else {}
+    base = next((r for r in ok if r["default"]), None)
+    summary = {n: {"best": {k2: b[k2] for k2 in ("BLOCK_N", "BLOCK_R", "NUM_WARPS")},
+                   "best_ms": b["fwd_bwd_ms"][n],
+                   "default_ms": base["fwd_bwd_ms"][n] if base else None,
+                   "speedup_vs_default": (base["fwd_bwd_ms"][n] / b["fwd_bwd_ms"][n]
+                                          if base else None)}
+               for n, b in best.items()}
+    out.mkdir(parents=True, exist_ok=True)
+    tag = device_tag(device) + args.suffix
+    meta = {"benchmark": "decoder_blocks", "env": env, "args": vars(args),
+            "config": {"B": B, "d_in": d, "d_sae": F, "k": k, "ranks": list(ranks)},
+            "default": dict(zip(("BLOCK_N", "BLOCK_R", "NUM_WARPS"), default)),
+            "planned": planned, "rows": rows, "best": summary, "errors": len(rows) - len(ok),
+            "gate_failures": sum(r.get("error_kind") == "gate" for r in rows)}
+    atomic_write_text(out / f"decoder_blocks_{tag}.json", json.dumps(meta, indent=2) + "\n")
+    lines = [f"# Triton block-size sweep, fused sparse decode fwd+bwd ({env['date']})", "",
+             f"Device: {env['device_name']}; torch {env['torch']}, triton {env['triton']}. Config "
+             f"B {B}, d_in {d}, d_sae {F}, k {k}, ranks {tuple(ranks)}; shipped default "
+             f"BLOCK_N {default[0]}, BLOCK_R {default[1]}, NUM_WARPS {default[2]} "
+             f"(kernels/sparse_gather.py). {len(rows)} of {planned} combinations run; each passed "
+             "the correctness gate (x_hat and all gradients vs the torch path) before timing "
+             "unless its row says otherwise.", ""]
+    if device.type != "cuda":
+        lines += ["Not a CUDA run: these timings are the Triton interpreter's and mean nothing.",
+                  ""]
+    lines += ["| BLOCK_N | BLOCK_R | NUM_WARPS | poly fwd+bwd (ms) | linear fwd+bwd (ms) | note |",
+              "|---|---|---|---|---|---|"]
+    for r in rows:
+        note = "default" if r["default"] else ""
+        if "error" in r:
+            err = r["error"].replace("\n", " ").replace("|", "/")[:160]
+            lines.append(f"| {r['BLOCK_N']} | {r['BLOCK_R']} | {r['NUM_WARPS']} | - | - | "
+                         f"{note} {r['error_kind']}: {err} |")
+        else:
+            lines.append(f"| {r['BLOCK_N']} | {r['BLOCK_R']} | {r['NUM_WARPS']} | "
+                         f"{r['fwd_bwd_ms']['fused_triton']:.3f} | "
+                         f"{r['fwd_bwd_ms']['linear_triton']:.3f} | {note} |")
+    lines.append("")
+    for n, s_ in summary.items():
+        sp = (f"{s_['speedup_vs_default']:.2f}x vs the default"
+              if s_["speedup_vs_default"] else "default not measured")
+        lines.append(f"- best for {n}: BLOCK_N {s_['best']['BLOCK_N']}, BLOCK_R "
+                     f"{s_['best']['BLOCK_R']}, NUM_WARPS {s_['best']['NUM_WARPS']} "
+                     f"({s_['best_ms']:.3f} ms; {sp})")
+    atomic_write_text(out / f"decoder_blocks_{tag}.md", "\n".join(lines) + "\n")
 
 
 TARGETS = ("GPU targets (H100, issue 4): fused vs ref_dense_fp32 fwd+bwd >= 15x at d_in 768, d_sae "

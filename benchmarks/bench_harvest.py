@@ -22,6 +22,12 @@ Goals (issue 3): harvest / bare >= 0.90 and harvest / run_with_cache >= 2.5.
 
     .venv/bin/python benchmarks/bench_harvest.py [--batches 4 --batch 16 --ctx 128 --layer 15]
 Writes benchmarks/results/harvest_<device>.json and .md.
+
+``--model`` takes any name or folder ``polysae harvest --model`` takes (the GPU suite passes a
+randomly initialised model of SmolLM2-135M's shapes when the bundled weights are absent, and says
+so with ``--note``), ``--dataset`` any dataset it reads. A model without TransformerLens hooks (a
+plain Hugging Face folder) has no ``run_with_cache``: its ``bare`` path is ``capture`` stopped
+after the hook, and the two TransformerLens baselines are left out.
 """
 
 from __future__ import annotations
@@ -49,34 +55,44 @@ def cpu_name() -> str:
     return platform.processor() or "cpu"
 
 
-def main() -> int:
+def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--batches", type=int, default=4, help="forward batches per measurement")
     ap.add_argument("--batch", type=int, default=16, help="contexts per batch")
     ap.add_argument("--ctx", type=int, default=128)
     ap.add_argument("--layer", type=int, default=15, help="hooked layer (resid_post)")
+    ap.add_argument("--hook", default=None,
+                    help="hook name (default blocks.<layer>.hook_resid_post)")
+    ap.add_argument("--model", default="smollm2-135m",
+                    help="bundled name, TransformerLens name or local HF folder")
+    ap.add_argument("--dataset", default="bbc", help="any dataset polysae harvest reads")
+    ap.add_argument("--backend", default=None,
+                    help="model backend passed to load_model (default: its own default)")
+    ap.add_argument("--note", default="", help="recorded in the results (e.g. 'random weights')")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--model-dtype", default="float32", choices=("float32", "bfloat16"))
     ap.add_argument("--store-dtype", default="float16")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    import transformer_lens
-
+    from polysae import HarvestConfig, harvest
     from polysae.data import chunking, models
-    from polysae.data.harvesting import HarvestConfig, harvest
     from polysae.version import __version__
 
     dtype = getattr(torch, args.model_dtype)
     t = time.perf_counter()
-    lm = models.load_model("smollm2-135m", device=args.device, dtype=dtype)
+    lm = models.load_model(args.model, device=args.device, dtype=dtype,
+                           **({"backend": args.backend} if args.backend else {}))
     load_s = time.perf_counter() - t
-    hook = f"blocks.{args.layer}.hook_resid_post"
+    tl = hasattr(lm.model, "run_with_cache")  # TransformerLens: stop_at_layer, run_with_cache
+    if tl:
+        import transformer_lens
+    hook = args.hook or f"blocks.{args.layer}.hook_resid_post"
     n_ctx = args.batches * args.batch
-    chunks = chunking.build_chunks("bbc", lm.tokenizer, args.ctx, n_ctx)
+    chunks = chunking.build_chunks(args.dataset, lm.tokenizer, args.ctx, n_ctx)
     batches = [b.to(args.device) for b in chunks.tokens.split(args.batch)]
     n_tok = chunks.tokens.numel()
     dev = torch.device(args.device)
@@ -96,6 +112,8 @@ def main() -> int:
         return n_tok / (time.perf_counter() - t0), n_tok / (time.process_time() - c0)
 
     def bare() -> tuple[float, float]:
+        if not tl:  # plain HF model: the forward stopped right after the hook, nothing kept
+            return timed(lambda b: models.capture(lm, b, [hook]))
         return timed(lambda b: lm.model(b, stop_at_layer=args.layer + 1))
 
     def keep(cache) -> None:
@@ -108,7 +126,7 @@ def main() -> int:
         return timed(lambda b: keep(lm.model.run_with_cache(b)[1]))
 
     def harv(tmp: Path, i: int) -> tuple[float, float]:
-        r = harvest(HarvestConfig(model="smollm2-135m", hooks=[hook], dataset="bbc",
+        r = harvest(HarvestConfig(model=args.model, hooks=[hook], dataset=args.dataset,
                                   tokens=n_tok, ctx=args.ctx, out=str(tmp / f"h{i}"),
                                   batch_size=args.batch, shard_size=4 * args.batch * args.ctx,
                                   dtype=args.store_dtype, model_dtype=args.model_dtype,
@@ -120,17 +138,24 @@ def main() -> int:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(args.repeats):
-            (b, bc), (h, hc), (c, cc), (a, ac) = bare(), harv(Path(tmp), i), rwc(), rwc_all()
+            (b, bc), (h, hc) = bare(), harv(Path(tmp), i)
+            (c, cc), (a, ac) = (rwc(), rwc_all()) if tl else ((None, None), (None, None))
             rows.append({"bare": b, "harvest": h, "run_with_cache": c, "run_with_cache_all": a,
                          "bare_cpu": bc, "harvest_cpu": hc, "run_with_cache_cpu": cc,
                          "run_with_cache_all_cpu": ac})
             print(f"repeat {i}: wall tok/s bare {b:,.0f}, harvest {h:,.0f}, run_with_cache "
-                  f"{c:,.0f}, run_with_cache_all {a:,.0f}; per CPU-second {bc:,.0f}, {hc:,.0f}, "
-                  f"{cc:,.0f}, {ac:,.0f}", file=sys.stderr)
-    med = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
+                  f"{c or 0:,.0f}, run_with_cache_all {a or 0:,.0f}; per CPU-second {bc:,.0f}, "
+                  f"{hc:,.0f}, {cc or 0:,.0f}, {ac or 0:,.0f}", file=sys.stderr)
+    med = {k: (statistics.median(r[k] for r in rows) if rows[0][k] is not None else None)
+           for k in rows[0]}
 
-    def ratio(a: str, b: str) -> float:
+    def ratio(a: str, b: str) -> float | None:
+        if rows[0][b] is None:
+            return None
         return statistics.median(r[a] / r[b] for r in rows)
+
+    def f(x, fmt=",.0f") -> str:
+        return "n/a" if x is None else format(x, fmt)
 
     ratio_bare, ratio_rwc = ratio("harvest", "bare"), ratio("harvest", "run_with_cache")
     cpu_bare = ratio("harvest_cpu", "bare_cpu")
@@ -146,9 +171,11 @@ def main() -> int:
         "benchmark": "harvest", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
         "device": device, "device_type": dev.type, "threads": args.threads,
         "versions": {"polysae": __version__, "torch": torch.__version__,
-                     "transformer_lens": getattr(transformer_lens, "__version__", "3.x"),
+                     "transformer_lens": (getattr(transformer_lens, "__version__", "3.x")
+                                          if tl else None),
                      "python": platform.python_version()},
-        "model": "smollm2-135m", "model_dtype": args.model_dtype, "store_dtype": args.store_dtype,
+        "model": args.model, "model_kind": lm.kind, "note": args.note, "dataset": args.dataset,
+        "model_dtype": args.model_dtype, "store_dtype": args.store_dtype,
         "hook": hook, "batch": args.batch, "ctx": args.ctx, "tokens_per_measurement": n_tok,
         "repeats": rows, "median_tok_s": med, "model_load_s": load_s,
         "harvest_over_bare": ratio_bare, "harvest_over_run_with_cache": ratio_rwc,
@@ -165,23 +192,26 @@ def main() -> int:
     stem = f"harvest_{dev.type}_L{args.layer}" + (
         "" if args.model_dtype == "float32" else f"_{args.model_dtype}")
     (out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
-    md = [f"# Harvest throughput: SmolLM2-135M, {hook}, {args.model_dtype} model, "
+    name = "SmolLM2-135M" if args.model == "smollm2-135m" else Path(args.model).name
+    md = [f"# Harvest throughput: {name}, {hook}, {args.model_dtype} model, "
           f"{args.store_dtype} storage",
-          "", f"{device}, {args.threads} threads; torch {torch.__version__}; "
+          "", *([f"Model: {args.note}.", ""] if args.note else []),
+          f"{device}, {args.threads} threads; torch {torch.__version__}; "
           f"{result['date'][:19]}Z; {args.batch}x{args.ctx} tokens per batch, {n_tok} tokens per "
           f"measurement, median of {args.repeats} interleaved repeats.", "",
           f"Load average at the end: {load}.", "",
           "| path | wall tok/s | harvest / path (wall) | tok per CPU-s | harvest / path (CPU) "
           "| goal |", "|---|---|---|---|---|---|",
-          f"| bare forward, stop after layer {args.layer} | {med['bare']:,.0f} | "
-          f"{ratio_bare:.2f} | {med['bare_cpu']:,.0f} | {cpu_bare:.2f} | >= 0.90 |",
+          f"| bare forward, stop after {f'layer {args.layer}' if tl else hook} | "
+          f"{med['bare']:,.0f} | {ratio_bare:.2f} | {med['bare_cpu']:,.0f} | {cpu_bare:.2f} "
+          "| >= 0.90 |",
           f"| polysae harvest (to disk) | {med['harvest']:,.0f} | 1.00 | "
           f"{med['harvest_cpu']:,.0f} | 1.00 | |",
-          f"| TL run_with_cache, full forward | {med['run_with_cache']:,.0f} | {ratio_rwc:.2f} | "
-          f"{med['run_with_cache_cpu']:,.0f} | {cpu_rwc:.2f} | >= 2.5 |",
+          f"| TL run_with_cache, full forward | {f(med['run_with_cache'])} | {f(ratio_rwc, '.2f')} "
+          f"| {f(med['run_with_cache_cpu'])} | {f(cpu_rwc, '.2f')} | >= 2.5 |",
           f"| TL run_with_cache, full forward, all hooks cached (TL default) | "
-          f"{med['run_with_cache_all']:,.0f} | {ratio_all:.2f} | "
-          f"{med['run_with_cache_all_cpu']:,.0f} | {cpu_all:.2f} | >= 2.5 |", ""]
+          f"{f(med['run_with_cache_all'])} | {f(ratio_all, '.2f')} | "
+          f"{f(med['run_with_cache_all_cpu'])} | {f(cpu_all, '.2f')} | >= 2.5 |", ""]
     (out / f"{stem}.md").write_text("\n".join(md))
     print("\n".join(md))
     return 0

@@ -18,24 +18,34 @@ where only ratios and the shape of the breakdown mean anything. Writes
 benchmarks/results/train_step_<device>.json and .md.
 
     .venv/bin/python benchmarks/bench_train_step.py [--steps 3] [--warmup 1]
+
+``--batch/--d-in/--d-sae/--k/--r`` replace the configs by one of that size (ranks (d_in, r, r));
+``--triton`` adds the Triton path off CUDA too (the interpreter: correctness, not speed; the GPU
+suite's dry run uses it at toy sizes).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
 from pathlib import Path
 
-import polysae.kernels as pk
 import torch
-import torch.nn.functional as F
-from polysae.kernels.reference import densify
 
-from polysae import SAE, SAEConfig
-from polysae.fileio import atomic_write_text
+if __name__ == "__main__" and "--triton" in sys.argv and not torch.cuda.is_available():
+    # The dispatch is decided when polysae.kernels is imported: ask for the interpreter first.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import polysae.kernels as pk  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from polysae.kernels.reference import densify  # noqa: E402
+
+from polysae import SAE, SAEConfig  # noqa: E402
+from polysae.fileio import atomic_write_text  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_decoder import device_tag, environment, resolve_device  # noqa: E402
@@ -94,7 +104,17 @@ def train_step(sae: SAE, opt, x, path: str, device) -> dict[str, float]:
     return laps.ms
 
 
-def configs(device):
+def configs(device, args=None):
+    if args is not None and any(getattr(args, a) is not None
+                                for a in ("batch", "d_in", "d_sae", "k", "r")):
+        gpu = device.type == "cuda"
+        d = args.d_in or 768
+        F_ = args.d_sae or (16384 if gpu else 8192)
+        k = args.k or 64
+        r = args.r or 64
+        ranks = (min(d, F_), r, r)
+        return [dict(name=f"custom ({d}, {F_}, k {k}, ranks {ranks})",
+                     B=args.batch or (4096 if gpu else 256), d_in=d, d_sae=F_, k=k, ranks=ranks)]
     if device.type == "cuda":
         return [dict(name="GPT-2 small paper (768, 16k, k 64, ranks (768,64,64))", B=4096,
                      d_in=768, d_sae=16384, k=64, ranks=(768, 64, 64)),
@@ -110,6 +130,11 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=None, help="timed steps (default 20 GPU / 3 CPU)")
     ap.add_argument("--warmup", type=int, default=None, help="untimed steps (default 5 / 1)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    ap.add_argument("--triton", action="store_true",
+                    help="include the Triton path off CUDA too (interpreter: correctness only)")
+    for a in ("batch", "d-in", "d-sae", "k", "r"):
+        ap.add_argument(f"--{a}", type=int, default=None,
+                        help="one custom config instead of the defaults (ranks (d_in, r, r))")
     args = ap.parse_args(argv)
     device = resolve_device(args.device, "bench_train_step")
     if device is None:
@@ -117,10 +142,11 @@ def main(argv=None) -> int:
     gpu = device.type == "cuda"
     steps = args.steps or (20 if gpu else 3)
     warmup = args.warmup if args.warmup is not None else (5 if gpu else 1)
-    paths = ["dense_ref", "torch_sparse"] + (["triton"] if gpu and pk._TRITON is not None else [])
+    paths = ["dense_ref", "torch_sparse"] + (
+        ["triton"] if (gpu or args.triton) and pk._TRITON is not None else [])
     env = environment(device)
     results = []
-    for c in configs(device):
+    for c in configs(device, args):
         torch.manual_seed(0)
         sae0 = SAE(SAEConfig(d_in=c["d_in"], d_sae=c["d_sae"], k=c["k"], decoder="poly",
                              ranks=c["ranks"]), device=device)
