@@ -204,3 +204,14 @@ def test_load_warns_when_u_is_off_the_manifold(tmp_path):
     sae.save(tmp_path / "off")
     with pytest.warns(UserWarning, match="off the orthonormal constraint set"):
         load_checkpoint(tmp_path / "off")
+
+
+def test_blocked_gram_equals_one_product():
+    """From R = 256 the Gram matrix is three products of column halves, mirrored."""
+    from polysae.orthogonal import gram
+    A = torch.randn(900, 301, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    G = gram(A)
+    torch.testing.assert_close(G, A.T @ A, rtol=1e-12, atol=1e-10)
+    assert torch.equal(G[150:, :150], G[:150, 150:].T)  # the mirrored block
+    Q = cholesky_qr_pos(_perturbed_orthonormal(900, 301, 1e-3, dtype=torch.float32))
+    assert orthogonality_error(Q) < 2e-6
