@@ -123,6 +123,13 @@ class SAEConfig:
     dtype: str = dataclasses.field(default="float32", metadata={"choices": tuple(DTYPES)})
     """Parameter dtype: float32 (default), float64, bfloat16 or float16."""
 
+    unit_norm_decoder: bool = False
+    """Keep every row of a linear decoder's ``W_dec`` at unit L2 norm (sparsify's and SAEBench's
+    convention): rows start at norm 1, the gradient component parallel to each row is removed
+    before every optimiser step and the rows are renormalised after it. Off by default (the
+    paper's recipe leaves decoder norms free). Linear decoders only: a poly decoder's linear atoms
+    ``U C1^T`` share the orthonormal ``U`` and cannot be normalised row by row."""
+
     check_finite: bool = False
     """Raise on NaN/inf inputs to ``encode``/``forward`` (costs one reduction per call)."""
 
@@ -144,6 +151,10 @@ class SAEConfig:
             raise bad("k", f"k={self.k} exceeds d_sae={self.d_sae}")
         if self.order not in (1, 2, 3):
             raise bad("order", f"must be 1, 2 or 3, got {self.order!r}")
+        if self.unit_norm_decoder and self.decoder != "linear":
+            raise bad("unit_norm_decoder", "applies to linear decoders only: a poly decoder's "
+                      "linear atoms U C1^T share the orthonormal U and cannot be renormalised row "
+                      "by row (train the poly SAE without it, or use decoder='linear')")
         if self.dtype not in DTYPES:
             raise bad("dtype", f"must be one of {tuple(DTYPES)}, got {self.dtype!r}")
         if self.ranks is None:

@@ -178,7 +178,7 @@ class SAE(nn.Module):
     @torch.no_grad()
     def _init_encoder(self) -> None:
         """docs/method.md#initialisation: W_dec ~ kaiming_uniform [F, D], rows rescaled to norm
-        0.1, W_enc = W_dec^T.
+        0.1, W_enc = W_dec^T (with ``unit_norm_decoder`` the decoder rows start at norm 1).
         For the poly decoder this W_dec only initialises the encoder and is then discarded."""
         W = torch.empty(self.cfg.d_sae, self.cfg.d_in, device=self.W_enc.device,
                         dtype=torch.float32)
@@ -186,7 +186,7 @@ class SAE(nn.Module):
         W *= 0.1 / W.norm(dim=1, keepdim=True).clamp_min(1e-12)
         self.W_enc.copy_(W.T)
         if self.cfg.decoder == "linear":
-            self.decoder.W_dec.copy_(W)
+            self.decoder.W_dec.copy_(W * (10.0 if self.cfg.unit_norm_decoder else 1.0))  # 0.1 -> 1
 
     # -- input checks -------------------------------------------------------------------------
     def _flatten(self, x: Tensor) -> tuple[Tensor, tuple[int, ...]]:
@@ -362,10 +362,17 @@ class SAE(nn.Module):
           ``x (W_enc/s) = (x/s) W_enc``.
         - Decoder: ``s * (b_dec + dec(z)) = s b_dec + s dec(z)``: the decoder scales its own
           output (:meth:`LinearDecoder.scale_output_`, :meth:`PolyDecoder.scale_output_`).
+        - ``unit_norm_decoder``: the codes carry the scale and the rows stay unit norm: ``b_enc,
+          b_dec, theta -> s b_enc, s b_dec, s theta`` give ``s pre``, codes ``s z``, ``s x_hat``.
         """
         s = float(s)
         if not (math.isfinite(s) and s > 0):
             raise ValueError(f"fold_scale_: scale must be positive and finite, got {s}")
+        if self.cfg.unit_norm_decoder:
+            for t in (self.b_enc, self.b_dec, *([self.threshold] if self.cfg.uses_threshold
+                                                else [])):
+                t.mul_(s)
+            return self
         self.W_enc.div_(s)
         self.b_dec.mul_(s)
         self.decoder.scale_output_(s)

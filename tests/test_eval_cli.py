@@ -60,6 +60,12 @@ def test_evaluate_api_on_tiny_model(tiny, tmp_path, capsys):
         m["saes"]["poly"]["reconstruction"]["fvu"])
     md = (tmp_path / "ev" / "report.md").read_text()
     assert "| metric | vanilla | poly |" in md and "## Definitions" in md
+    # TPP reads W_dec; neither SAE has unit-norm rows (vanilla: 0.1 at init), so both are flagged
+    for n in ("vanilla", "poly"):
+        assert not m["saes"][n]["decoder_norms"]["unit_norm"]
+        if "skipped" not in m["saes"][n].get("tpp", {"skipped": "not run"}):
+            assert any(w.startswith(f"{n}: tpp ran on W_dec rows that are not unit norm")
+                       for w in m["warnings"]) and "## Warnings" in md
     for png in ("f1.png", "w1.png", "density.png", "interactions.png"):
         assert (tmp_path / "ev" / png).read_bytes()[:4] == b"\x89PNG"
     assert not list((tmp_path / "ev").glob(".*tmp"))
@@ -86,6 +92,7 @@ def test_evaluate_api_on_tiny_model(tiny, tmp_path, capsys):
 TOP_KEYS = {"schema_version", "date", "polysae_version", "torch_version", "model", "hook",
             "device", "config", "saes", "held_out", "activations_baseline", "probing_sizes",
             "timings_s", "plots"}
+OPTIONAL_TOP_KEYS = {"warnings"}  # only when there is something to warn about
 RECON_KEYS = {"n_tokens", "mse_per_token", "mse_saebench", "saebench_batch_tokens", "fvu",
               "explained_variance", "l0", "dead_fraction", "dense_fraction", "dense_threshold",
               "density_histogram", "ce"}
@@ -106,7 +113,7 @@ def _check_documented_keys(m):
     page = (Path(__file__).resolve().parents[1] / "docs" / "evaluation.md").read_text()
     block = page.split("## The `metrics.json` schema")[1].split("```")[1]
     documented = set(re.findall(r"[A-Za-z_][A-Za-z0-9_]*", block))
-    assert set(m) == TOP_KEYS
+    assert set(m) - OPTIONAL_TOP_KEYS == TOP_KEYS
     names = [n for n in m["saes"]]
     seen = set(TOP_KEYS)
     for n in names:
@@ -118,6 +125,7 @@ def _check_documented_keys(m):
         assert set(inter) == INTER_KEYS | ({"r_strength_count", "r_strength_logcount"}
                                            if poly else set())
         assert set(probe) == PROBE_KEYS
+        assert set(s["decoder_norms"]) == {"min", "max", "mean", "unit_norm", "warning"}
         for ds in probe["datasets"].values():
             assert set(ds) == PROBE_DS_KEYS
             for c in ds["per_class"].values():
@@ -125,10 +133,10 @@ def _check_documented_keys(m):
         for p in inter["top_pairs"]:
             assert set(p) == {"i", "j", "strength", "count", "contexts"}
         seen |= set(s) | set(s["info"]) | set(rec) | set(rec["ce"]) | set(inter) | set(probe)
-        seen |= set(rec["density_histogram"]) | PROBE_DS_KEYS
+        seen |= set(rec["density_histogram"]) | PROBE_DS_KEYS | set(s["decoder_norms"])
     for ds in m["probing_sizes"].values():
         seen |= set(ds)
-    seen |= set(m["held_out"])
+    seen |= set(m["held_out"]) | (set(m) & OPTIONAL_TOP_KEYS)
     assert seen - documented == set(), "undocumented metrics.json keys"
 
 

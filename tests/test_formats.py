@@ -393,17 +393,17 @@ def test_bad_inputs_name_the_file(tmp_path, gen):
 def test_saebench_wrapper(tmp_path, gen):
     sae = _trained_like(SAEConfig(d_in=D, d_sae=FL, k=K, ranks=(D, 4, 4)), gen)
     sae.save(tmp_path / "p", metadata={"model": "gpt2", "hook": "blocks.7.hook_resid_pre"})
-    w = SAEBenchSAE.from_source(str(tmp_path / "p"))
+    with pytest.warns(UserWarning, match="not unit norm"):
+        w = SAEBenchSAE.from_source(str(tmp_path / "p"))
     assert (w.cfg.d_in, w.cfg.d_sae, w.cfg.hook_layer, w.cfg.hook_name, w.cfg.model_name) == \
         (D, FL, 7, "blocks.7.hook_resid_pre", "gpt2")
     assert w.cfg.architecture == "poly_topk" and w.cfg.dtype == "float32"
     assert w.cfg.device == "cpu" and w.dtype == torch.float32
-    # W_dec = normalised rows of U C1^T, computed here from the raw factors
+    # W_dec = the raw rows of U C1^T (what the SAE computes; issue #28), from the raw factors
     t = sae.tensors()
-    lin = t["U"] @ t["C1"].T
-    torch.testing.assert_close(w.W_dec, lin / lin.norm(dim=-1, keepdim=True), atol=1e-6,
-                               rtol=1e-5)
-    assert w.check_decoder_norms() and w.W_dec.shape == (FL, D) and w.W_enc.shape == (D, FL)
+    torch.testing.assert_close(w.W_dec, t["U"] @ t["C1"].T, atol=1e-6, rtol=1e-5)
+    assert not w.check_decoder_norms()
+    assert w.W_dec.shape == (FL, D) and w.W_enc.shape == (D, FL)
     x = _x(gen)
     with torch.no_grad():
         z = saelens_encode(x, {k: v for k, v in t.items()}, "topk", K)

@@ -113,9 +113,15 @@ def write_manifest(folder: str | os.PathLike, manifest: dict[str, Any]) -> None:
 
 def provenance(manifest: dict[str, Any]) -> dict[str, Any]:
     """What a checkpoint trained on this harvest records about its data: the model, the dataset
-    and its text column (``polysae eval`` draws its held-out text from the same dataset)."""
+    and its text column (``polysae eval`` draws its held-out text from the same dataset), the
+    context length and whether contexts start with BOS (the SAELens export's ``context_size`` and
+    ``prepend_bos``)."""
+    config = manifest.get("config") or {}
+    bos = manifest.get("bos_policy", config.get("bos"))
     return {"model": manifest.get("model"), "dataset": manifest.get("dataset"),
-            "text_column": (manifest.get("config") or {}).get("text_column")}
+            "text_column": config.get("text_column"),
+            "context_size": manifest.get("ctx", config.get("ctx")),
+            "prepend_bos": None if bos is None else bos != "none"}
 
 
 def storage_dtype(manifest: dict[str, Any]) -> torch.dtype:

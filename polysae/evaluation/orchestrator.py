@@ -400,6 +400,8 @@ def evaluate(saes: Any, *, model: Any = None, hook: str | None = None, acts: str
                                            alpha_scales=cfg.alpha_scales, progress=bar.update)
         bar.close()
         lap("steering")
+    from polysae.evaluation.saebench import decoder_norm_warnings
+    decoder_norm_warnings(result, models)  # saes.*.decoder_norms; warnings for W_dec metrics
     result["timings_s"] = timings
 
     if out is not None:
@@ -483,8 +485,6 @@ def _version() -> str:
 
 def jsonable(x: Any) -> Any:
     """Tuples -> lists, tensors -> lists, NaN -> None, recursively (strict JSON)."""
-    import math
-
     if isinstance(x, dict):
         return {str(k): jsonable(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):

@@ -71,6 +71,10 @@ DEFINITIONS = {
     "r_cov_count": "Pearson r between Cov(z_i, z_j) and N_ij over co-active pairs (any SAE; the "
                    "paper's vanilla statistic).",
     "r_cov_logcount": "as r_cov_count with log N_ij.",
+    "decoder_norms": "L2 norms of the W_dec rows SAEBench sees (the SAE's raw linear atoms: "
+                     "W_dec, or U C1^T for a PolySAE; docs/method.md, \"What SAEBench sees\"); "
+                     "metrics that read W_dec (absorption, SCR, TPP, RAVEL) get a warning when "
+                     "they are not unit norm.",
     "steering": "polysae's own protocol (the paper publishes no code): latent per concept word = "
                 "most active latent at that word; add alpha x a unit direction (linear: d_i + d_j; "
                 "pair: lambda2 (B_ij + B_ji); linear+pair: A_i + A_j + lambda2 (B_ij + B_ji)) at "
@@ -111,13 +115,18 @@ def render_markdown(m: dict[str, Any]) -> str:
     L = [f"# PolySAE evaluation: {' vs '.join(names)}", "",
          f"Model `{m.get('model')}`, hook `{m['hook']}`, {m['date']}, polysae "
          f"{m['polysae_version']}, torch {m['torch_version']}, device {m['device']}.",
-         f"Held-out set: {m['held_out']['source']}, {m['held_out']['n_tokens']} tokens.", "",
-         "## SAEs", ""]
+         f"Held-out set: {m['held_out']['source']}, {m['held_out']['n_tokens']} tokens.", ""]
+    if m.get("warnings"):
+        L += ["## Warnings", "", *[f"- {w}" for w in m["warnings"]], ""]
+    L += ["## SAEs", ""]
     rows = []
     for key in ("decoder", "sparsifier", "d_sae", "k", "ranks", "order", "tokens_trained", "path"):
         rows.append([key] + [_fmt(m["saes"][n]["info"].get(key)) for n in names])
     rows.append(["parameters"] + [_fmt(m["saes"][n]["info"]["params"].get("total"))
                                   for n in names])
+    if any("decoder_norms" in m["saes"][n] for n in names):
+        rows.append(["W_dec row norms (min-max)"] + [_norms(m["saes"][n].get("decoder_norms"))
+                                                     for n in names])
     L += markdown_table(["", *names], rows)
 
     L += ["", "## Reconstruction (held-out)", ""]
@@ -223,6 +232,12 @@ def _steering_section(s: dict[str, Any]) -> list[str]:
                       _fmt(r["report_mean_log2_rank_diff"], 2),
                       _fmt(r["report_frac_cases_better"], 2)] for r in sm["poly_vs_vanilla"]])
     return L + [""]
+
+
+def _norms(d: dict[str, Any] | None) -> str:
+    if not d:
+        return "–"
+    return f"{_fmt(d['min'], 3)}-{_fmt(d['max'], 3)}" + (" (unit)" if d["unit_norm"] else "")
 
 
 def _ratio(a, b) -> str:

@@ -24,7 +24,7 @@ def restore_polysae_fields(cfg: dict[str, Any], sae_cfg: SAEConfig) -> SAEConfig
         return sae_cfg
     keep = {"lambda2_init", "lambda3_init", "jumprelu_threshold_init", "jumprelu_bandwidth",
             "l0_coefficient", "l1_coefficient", "aux_k", "aux_coefficient",
-            "batchtopk_threshold_momentum", "check_finite"}
+            "batchtopk_threshold_momentum", "check_finite", "unit_norm_decoder"}
     changes = {k: getattr(ref, k) for k in keep}
     # BatchTopK/Matryoshka export as JumpReLU with the EMA threshold: identical in eval mode, so
     # the training sparsifier can come back (with its k) without changing any output.

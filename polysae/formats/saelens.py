@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -25,6 +26,13 @@ SAELENS_ARCHS = ("standard", "topk", "batchtopk", "jumprelu")
 """SAELens ``architecture`` values :func:`read_saelens` reads."""
 REFERENCE_ARCHS = ("poly_topk", "poly_batchtopk", "poly_jumprelu", "poly_matryoshka")
 """The reference PolySAE fork's ``architecture`` values (:mod:`polysae.formats.reference`)."""
+SAELENS_LAYOUT_VERSION = "6.54.12"
+"""The SAELens release whose ``cfg.json`` layout :func:`write_saelens` follows and which the tests
+load its output with; written as ``metadata.sae_lens_version`` (where SAELens' own ``save_model``
+puts it). SAELens >= 6 treats a config without that field as pre-6.0 and rebuilds ``metadata``
+from top-level keys only, losing the nested block."""
+UNIT_NORM_ATOL = 1e-5
+"""Row-norm tolerance of "unit norm" (SAEBench's ``check_decoder_norms`` for fp32 weights)."""
 
 
 def _field(cfg: dict[str, Any], *names: str, default: Any = None) -> Any:
@@ -188,6 +196,95 @@ def batchtopk_threshold(t: dict[str, Tensor], F: int, src: Path) -> Tensor:
     return torch.zeros(F, dtype=torch.float64)
 
 
+def hook_layer(hook: str | None) -> int | None:
+    """The layer index in a hook name (``blocks.L.*`` / ``layers.L.*``), else None."""
+    m = re.search(r"(?:blocks|layers)\.(\d+)\.", hook or "")
+    return int(m.group(1)) if m else None
+
+
+def saelens_metadata(metadata: dict[str, Any]) -> dict[str, Any]:
+    """The SAELens-6 ``metadata`` block (model, hook and its layer, context size, BOS, dataset)
+    from polysae's provenance keys (``model``, ``hook``, ``context_size``, ``prepend_bos``,
+    ``dataset``); unknown values are None (``prepend_bos`` defaults to True, SAELens' default)."""
+    bos = metadata.get("prepend_bos")
+    return {"model_name": metadata.get("model"), "hook_name": metadata.get("hook"),
+            "hook_layer": hook_layer(metadata.get("hook")), "hook_head_index": None,
+            "context_size": metadata.get("context_size"),
+            "prepend_bos": True if bos is None else bool(bos),
+            "dataset_path": metadata.get("dataset"), "sae_lens_training_version": None}
+
+
+class SAEBenchView(NamedTuple):
+    """What SAEBench sees of a polysae SAE: exactly the model as it computes (docs/method.md,
+    "What SAEBench sees"). Both :class:`polysae.evaluation.saebench.SAEBenchSAE` and
+    :func:`write_saelens` are built from it."""
+
+    W_enc: Tensor
+    """[D, F] the encoder, as the SAE holds it."""
+    b_enc: Tensor
+    """[F]"""
+    W_dec: Tensor
+    """[F, D] the SAE's raw linear atoms (:meth:`SAE.linear_atoms`: ``W_dec``, or ``U C1^T`` for
+    a PolySAE, whose ``decode`` adds the interaction terms this does not hold). Not normalised:
+    unit rows only when the SAE was trained with ``unit_norm_decoder``."""
+    b_dec: Tensor
+    """[D]"""
+    threshold: Tensor | None
+    """[F] per-latent threshold of a ``jumprelu`` eval-mode encoder (clamped at 0), else None."""
+    architecture: str
+    """SAELens name of the eval-mode encoder: ``standard`` (ReLU), ``topk``, ``jumprelu``
+    (JumpReLU, and BatchTopK/Matryoshka with their learned threshold) or ``batchtopk`` (batch-level
+    top-k, which no per-token SAELens SAE reproduces); ``poly_`` prepended for a poly decoder."""
+    k: int | None
+    """``k`` of a ``topk`` encoder, else None."""
+    metadata: dict[str, Any]
+    """The SAELens-6 metadata block (:func:`saelens_metadata`)."""
+    row_norms: Tensor
+    """[F] L2 norm of every ``W_dec`` row (float32)."""
+
+    @property
+    def unit_norm(self) -> bool:
+        """Whether every ``W_dec`` row has unit norm (within :data:`UNIT_NORM_ATOL`)."""
+        return bool(((self.row_norms - 1).abs() <= UNIT_NORM_ATOL).all())
+
+    @property
+    def norm_note(self) -> str | None:
+        """A one-line warning when the rows are not unit norm, else None."""
+        if self.unit_norm:
+            return None
+        n = self.row_norms
+        fix = ("a PolySAE's W_dec is only its linear term, whose rows the orthonormal U keeps "
+               "from being normalised" if self.architecture.startswith("poly_") else
+               "train with unit_norm_decoder (--unit-norm-decoder) for SAEBench's unit-norm "
+               "convention")
+        return (f"W_dec rows are the SAE's raw linear atoms, not unit norm (norms "
+                f"{float(n.min()):.3g}-{float(n.max()):.3g}, mean {float(n.mean()):.3g}): SAEBench "
+                f"metrics that read W_dec (absorption, SCR, TPP, RAVEL, decoder cosines) use them "
+                f"as they are; {fix} (docs/method.md, \"What SAEBench sees\")")
+
+
+@torch.no_grad()
+def saebench_view(sae: SAE, metadata: dict[str, Any] | None = None) -> SAEBenchView:
+    """The one definition of what SAEBench sees of ``sae`` (see :class:`SAEBenchView`); tensors
+    are detached views of the SAE's own (clone before changing them)."""
+    cfg = sae.cfg
+    sp, thr, k = cfg.sparsifier, None, None
+    if sp == "topk":
+        arch, k = "topk", cfg.k
+    elif sp == "relu":
+        arch = "standard"
+    elif sp == "jumprelu" or (cfg.batchtopk_inference == "threshold"
+                              and bool(sae.threshold[0] > 0)):
+        # SAELens (and the reference) save BatchTopK/Matryoshka as JumpReLU with the EMA threshold
+        arch, thr = "jumprelu", sae.threshold.detach().float().clamp_min(0)
+    else:  # batch-level top-k in eval mode (no threshold learned yet, or asked for)
+        arch = "batchtopk"
+    W_dec = sae.linear_atoms().detach()
+    return SAEBenchView(sae.W_enc.detach(), sae.b_enc.detach(), W_dec, sae.b_dec.detach(), thr,
+                        ("poly_" if cfg.decoder == "poly" else "") + arch, k,
+                        saelens_metadata(metadata or {}), W_dec.float().norm(dim=-1))
+
+
 def saelens_cfg_base(sae: SAE, metadata: dict[str, Any]) -> dict[str, Any]:
     """The ``cfg.json`` fields SAELens-6 and reference exports share (sizes, SAELens ``metadata``
     block, polysae's own config for the round trip); the writer adds ``architecture``."""
@@ -198,48 +295,42 @@ def saelens_cfg_base(sae: SAE, metadata: dict[str, Any]) -> dict[str, Any]:
         "d_in": cfg.d_in, "d_sae": cfg.d_sae, "dtype": cfg.dtype, "device": "cpu",
         "apply_b_dec_to_input": cfg.apply_b_dec_to_input, "normalize_activations": "none",
         "reshape_activations": "none",
-        "metadata": {"model_name": metadata.get("model"), "hook_name": metadata.get("hook"),
-                     "hook_head_index": None, "context_size": metadata.get("context_size"),
-                     "prepend_bos": metadata.get("prepend_bos", True),
-                     "dataset_path": metadata.get("dataset"),
-                     "sae_lens_training_version": None},
+        "metadata": saelens_metadata(metadata),
         "polysae_version": __version__,
         "polysae_config": cfg.to_dict(),
     }
 
 
 def export_sparsifier(sae: SAE) -> tuple[str, dict[str, Tensor]]:
-    """The SAELens name of the eval-mode sparsifier and its extra tensors."""
-    cfg = sae.cfg
-    if cfg.sparsifier == "topk":
-        return "topk", {}
-    if cfg.sparsifier == "relu":
-        return "standard", {}
-    thr = sae.threshold.detach().float().clamp_min(0)
-    if cfg.sparsifier in ("batchtopk", "matryoshka"):
-        if cfg.batchtopk_inference == "batch" or not bool(sae.threshold[0] > 0):
-            raise ValueError(
-                f"cannot export a {cfg.sparsifier} SAE whose eval mode is batch-level top-k "
-                "(no learned threshold yet, or batchtopk_inference='batch'): no per-token format "
-                "reproduces it; train it (the threshold is an EMA) or set batchtopk_inference="
-                "'threshold'")
-    # SAELens (and the reference) save BatchTopK/Matryoshka as JumpReLU with the EMA threshold.
-    return "jumprelu", {"threshold": thr}
+    """The SAELens name of the eval-mode sparsifier and its extra tensors (from
+    :func:`saebench_view`); ``ValueError`` for batch-level top-k."""
+    v = saebench_view(sae)
+    arch = v.architecture.removeprefix("poly_")
+    if arch == "batchtopk":
+        raise ValueError(
+            f"cannot export a {sae.cfg.sparsifier} SAE whose eval mode is batch-level top-k "
+            "(no learned threshold yet, or batchtopk_inference='batch'): no per-token format "
+            "reproduces it; train it (the threshold is an EMA) or set batchtopk_inference="
+            "'threshold'")
+    return arch, ({} if v.threshold is None else {"threshold": v.threshold})
 
 
 def write_saelens(sae: SAE, directory: str | os.PathLike,
                   metadata: dict[str, Any] | None = None) -> Path:
-    """Write ``cfg.json`` + ``sae_weights.safetensors`` (SAELens 6 layout) for a linear SAE."""
+    """Write ``cfg.json`` + ``sae_weights.safetensors`` (SAELens 6 layout) for a linear SAE: the
+    tensors and metadata of :func:`saebench_view` (raw ``W_dec`` rows, as the SAE computes), with
+    ``metadata.sae_lens_version`` so SAELens >= 6 reads it as a current config."""
     if sae.cfg.decoder != "linear":
         raise ValueError("the SAELens format has no polynomial decoder; export a poly SAE with "
                          "--format polysae-ref (the reference PolySAE layout)")
     arch, extra = export_sparsifier(sae)
+    v = saebench_view(sae, metadata)
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
-    t = sae.tensors()
-    tensors = {"W_enc": t["W_enc"], "b_enc": t["b_enc"], "W_dec": t["W_dec"],
-               "b_dec": t["b_dec"], **extra}
+    tensors = {"W_enc": v.W_enc, "b_enc": v.b_enc, "W_dec": v.W_dec, "b_dec": v.b_dec, **extra}
+    tensors = {n: t.contiguous() for n, t in tensors.items()}
     cfg = saelens_cfg_base(sae, metadata or {})
+    cfg["metadata"] = {**v.metadata, "sae_lens_version": SAELENS_LAYOUT_VERSION}
     cfg["architecture"] = arch
     if arch == "topk":
         cfg["k"] = sae.cfg.k
@@ -249,6 +340,8 @@ def write_saelens(sae: SAE, directory: str | os.PathLike,
     return d
 
 
-__all__ = ["SAELENS_ARCHS", "REFERENCE_ARCHS", "SAELensLayout", "read_saelens_layout",
-           "read_saelens", "provenance", "jumprelu_threshold", "batchtopk_threshold",
-           "saelens_cfg_base", "export_sparsifier", "write_saelens"]
+__all__ = ["SAELENS_ARCHS", "REFERENCE_ARCHS", "SAELENS_LAYOUT_VERSION", "UNIT_NORM_ATOL",
+           "SAELensLayout", "read_saelens_layout", "read_saelens", "provenance",
+           "jumprelu_threshold", "batchtopk_threshold", "hook_layer", "saelens_metadata",
+           "SAEBenchView", "saebench_view", "saelens_cfg_base", "export_sparsifier",
+           "write_saelens"]

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from polysae.config import SAEConfig
 from polysae.fileio import fsync_dir, temp_name
 
 log = logging.getLogger(__name__)
@@ -68,6 +69,15 @@ def write_states(states: Mapping[Path, dict[str, Any]]) -> None:
         fsync_dir(folder)
 
 
+def _normalised(cfg: dict[str, Any]) -> dict[str, Any] | None:
+    """An ``SAEConfig.to_dict()`` rebuilt through ``SAEConfig`` (a state saved before a field was
+    added compares equal to one with that field at its default); None when it is not valid."""
+    try:
+        return SAEConfig.from_dict(cfg).to_dict()
+    except (TypeError, ValueError):
+        return None
+
+
 def read_states(folders: Mapping[str, Path], sae_configs: Mapping[str, dict[str, Any]],
                 out_dir: Path | None = None) -> dict[str, tuple[Path, dict[str, Any]]]:
     """name -> (path, state) at the newest step every SAE has saved, validated.
@@ -109,7 +119,7 @@ def read_states(folders: Mapping[str, Path], sae_configs: Mapping[str, dict[str,
             raise ValueError(f"{path}: trainer state format_version {st['format_version']} "
                              f"is newer than this polysae reads ({STATE_FORMAT}); upgrade "
                              "polysae")
-        if st["sae_config"] != sae_configs[name]:
+        if _normalised(st["sae_config"]) != _normalised(sae_configs[name]):
             raise ValueError(f"resume: {path} was saved for a different SAE config than "
                              f"{name!r}'s")
         out[name] = (path, st)

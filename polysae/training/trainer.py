@@ -5,7 +5,8 @@ once and fed to each SAE in turn (a vanilla and a PolySAE with identical setting
 k or ranks), each with its own Adam optimiser, dead-latent counters, checkpoint folder and
 ``metrics.jsonl``. The per-SAE step follows the reference order exactly (docs/method.md):
 ``loss.backward()`` -> (all-reduce gradients across ranks) -> global-norm clipping at 1.0 -> Adam
-step -> ``zero_grad`` -> retraction of U (every step by default) -> dead-latent counters.
+step -> ``zero_grad`` -> retraction of U (every step by default) -> dead-latent counters (and
+W_dec rows held at unit norm around the step with ``SAEConfig.unit_norm_decoder``).
 
 Inputs: anything with ``batches(epoch=0, start=0)`` (``polysae.data.store.ActivationStore``,
 :class:`~polysae.training.sources.TensorSource`), or any iterable of [B, d_in] tensors (a live
@@ -38,6 +39,7 @@ from torch import Tensor
 from polysae.config import SAEConfig
 from polysae.sae import SAE, LossOutput
 from polysae.training import distributed as pdist
+from polysae.training import unit_norm
 from polysae.training.config import TrainConfig
 from polysae.training.logs import (
     METRICS_FILE,
@@ -189,6 +191,7 @@ class Trainer:
             for term in terms:  # one device sync per step; name the culprit only on failure
                 self._check_finite(getattr(lo, term), f"{s.name}: loss term {term!r}")
         lo.loss.backward()  # under DDP this also averages the gradients over ranks
+        unit_norm.before_step(sae)  # no-op unless SAEConfig.unit_norm_decoder
         gnorm = torch.nn.utils.clip_grad_norm_(s.params, cfg.grad_clip or math.inf)
         if not torch.isfinite(gnorm):
             bad = [n for n, p in sae.named_parameters()
@@ -198,6 +201,7 @@ class Trainer:
         for group in s.opt.param_groups:
             group["lr"] = lr
         s.opt.step()
+        unit_norm.after_step(sae)
         s.opt.zero_grad(set_to_none=True)
         if cfg.retract_every and (self.step_count + 1) % cfg.retract_every == 0:
             sae.retract_(fast=cfg.retract_fast)
