@@ -72,8 +72,8 @@ def main(argv: list[str] | None = None) -> int:
             return int(args._module.main(args) or 0)
     except KeyboardInterrupt as e:  # Ctrl-C: one line, no traceback (resume hint where known)
         hint = INTERRUPT_HINTS.get(args.command)
-        print(f"polysae {args.command}: {str(e) or ('interrupted; ' + hint if hint else 'interrupted')}",
-              file=sys.stderr)
+        msg = str(e) or ("interrupted; " + hint if hint else "interrupted")
+        print(f"polysae {args.command}: {msg}", file=sys.stderr)
         return 130
     except CLIError as e:
         print(f"polysae {args.command}: error: {e}", file=sys.stderr)

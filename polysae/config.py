@@ -25,11 +25,41 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.
           "float16": torch.float16}
 
 
+def check_values(owner: str, values: typing.Mapping[str, Any]) -> None:
+    """Every config's value check, done once for all: a ``ValueError`` naming ``owner.field``
+    for a non-finite float (NaN, inf; also inside tuples, lists and dicts) or an integer outside
+    64 bits (a seed torch could not take). Called by :func:`known_fields` (every ``from_dict``),
+    by the CLI's :func:`polysae.cli.flags.config_from_args` and by ``__post_init__``."""
+    def bad(v: Any) -> str | None:
+        if isinstance(v, float) and not math.isfinite(v):
+            return f"must be a finite number, got {v!r}"
+        if isinstance(v, int) and not isinstance(v, bool) and not -2**63 <= v < 2**63:
+            return f"{v} does not fit in 64 bits"
+        if isinstance(v, (tuple, list)):
+            return next((f"element {i}: {w}" for i, w in enumerate(map(bad, v)) if w), None)
+        if isinstance(v, dict):
+            return next((f"{k!r}: {w}" for k, w in ((k, bad(x)) for k, x in v.items()) if w),
+                        None)
+        return None
+
+    for k, v in values.items():
+        why = bad(v)
+        if why:
+            raise ValueError(f"{owner}.{k}: {why}")
+
+
 def known_fields(cls: type, d: typing.Mapping[str, Any]) -> dict[str, Any]:
     """The entries of ``d`` that are fields of dataclass ``cls``: what ``from_dict`` of every
-    config passes on, dropping keys a newer polysae wrote (forward compatibility)."""
+    config passes on, dropping keys a newer polysae wrote (forward compatibility); values are
+    checked by :func:`check_values` (a non-finite float or a runaway integer names the field),
+    and ``d`` must be a mapping (a file's ``"config": null`` is an error, not a traceback)."""
+    if not isinstance(d, typing.Mapping):
+        raise ValueError(f"{cls.__name__}: expected a JSON object of fields, got "
+                         f"{type(d).__name__}")
     names = {f.name for f in dataclasses.fields(cls)}
-    return {k: v for k, v in d.items() if k in names}
+    out = {k: v for k, v in d.items() if k in names}
+    check_values(cls.__name__, out)
+    return out
 
 
 def plain_dict(cfg: Any) -> dict[str, Any]:
@@ -137,6 +167,7 @@ class SAEConfig:
         def bad(name: str, why: str) -> ValueError:
             return ValueError(f"SAEConfig.{name}: {why}")
 
+        check_values("SAEConfig", dataclasses.asdict(self))
         for name in ("d_in", "d_sae"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
@@ -264,4 +295,4 @@ def check_sae_overrides(overrides: dict[str, Any], *, fixed: tuple[str, ...], ow
 
 
 __all__ = ["SAEConfig", "SPARSIFIERS", "DECODERS", "DTYPES", "check_sae_overrides",
-           "default_matryoshka_widths"]
+           "check_values", "default_matryoshka_widths"]

@@ -9,6 +9,7 @@ last, so a folder whose data files were damaged afterwards fails its checksum in
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import shutil
@@ -57,16 +58,32 @@ def temp_name(path: str | os.PathLike) -> Path:
     return path.with_name(f".{path.name}.tmp{os.getpid()}")
 
 
+def write_error(path: str | os.PathLike, e: BaseException) -> BaseException:
+    """What a failed write of ``path`` raises: an ``OSError`` (its errno kept, ``EIO`` when the
+    writer gave none) whose message names the file, for an ``OSError`` or a writer's I/O error
+    (``torch.save``'s ``RuntimeError``, safetensors' ``SafetensorError``: disk full, quota,
+    read-only); any other exception (a bug, Ctrl-C) unchanged."""
+    if isinstance(e, OSError):
+        return OSError(e.errno or errno.EIO, f"cannot write {path}: {e.strerror or e}")
+    if isinstance(e, RuntimeError) or type(e).__name__ == "SafetensorError":
+        return OSError(errno.EIO, f"cannot write {path}: {e}")
+    return e
+
+
 def _write_then_rename(path: Path, write: Callable[[Path], None]) -> None:
     """``write(tmp)`` (which must leave the file flushed to disk), rename ``tmp`` over ``path``,
-    fsync the folder; on any error (out of space, Ctrl-C) the temporary file is removed."""
+    fsync the folder; on any error (out of space, Ctrl-C) the temporary file is removed and an
+    I/O error becomes an ``OSError`` naming ``path`` (:func:`write_error`)."""
     tmp = temp_name(path)
     try:
         write(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
-        raise
+        err = write_error(path, e)
+        if err is e:
+            raise
+        raise err from e
     fsync_dir(path.parent)
 
 

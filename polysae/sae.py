@@ -41,6 +41,7 @@ from polysae import kernels
 from polysae.config import SAEConfig
 from polysae.decoders import make_decoder
 from polysae.fileio import atomic_write_text, atomic_write_with, sha256_file
+from polysae.validate import check_finite_tensors, check_save_target, read_checkpoint_doc
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "sae.safetensors"
@@ -453,16 +454,21 @@ class SAE(nn.Module):
         if self.cfg.uses_threshold:
             self.threshold.copy_(tensors["threshold"])
 
-    def save(self, directory: str | os.PathLike, metadata: dict[str, Any] | None = None) -> Path:
+    def save(self, directory: str | os.PathLike, metadata: dict[str, Any] | None = None,
+             overwrite: bool = False) -> Path:
         """Write ``sae.safetensors`` and ``config.json`` atomically (temp name, fsync, rename).
 
         config.json is written last and records the weights' sha256, so a folder whose weights
-        were replaced or damaged after the fact fails to load instead of looking valid."""
+        were replaced or damaged after the fact fails to load instead of looking valid. Refuses
+        NaN/inf weights (nothing written) and a folder holding another SAE or a foreign
+        config.json unless ``overwrite`` (:func:`polysae.validate.check_save_target`)."""
         from safetensors.torch import save_file
 
         d = Path(directory)
-        d.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.cpu() for k, v in self.tensors().items()}
+        check_finite_tensors(tensors, d / WEIGHTS_FILE, "; not saved (what is on disk is kept)")
+        check_save_target(d, self.cfg.to_dict(), overwrite)
+        d.mkdir(parents=True, exist_ok=True)
         meta = {"format": "polysae", "format_version": str(FORMAT_VERSION)}
         digest = atomic_write_with(d / WEIGHTS_FILE,
                                    lambda tmp: save_file(tensors, str(tmp), metadata=meta))
@@ -490,19 +496,7 @@ def load_checkpoint(directory: str | os.PathLike, device: torch.device | str | N
     for p in (cfg_path, w_path):
         if not p.is_file():
             raise FileNotFoundError(f"checkpoint {d}: missing file {p}")
-    try:
-        doc = json.loads(cfg_path.read_text())
-        if not isinstance(doc, dict):
-            raise TypeError(f"expected a JSON object, got {type(doc).__name__}")
-        version = doc.get("format_version", 0)
-        if not isinstance(version, int):
-            raise TypeError(f"format_version {version!r} is not an integer")
-    except (ValueError, OSError, TypeError) as e:  # JSONDecodeError is a ValueError
-        raise ValueError(f"checkpoint {d}: {cfg_path} is not a valid polysae config ({e})") from e
-    # Checked before the config is parsed: a newer writer may use fields this version rejects.
-    if version > FORMAT_VERSION:
-        raise ValueError(f"{cfg_path}: format_version {version} is newer than this polysae "
-                         f"reads ({FORMAT_VERSION}); upgrade polysae")
+    doc = read_checkpoint_doc(cfg_path, d, FORMAT_VERSION)  # types, version first, no NaN
     try:
         cfg = SAEConfig.from_dict(doc["config"])
     except (ValueError, KeyError, TypeError) as e:
@@ -516,10 +510,11 @@ def load_checkpoint(directory: str | os.PathLike, device: torch.device | str | N
         tensors = load_file(str(w_path))
     except (SafetensorError, OSError, ValueError) as e:
         raise ValueError(f"checkpoint {d}: cannot read {w_path} ({e})") from e
+    check_finite_tensors(tensors, w_path, "; a diverged run's weights are refused")
     sae = SAE(cfg, device="meta")
     sae = sae.to_empty(device=device or "cpu")
     sae.load_tensors(tensors, source=str(w_path))
     if cfg.decoder == "poly":  # U saved off the constraint set (e.g. between retractions)
         sae.decoder.check_on_manifold(f"checkpoint {d}")
     sae.eval()
-    return sae, doc.get("metadata", {})
+    return sae, doc["metadata"]

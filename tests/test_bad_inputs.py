@@ -249,8 +249,10 @@ def test_d_in_mismatch_on_resume_with_another_store(pristine, tmp_path, capsys):
 
 
 def test_nan_activation_stops_training_cleanly(acts, tmp_path, capsys):
-    """One NaN row: training stops at the step that reads it, naming step, shape and index; every
-    checkpoint on disk is from an earlier step and finite."""
+    """One NaN row (checksum resealed): training stops when the shard is first read, naming the
+    shard, row and column; every checkpoint on disk is from an earlier step and finite. (Before
+    issue #29 it was caught later, in the batch: ``Trainer.step``, still checked by the next
+    case.)"""
     p = acts / f"{HOOK}/shard_00002.safetensors"
     t = load_file(str(p))
     t["acts"][10, 3] = float("nan")
@@ -259,17 +261,14 @@ def test_nan_activation_stops_training_cleanly(acts, tmp_path, capsys):
     out = tmp_path / "run"
     code, err = cli(capsys, "train", "--acts", acts, "--out", out, *TRAIN[:-7], "--steps", "10",
                     "--batch-size", "32", "--checkpoint-every", "1", "--no-progress")
-    assert code == 1 and "training diverged: step " in err
-    assert "NaN/inf in input activation batch of shape (32, 16)" in err
-    step = int(err.split("training diverged: step ")[1].split(":")[0])
-    assert 1 < step <= 10  # (with these seeds the NaN row is met after some good steps)
-    if step == 1:
-        no_checkpoint(out)
-    else:
+    assert code == 1 and f"{p}: NaN/inf in the stored activations (row 10, column 3)" in err
+    if (out / "poly" / "trainer_state.pt").exists():
         st = torch.load(out / "poly" / "trainer_state.pt", weights_only=True)
-        assert st["step"] == step - 1
+        assert 1 <= st["step"] < 10
         assert all(torch.isfinite(v).all() for v in polysae.load(out / "poly").tensors()
                    .values())
+    else:
+        no_checkpoint(out)
 
 
 def test_inf_activation_api(tmp_path):

@@ -163,3 +163,331 @@ def test_every_writer_refuses_a_locked_folder(cmd, acts, tmp_path, capsys):
 
     with output_lock(out):
         pass
+
+
+# -- 4. non-finite values never pass silently ---------------------------------------------------
+@pytest.mark.parametrize("flag, value, msg", [
+    ("--grad-clip", "nan", "--grad-clip: must be a finite number, got nan"),
+    ("--lr", "inf", "--lr: must be a finite number, got inf"),
+    ("--lambda2-init", "nan", "--lambda2-init: must be a finite number, got nan"),
+    ("--seed", str(10**30), f"--seed: {10**30} does not fit in 64 bits")])
+def test_non_finite_and_runaway_flags(flag, value, msg, acts, tmp_path, capsys):
+    code, err = cli(capsys, "train", "--acts", acts, "--out", tmp_path / "run", *TRAIN, flag,
+                    value)
+    assert code == 2 and msg in err, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_non_finite_config_values_through_the_api_and_files():
+    from polysae import SAEConfig
+    from polysae.training import TrainConfig
+
+    with pytest.raises(ValueError, match=r"TrainConfig.grad_clip: must be a finite number"):
+        TrainConfig(grad_clip=float("nan"))
+    with pytest.raises(ValueError, match=r"TrainConfig.betas: element 1: must be a finite"):
+        TrainConfig.from_dict(json.loads('{"betas": [0.9, NaN]}'))
+    with pytest.raises(ValueError, match=r"SAEConfig.lambda3_init: must be a finite number"):
+        SAEConfig.from_dict({"d_in": 8, "d_sae": 16, "lambda3_init": float("inf")})
+    with pytest.raises(ValueError, match=r"SAEConfig: expected a JSON object of fields"):
+        SAEConfig.from_dict(None)
+
+
+def test_harvest_refuses_nan_activations(tmp_path):
+    from polysae.data.harvesting import HarvestConfig, HarvestError, harvest
+
+    model = _tiny_model()
+    with torch.no_grad():
+        model.blocks[0].mlp.W_in[0, 0] = float("nan")
+    np.save(tmp_path / "t.npy", np.arange(200).reshape(20, 10) % 60)
+    cfg = HarvestConfig(model="tiny", hooks=[HOOK], dataset=str(tmp_path / "t.npy"), tokens=200,
+                        ctx=10, out=str(tmp_path / "acts"), batch_size=8, shard_size=64,
+                        dtype="float32", progress=False)
+    with pytest.raises(HarvestError, match=rf"hook '{HOOK}': the model gave NaN/inf activations"):
+        harvest(cfg, model=model)
+    m = json.loads((tmp_path / "acts" / "manifest.json").read_text())
+    assert m["shards"] == [] and not m["complete"]
+
+
+def test_bfloat16_shard_nan_is_found_on_its_bits(tmp_path):
+    from polysae.data.store import ShardError, check_finite_shard
+
+    a = torch.zeros(20, 4, dtype=torch.bfloat16)
+    a[13, 2] = float("inf")
+    with pytest.raises(ShardError, match=r"x.safetensors: NaN/inf in the stored activations "
+                                         r"\(row 13, column 2\)"):
+        check_finite_shard(tmp_path / "x.safetensors", a.view(torch.int16).numpy().view(np.uint16),
+                           "BF16", rows=8)
+    check_finite_shard(tmp_path / "x.safetensors", a.float().numpy()[:13], "F32")
+
+
+def test_training_never_writes_non_finite_weights(acts, tmp_path, capsys):
+    """An lr that overflows the weights at step 1: the checkpoint is refused (exit 1, the tensor
+    named), nothing is written."""
+    out = tmp_path / "run"
+    code, err = cli(capsys, "train", "--acts", acts, "--out", out, *TRAIN, "--decoders",
+                    "linear", "--lr", "1e39")
+    assert code == 1 and "holds NaN/inf" in err and "not saved" in err, err
+    assert not (out / "vanilla" / "sae.safetensors").exists()
+    assert not list(out.rglob("*.tmp*"))
+
+
+def _nan_checkpoint(folder: Path) -> Path:
+    from safetensors.torch import load_file, save_file
+
+    from polysae import SAE, SAEConfig
+    from polysae.fileio import sha256_file
+
+    SAE(SAEConfig(16, 32, k=4, decoder="linear")).save(folder)
+    t = load_file(str(folder / "sae.safetensors"))
+    t["W_enc"][3, 5] = float("nan")
+    save_file(t, str(folder / "sae.safetensors"))
+    doc = json.loads((folder / "config.json").read_text())
+    doc["weights_sha256"] = sha256_file(folder / "sae.safetensors")
+    (folder / "config.json").write_text(json.dumps(doc))
+    return folder
+
+
+def test_load_and_export_refuse_non_finite_weights(tmp_path, capsys):
+    import polysae
+
+    ck = _nan_checkpoint(tmp_path / "ck")
+    with pytest.raises(ValueError, match=r"sae.safetensors: tensor 'W_enc' holds NaN/inf \(first "
+                                         r"at index \[3, 5\]\)"):
+        polysae.load(ck)
+    code, err = cli(capsys, "export", ck, tmp_path / "out", "--format", "saelens")
+    assert code == 1 and "tensor 'W_enc' holds NaN/inf" in err
+    assert not (tmp_path / "out").exists()
+    from polysae import SAE, SAEConfig
+
+    sae = SAE(SAEConfig(16, 32, k=4, decoder="linear"))
+    with torch.no_grad():
+        sae.b_dec[0] = float("inf")
+    with pytest.raises(ValueError, match=r"tensor 'b_dec' holds NaN/inf .*not saved"):
+        sae.save(tmp_path / "api")
+    assert not (tmp_path / "api").exists()
+
+
+# -- 5. every file we read is validated ---------------------------------------------------------
+@pytest.fixture
+def acts_copy(acts, tmp_path) -> Path:
+    import shutil
+
+    return Path(shutil.copytree(acts, tmp_path / "acts"))
+
+
+def _edit(folder: Path, fn) -> None:
+    m = json.loads((folder / "manifest.json").read_text())
+    fn(m)
+    (folder / "manifest.json").write_text(json.dumps(m))
+
+
+def test_shard_header_with_a_renamed_key(acts_copy, tmp_path, capsys):
+    """One flipped byte in the header ('data_offsets' -> 'data_offsetz'): the shard is named,
+    no KeyError."""
+    p = acts_copy / HOOK / "shard_00000.safetensors"
+    raw = p.read_bytes()
+    p.write_bytes(raw.replace(b"data_offsets", b"data_offsetz", 1))
+    code, err = cli(capsys, "train", "--acts", acts_copy, "--out", tmp_path / "run", *TRAIN)
+    assert code == 1 and f"{p}: corrupt shard header (tensor 'acts': data_offsets None" in err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("edit, msg", [
+    (lambda m: m["d_in"].update({HOOK: "16"}), f"field 'd_in' of hook '{HOOK}' is '16'"),
+    (lambda m: m["d_in"].update({HOOK: 10**12}), "expected an integer in 1..1048576"),
+    (lambda m: m.update(n_rows="320"), "field 'n_rows' must be an integer, got a string"),
+    (lambda m: m.update(model=5), "field 'model' must be a string or null, got an integer"),
+    (lambda m: m["shards"][1].update(next="x"), "shard entry 1: field 'next' must be a list"),
+    (lambda m: m["shards"][0]["files"].update({HOOK: ["p"]}), f"file '{HOOK}' must be"),
+    (lambda m: m.update(hooks=[HOOK, HOOK]), "field 'hooks' must be distinct hook names"),
+    (lambda m: m.update(config=[]), "field 'config' must be an object or null, got a list"),
+], ids=["d_in-str", "d_in-absurd", "n_rows", "model", "next", "files", "dup-hooks", "config"])
+def test_manifest_field_of_the_wrong_type(edit, msg, acts_copy, tmp_path, capsys):
+    _edit(acts_copy, edit)
+    code, err = cli(capsys, "train", "--acts", acts_copy, "--out", tmp_path / "run", *TRAIN)
+    assert code == 1 and f"{acts_copy / 'manifest.json'}: " in err and msg in err, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_large_d_in_is_checked_against_the_headers_before_allocating(acts_copy, tmp_path, capsys):
+    _edit(acts_copy, lambda m: m["d_in"].update({HOOK: 1 << 20}))
+    code, err = cli(capsys, "train", "--acts", acts_copy, "--out", tmp_path / "run", *TRAIN)
+    assert code == 1 and "corrupt shard (shape (64, 16), manifest says (64, 1048576))" in err
+
+
+def test_checkpoint_config_json_null_fields(tmp_path, capsys):
+    import polysae
+    from polysae import SAE, SAEConfig
+
+    ck = SAE(SAEConfig(16, 32, k=4, decoder="linear")).save(tmp_path / "ck")
+    doc = json.loads((ck / "config.json").read_text())
+    (ck / "config.json").write_text(json.dumps(dict(doc, metadata=None)))
+    assert polysae.load(ck).cfg.d_sae == 32  # "metadata": null is no metadata
+    code, err = cli(capsys, "export", ck, tmp_path / "out", "--format", "saelens")
+    assert code == 0, err
+    (ck / "config.json").write_text(json.dumps(dict(doc, config=None)))
+    with pytest.raises(ValueError, match=r"config.json is not a valid polysae config \(.*field "
+                                         r"'config' must be an object, got null"):
+        polysae.load(ck)
+    (ck / "config.json").write_text(json.dumps(dict(doc, weights_sha256=7)))
+    with pytest.raises(ValueError, match=r"field 'weights_sha256' must be a string or null"):
+        polysae.load(ck)
+
+
+# -- 7. process edges ---------------------------------------------------------------------------
+def test_device_flag_is_checked_against_this_machine(acts, tmp_path, capsys):
+    code, err = cli(capsys, "train", "--acts", acts, "--out", tmp_path / "run", *TRAIN,
+                    "--device", "bogus")
+    assert code == 2 and "--device 'bogus' is not a device name" in err
+    gpu = "cuda:99" if torch.cuda.is_available() else "cuda"
+    code, err = cli(capsys, "train", "--acts", acts, "--out", tmp_path / "run", *TRAIN,
+                    "--device", gpu)
+    assert code == 2 and f"--device {gpu}: this machine has" in err
+    code, err = cli(capsys, "harvest", "--out", tmp_path / "h", "--device", "mps")
+    assert code == 2 and "--device mps" in err
+    assert not (tmp_path / "run").exists() and not (tmp_path / "h").exists()
+
+
+def test_disk_full_while_a_training_checkpoint_is_written(acts, tmp_path, capsys, monkeypatch):
+    """ENOSPC when the step-2 trainer state is flushed: one line naming the file, no temp file
+    left, and the step-1 state is what --resume finds."""
+    import errno
+
+    real, calls = os.fsync, {"n": 0}
+
+    def fsync(fd):
+        if "trainer_state" in os.readlink(f"/proc/self/fd/{fd}"):
+            calls["n"] += 1
+            if calls["n"] == 2:
+                raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    out = tmp_path / "run"
+    code, err = cli(capsys, "train", "--acts", acts, "--out", out, *TRAIN, "--decoders",
+                    "linear")
+    assert code == 1, err
+    assert f"cannot write {out / 'vanilla' / 'trainer_state.pt'}: No space left on device" in err
+    assert not [p for p in out.rglob("*") if ".tmp" in p.name]
+    st = torch.load(out / "vanilla" / "trainer_state.pt", weights_only=True)
+    assert st["step"] == 1
+
+
+def test_atomic_write_error_names_the_file(tmp_path, monkeypatch):
+    import errno
+
+    from polysae.fileio import atomic_write_with
+
+    def boom(tmp):
+        Path(tmp).write_bytes(b"half")
+        raise RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed")
+
+    with pytest.raises(OSError, match=rf"cannot write {tmp_path / 'x.pt'}: PytorchStreamWriter"):
+        atomic_write_with(tmp_path / "x.pt", boom)
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(OSError) as e:
+        atomic_write_with(tmp_path / "y", lambda t: (_ for _ in ()).throw(
+            OSError(errno.EDQUOT, "Disk quota exceeded")))
+    assert e.value.errno == errno.EDQUOT and str(tmp_path / "y") in str(e.value)
+
+
+# -- 2. no silent replacement -------------------------------------------------------------------
+def test_export_never_replaces_a_different_checkpoint(tmp_path, capsys):
+    from polysae import SAE, SAEConfig
+
+    torch.manual_seed(0)
+    a = SAE(SAEConfig(16, 32, k=4, decoder="linear")).save(tmp_path / "a")
+    b = SAE(SAEConfig(16, 48, k=4, decoder="linear")).save(tmp_path / "b")
+    dest = tmp_path / "dest"
+    assert cli(capsys, "export", a, dest, "--format", "polysae")[0] == 0
+    before = snapshot(dest)
+    code, err = cli(capsys, "export", a, dest, "--format", "polysae")
+    assert code == 0, err  # an identical re-export is fine
+    code, err = cli(capsys, "export", b, dest, "--format", "polysae")
+    assert code == 1 and f"export: {dest} already holds a checkpoint (decoder linear" in err
+    assert "d_sae 32" in err and "--overwrite" in err
+    assert snapshot(dest) == before and not list(tmp_path.glob(".dest.export-tmp*"))
+    code, err = cli(capsys, "export", b, dest, "--format", "polysae", "--overwrite")
+    assert code == 0, err
+    assert json.loads((dest / "config.json").read_text())["config"]["d_sae"] == 48
+
+
+def test_save_never_replaces_another_sae(tmp_path):
+    from polysae import SAE, SAEConfig
+
+    d = SAE(SAEConfig(16, 32, k=4, decoder="linear")).save(tmp_path / "ck")
+    SAE(SAEConfig(16, 32, k=4, decoder="linear")).save(d)  # a newer checkpoint of the same SAE
+    with pytest.raises(FileExistsError, match=r"already holds a different SAE \(d_sae 32 there "
+                                              r"vs 48"):
+        SAE(SAEConfig(16, 48, k=4, decoder="linear")).save(d)
+    SAE(SAEConfig(16, 48, k=4, decoder="linear")).save(d, overwrite=True)
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "config.json").write_text('{"model_type": "gpt2"}')
+    with pytest.raises(FileExistsError, match="not a polysae checkpoint"):
+        SAE(SAEConfig(16, 32, k=4, decoder="linear")).save(tmp_path / "foreign")
+
+
+# -- 3. resume does what the user asked ---------------------------------------------------------
+def test_resume_records_the_data_folder_absolute_and_checks_it_is_the_same(acts, tmp_path, capsys,
+                                                                          monkeypatch):
+    import shutil
+
+    work = tmp_path / "work"
+    work.mkdir()
+    shutil.copytree(acts, work / "acts")
+    monkeypatch.chdir(work)
+    run = tmp_path / "run"
+    assert cli(capsys, "train", "--acts", "acts", "--out", run, *TRAIN)[0] == 0
+    meta = json.loads((run / "run.json").read_text())["metadata"]
+    assert meta["acts"] == str(work / "acts") and len(meta["acts_identity"]) == 64
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")  # a relative path would now point nowhere
+    code, err = cli(capsys, "train", "--out", run, "--resume", "--steps", "6")
+    assert code == 0, err  # extending --steps is allowed
+    assert torch.load(run / "poly" / "trainer_state.pt", weights_only=True)["step"] == 6
+    # another harvest of the same width: not the data the run was trained on
+    other = harvest_tiny(tmp_path / "other", rows=400)
+    before = snapshot(run / "poly")
+    code, err = cli(capsys, "train", "--out", run, "--resume", "--steps", "8", "--acts", other)
+    assert code == 1 and f"--resume: {other} is not the harvest this run was trained on" in err
+    assert snapshot(run / "poly") == before
+
+
+def test_resume_refuses_flags_that_differ_from_the_run(acts, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert cli(capsys, "train", "--acts", acts, "--out", run, *TRAIN)[0] == 0
+    before = snapshot(run)
+    code, err = cli(capsys, "train", "--out", run, "--resume", "--lr", "0.001", "--d-sae", "64",
+                    "--k", "8", "--batch-size", "64", "--steps", "9")
+    assert code == 2, err
+    for part in ("--lr 0.001 (the run has 0.0003)", "--d-sae 64 (the run has 32)",
+                 "--k 8 (the run has 4)", "--batch-size 64 (the run has 32)"):
+        assert part in err
+    assert "--steps" not in err.split("differ from it:")[1].split(".")[0]
+    assert snapshot(run) == before
+    # the same values as recorded are fine
+    code, err = cli(capsys, "train", "--out", run, "--resume", "--d-sae", "32", "--k", "4")
+    assert code == 0, err
+
+
+def test_resume_with_a_damaged_run_file(acts, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert cli(capsys, "train", "--acts", acts, "--out", run, *TRAIN)[0] == 0
+    doc = json.loads((run / "run.json").read_text())
+    for bad, msg in ((dict(doc, metadata=[1]), "field 'metadata' must be an object or null"),
+                     (dict(doc, metadata=dict(doc["metadata"], batch_size="32")),
+                      "metadata: field 'batch_size' must be an integer"),
+                     (dict(doc, train_config=dict(doc["train_config"], lr="fast")),
+                      "holds an invalid config")):
+        (run / "run.json").write_text(json.dumps(bad))
+        code, err = cli(capsys, "train", "--out", run, "--resume")
+        assert code == 2 and str(run / "run.json") in err and msg in err, err
+
+
+def test_eval_ks_beyond_d_sae(tmp_path, capsys):
+    from polysae import SAE, SAEConfig
+
+    ck = SAE(SAEConfig(16, 32, k=4, decoder="linear")).save(tmp_path / "ck")
+    code, err = cli(capsys, "eval", "--sae", ck, "--out", tmp_path / "ev", "--ks", "1", "64")
+    assert code == 2 and f"--ks 64 exceeds d_sae=32 of {ck}" in err
+    assert not (tmp_path / "ev").exists()

@@ -69,6 +69,13 @@ def main(args: argparse.Namespace) -> int:
         cfg = config_from_args(args, EvalConfig)
     except ValueError as e:
         raise CLIError(config_error(e, args, EvalConfig="")) from None
+    from polysae.validate import read_checkpoint_doc
+
+    for path in saes.values():  # --ks the SAEs can give, checked before any model loads
+        d_sae = read_checkpoint_doc(path / "config.json", path, 1 << 30)["config"].get("d_sae")
+        if isinstance(d_sae, int) and max(cfg.ks) > d_sae:
+            raise CLIError(f"--ks {max(cfg.ks)} exceeds d_sae={d_sae} of {path} (a probe cannot "
+                           "pick more latents than the SAE has)")
     if args.acts and not (Path(args.acts) / "manifest.json").is_file():
         raise CLIError(f"--acts {args.acts}: not a harvest folder (no manifest.json)")
     if cfg.concepts:

@@ -28,8 +28,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from polysae.formats.neuronpedia import NeuronpediaConfig
 
     parser.add_argument("source", help="checkpoint folder, registry name, hf:// source or URL")
-    parser.add_argument("out", help="output folder (created; existing files of the format are "
-                                    "replaced atomically)")
+    parser.add_argument("out", help="output folder (created; a different checkpoint already "
+                                    "there is an error unless --overwrite)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a different checkpoint already in the output folder "
+                             "(each file atomically)")
     parser.add_argument("--format", required=True, choices=(*EXPORT_FORMATS, "neuronpedia"),
                         help=FORMATS_HELP)
     parser.add_argument("--model", default=None,
@@ -82,7 +85,8 @@ def main(args: argparse.Namespace) -> int:
         meta["model"] = args.model
     if args.hook:
         meta["hook"] = args.hook
-    export(src.sae, out_dir, args.format, metadata=meta, linearise=args.linearise)
+    export(src.sae, out_dir, args.format, metadata=meta, linearise=args.linearise,
+           overwrite=args.overwrite)
     note = ""
     if args.format == "sparsify":
         from polysae.formats import sparsify_hookpoint

@@ -38,6 +38,8 @@ import types
 import typing
 from typing import Any
 
+from polysae.config import check_values
+
 _SEP = "."
 _TYPED = "_typed_flags"  # namespace attribute: {dest: the option string the user typed}
 
@@ -298,6 +300,7 @@ def config_from_args(args: argparse.Namespace, cls: type, *, prefix: str = "",
         key = _dest(f.name, prefix)
         if key in ns:
             kw[f.name] = _convert(hints[f.name], ns[key])
+    check_values(cls.__name__, kw)  # every config: no NaN/inf float, no integer beyond 64 bits
     return cls(**kw, **given)
 
 
@@ -311,6 +314,11 @@ def field_default(cls: type, name: str) -> Any:
     """The dataclass default of field ``name`` (for a command that uses it outside a config)."""
     f = next(f for f in dataclasses.fields(cls) if f.name == name)
     return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
+def typed_dests(args: argparse.Namespace) -> dict[str, str]:
+    """``{dest: option string}`` of the generated flags the user typed (not their defaults)."""
+    return dict(getattr(args, _TYPED, {}))
 
 
 def typed_flag(args: argparse.Namespace, name: str, prefix: str = "") -> str:
@@ -331,4 +339,4 @@ def config_error(e: Exception, args: argparse.Namespace, **prefixes: str) -> str
 
 __all__ = ["add_config_flags", "add_override_flags", "config_error", "config_from_args",
            "field_default", "field_docs", "field_help", "field_values", "flag_name",
-           "overrides_from_args", "typed_flag"]
+           "overrides_from_args", "typed_dests", "typed_flag"]

@@ -27,6 +27,9 @@ def main(args: argparse.Namespace) -> int:
 
     try:
         cfg = config_from_args(args, HarvestConfig)
+    except ValueError as e:  # HarvestError, or a non-finite / runaway value (check_values)
+        raise CLIError(config_error(e, args, HarvestConfig="")) from None
+    try:
         r = harvest(cfg)
     except HarvestError as e:
         raise CLIError(config_error(e, args, HarvestConfig="")) from None

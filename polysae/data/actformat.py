@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from polysae.fileio import atomic_write_bytes
+from polysae.validate import check_manifest
 
 FORMAT = "polysae-activations"
 FORMAT_VERSION = 1
@@ -79,7 +80,7 @@ def read_manifest(folder: str | os.PathLike) -> dict[str, Any]:
                                 f"output folder?)")
     try:
         m = json.loads(f.read_text())
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError, RecursionError) as e:
         raise ManifestError(f"{f}: unreadable manifest ({e})") from None
     if not isinstance(m, dict) or m.get("format") != FORMAT:
         raise ManifestError(f"{f}: not a polysae activation manifest")
@@ -90,19 +91,10 @@ def read_manifest(folder: str | os.PathLike) -> dict[str, Any]:
     if m.get("dtype") not in STORAGE_DTYPES:
         raise ManifestError(f"{f}: dtype {m.get('dtype')!r} is not one of "
                             f"{sorted(STORAGE_DTYPES)}")
-    hooks, d_in, shards = m.get("hooks"), m.get("d_in"), m.get("shards")
-    if not (isinstance(hooks, list) and isinstance(d_in, dict) and isinstance(shards, list)):
-        raise ManifestError(f"{f}: corrupt manifest (hooks, d_in and shards must be a list, a "
-                            "dict and a list)")
-    for h in hooks:
-        if not (isinstance(d_in.get(h), int) and d_in[h] >= 1):
-            raise ManifestError(f"{f}: corrupt manifest (d_in of hook {h!r} is {d_in.get(h)!r}, "
-                                "expected a positive integer)")
-    for i, e in enumerate(shards):
-        if not (isinstance(e, dict) and isinstance(e.get("rows"), int) and e["rows"] >= 0
-                and isinstance(e.get("files"), dict)):
-            raise ManifestError(f"{f}: corrupt manifest (shard entry {i} needs integer rows >= 0 "
-                                "and files)")
+    try:  # every field's type and range (hooks, d_in, shard entries ...), naming the field
+        check_manifest(f, m)
+    except ValueError as e:
+        raise ManifestError(str(e)) from None
     return m
 
 

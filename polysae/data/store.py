@@ -24,9 +24,7 @@ depend on the shuffle seed and is spread over the corpus rather than its tail.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
-import struct
 from pathlib import Path
 from typing import Any, Iterable, Iterator, NamedTuple
 
@@ -34,6 +32,7 @@ import numpy as np
 import torch
 
 from polysae.data.actformat import HEADER_DTYPES, MANIFEST, TOKENS_DIR, read_manifest, storage_dtype
+from polysae.validate import safetensors_header
 
 log = logging.getLogger(__name__)
 
@@ -63,26 +62,8 @@ class _Shard:
 
     def __init__(self, path: Path, sha256: str | None, verify: bool):
         self.path = path
-        if not path.exists():
-            raise ShardError(f"{path}: shard file missing")
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise ShardError(f"{path}: truncated shard ({size} bytes)")
-            (n,) = struct.unpack("<Q", head)
-            if n > size - 8 or n > 100 << 20:
-                raise ShardError(f"{path}: corrupt or truncated shard (header length {n}, file "
-                                 f"{size} bytes)")
-            try:
-                header = json.loads(f.read(n))
-            except ValueError as e:
-                raise ShardError(f"{path}: corrupt shard header ({e})") from None
-        header.pop("__metadata__", None)
-        end = max((int(v["data_offsets"][1]) for v in header.values()), default=0)
-        if size != 8 + n + end:
-            raise ShardError(f"{path}: truncated or padded shard: {size} bytes, header describes "
-                             f"{8 + n + end}")
+        header, self.data_start = read_header(path)  # parsed and checked by hand, size capped
+        self.finite = False  # activations checked for NaN/inf (once, on first read)
         if verify and sha256 is not None:
             h = hashlib.sha256()
             with open(path, "rb") as f:
@@ -91,7 +72,7 @@ class _Shard:
             if h.hexdigest() != sha256:
                 raise ShardError(f"{path}: corrupt shard (sha256 {h.hexdigest()[:12]}... does not "
                                  f"match the manifest's {sha256[:12]}...)")
-        self.header, self.data_start = header, 8 + n
+        self.header = header
 
     def array(self, key: str) -> tuple[np.ndarray, str]:
         meta = self.header.get(key)
@@ -106,6 +87,30 @@ class _Shard:
                              f"shape {shape})")
         mm = np.memmap(self.path, dtype=dt, mode="r", offset=self.data_start + a, shape=shape)
         return mm, meta["dtype"]
+
+
+def read_header(path: Path) -> tuple[dict[str, Any], int]:
+    """``(header, data_start)`` of a shard (:func:`polysae.validate.safetensors_header`); a
+    :class:`ShardError` naming the file when missing, truncated or malformed."""
+    try:
+        header, start, _ = safetensors_header(path)
+    except FileNotFoundError as e:
+        raise ShardError(str(e)) from None
+    except ValueError as e:
+        raise ShardError(str(e)) from None
+    return header, start
+
+
+def check_finite_shard(path: Path, arr: np.ndarray, st_dtype: str, rows: int = 8192) -> None:
+    """A :class:`ShardError` naming the shard, row and column of the first NaN/inf in ``arr``
+    (read in blocks of ``rows``: memory stays small; bfloat16 is checked on its bits)."""
+    for lo in range(0, arr.shape[0], rows):
+        block = np.asarray(arr[lo:lo + rows])
+        bad = ((block & 0x7F80) == 0x7F80) if st_dtype == "BF16" else ~np.isfinite(block)
+        if bad.any():
+            r, c = (int(i) for i in np.argwhere(bad)[0])
+            raise ShardError(f"{path}: NaN/inf in the stored activations (row {lo + r}, column "
+                             f"{c}); this shard cannot be trained on: re-harvest it")
 
 
 def _to_torch(arr: np.ndarray, st_dtype: str) -> torch.Tensor:
@@ -171,6 +176,7 @@ class ActivationStore:
         self.buffer_rows = max(int(buffer_rows or default), g)
         self._opened: dict[tuple[int, str], _Shard] = {}
         self._epoch = 0
+        self._check_headers()
 
     # -- sizes -------------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -183,20 +189,24 @@ class ActivationStore:
         return self.batches(epoch)
 
     # -- files -------------------------------------------------------------------------------
+    def _shard_path(self, local: int, key: str) -> Path:
+        entry = self._entries[local]
+        f = entry["files"].get(key)
+        where = f"{self.path / MANIFEST}: shard {entry.get('index', local)}"
+        if not isinstance(f, dict) or not isinstance(f.get("path"), str):
+            raise ShardError(f"{where} lists no file for {key!r}")
+        rel = Path(f["path"])
+        # a manifest is data: never let it point the reader outside its own folder
+        if rel.is_absolute() or ".." in rel.parts or "\\" in f["path"]:
+            raise ShardError(f"{where}: refusing shard path {f['path']!r} (it leaves "
+                             f"{self.path})")
+        return self.path / rel
+
     def _shard(self, local: int, key: str) -> _Shard:
         k = (local, key)
         if k not in self._opened:
-            entry = self._entries[local]
-            f = entry["files"].get(key)
-            where = f"{self.path / MANIFEST}: shard {entry.get('index', local)}"
-            if not isinstance(f, dict) or not isinstance(f.get("path"), str):
-                raise ShardError(f"{where} lists no file for {key!r}")
-            rel = Path(f["path"])
-            # a manifest is data: never let it point the reader outside its own folder
-            if rel.is_absolute() or ".." in rel.parts or "\\" in f["path"]:
-                raise ShardError(f"{where}: refusing shard path {f['path']!r} (it leaves "
-                                 f"{self.path})")
-            self._opened[k] = _Shard(self.path / rel, f.get("sha256"), self.verify)
+            f = self._entries[local]["files"][key]
+            self._opened[k] = _Shard(self._shard_path(local, key), f.get("sha256"), self.verify)
         return self._opened[k]
 
     def _acts(self, local: int) -> tuple[np.ndarray, str]:
@@ -209,7 +219,27 @@ class ActivationStore:
         if arr.shape != (self._rows[local], self.d_in):
             raise ShardError(f"{sh.path}: corrupt shard (shape {arr.shape}, manifest says "
                              f"{(int(self._rows[local]), self.d_in)})")
+        if not sh.finite:
+            check_finite_shard(sh.path, arr, st)
+            sh.finite = True
         return arr, st
+
+    def _check_headers(self) -> None:
+        """Every shard's header of this hook against the manifest (dtype, shape, size), before
+        any batch is allocated from the manifest's numbers; only headers are read."""
+        want = HEADER_DTYPES[self.manifest["dtype"]]
+        for local in range(len(self._entries)):
+            path = self._shard_path(local, self.hook)
+            meta = read_header(path)[0].get("acts")
+            if meta is None:
+                raise ShardError(f"{path}: corrupt shard (tensor 'acts' missing)")
+            shape = tuple(meta["shape"])
+            if meta["dtype"] != want:
+                raise ShardError(f"{path}: corrupt shard (dtype {meta['dtype']}, manifest says "
+                                 f"{self.manifest['dtype']})")
+            if shape != (self._rows[local], self.d_in):
+                raise ShardError(f"{path}: corrupt shard (shape {shape}, manifest says "
+                                 f"{(int(self._rows[local]), self.d_in)})")
 
     def _gather(self, order: np.ndarray, lo: int, hi: int) -> torch.Tensor:
         """Rows [lo, hi) of the virtual array that concatenates shards in ``order``."""

@@ -9,12 +9,13 @@ from typing import Any, NamedTuple
 
 import torch
 
-from polysae.formats.files import read_json
+from polysae.formats.files import export_beside, read_json
 from polysae.formats.gemmascope import read_gemmascope
 from polysae.formats.reference import read_reference, write_reference
 from polysae.formats.saelens import read_saelens, write_saelens
 from polysae.formats.sparsify import read_sparsify, write_sparsify
 from polysae.sae import SAE, load_checkpoint
+from polysae.validate import check_finite_tensors
 
 FORMATS = ("polysae", "saelens", "polysae-ref", "sparsify", "gemmascope")
 """Every layout :func:`read_checkpoint` understands."""
@@ -111,21 +112,36 @@ def _check_target(d: Path, format: str) -> None:
 
 
 def export(sae: SAE, directory: str | os.PathLike, format: str,
-           metadata: dict[str, Any] | None = None, *, linearise: bool = False) -> Path:
+           metadata: dict[str, Any] | None = None, *, linearise: bool = False,
+           overwrite: bool = False) -> Path:
     """Write ``sae`` to ``directory`` in ``format`` (one of :data:`EXPORT_FORMATS`); ``linearise``
-    applies to ``sparsify`` only (see :func:`polysae.formats.sparsify.write_sparsify`)."""
+    applies to ``sparsify`` only (see :func:`polysae.formats.sparsify.write_sparsify`).
+
+    Never replaces a different artefact silently: when ``directory`` already holds files, the
+    export is written beside it first and compared; files that would change are a
+    ``FileExistsError`` describing what is there unless ``overwrite`` (an identical re-export
+    passes). NaN/inf weights are refused before anything is written."""
     if format not in EXPORT_FORMATS:
         raise ValueError(f"unknown export format {format!r}; expected one of {EXPORT_FORMATS}")
     if linearise and format != "sparsify":
         raise ValueError("linearise applies to the sparsify format only")
-    _check_target(Path(directory), format)
+    d = Path(directory)
+    check_finite_tensors(sae.tensors(), f"export to {d}", "; a diverged SAE is not exported")
+    _check_target(d, format)
+    if overwrite or not d.is_dir() or not any(d.iterdir()):
+        return _write(sae, d, format, metadata, linearise)
+    return export_beside(d, lambda tmp: _write(sae, tmp, format, metadata, linearise))
+
+
+def _write(sae: SAE, d: Path, format: str, metadata: dict[str, Any] | None,
+           linearise: bool) -> Path:
     if format == "saelens":
-        return write_saelens(sae, directory, metadata)
+        return write_saelens(sae, d, metadata)
     if format == "polysae-ref":
-        return write_reference(sae, directory, metadata)
+        return write_reference(sae, d, metadata)
     if format == "sparsify":
-        return write_sparsify(sae, directory, metadata, linearise=linearise)
-    return sae.save(directory, metadata=metadata)
+        return write_sparsify(sae, d, metadata, linearise=linearise)
+    return sae.save(d, metadata=metadata, overwrite=True)  # the target was checked by export()
 
 
 __all__ = ["FORMATS", "EXPORT_FORMATS", "LAYOUT_FILES", "ImportedSAE", "detect_format",

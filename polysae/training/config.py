@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from polysae.config import known_fields
+from polysae.config import check_values, known_fields
 from polysae.training.schedule import SCHEDULES
 
 LOGGERS = ("wandb", "tensorboard")
@@ -97,6 +97,7 @@ class TrainConfig:
         def bad(name: str, why: str) -> ValueError:
             return ValueError(f"TrainConfig.{name}: {why}")
 
+        check_values("TrainConfig", dataclasses.asdict(self))  # NaN/inf, runaway integers
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise bad("lr", f"must be a positive number, got {self.lr!r}")
         self.betas = tuple(float(b) for b in self.betas)  # type: ignore[assignment]

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from polysae.config import SAEConfig
-from polysae.fileio import fsync_dir, temp_name
+from polysae.fileio import fsync_dir, temp_name, write_error
 
 log = logging.getLogger(__name__)
 
@@ -57,10 +57,13 @@ def write_states(states: Mapping[Path, dict[str, Any]]) -> None:
                 torch.save(st, f)
                 f.flush()
                 os.fsync(f.fileno())
-        except BaseException:  # e.g. out of space: drop this and the other unpublished states
-            for p in [tmp, *(t for _, t in tmps)]:
+        except BaseException as e:  # e.g. out of space: drop this and the other unpublished
+            for p in [tmp, *(t for _, t in tmps)]:  # states; an I/O error names the file
                 p.unlink(missing_ok=True)
-            raise
+            err = write_error(folder / STATE_FILE, e)
+            if err is e:
+                raise
+            raise err from e
         tmps.append((folder, tmp))
     for folder, tmp in tmps:
         if (folder / STATE_FILE).exists():
