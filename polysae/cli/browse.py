@@ -40,6 +40,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "harvest has none, then all rows are used with a warning)")
     p.add_argument("--model", help="model for token text and the unembedding (default: the one "
                                    "named in the harvest manifest)")
+    from polysae.data.backend import BACKENDS
+
+    p.add_argument("--backend", default=BACKENDS[0], choices=BACKENDS,
+                   help="what runs the model: transformer_lens, hf (plain transformers) or "
+                        "nnsight (pip install 'polysae[nnsight]'); the browser reads its "
+                        "tokenizer and unembedding (default: transformer_lens)")
     p.add_argument("--no-model", action="store_true",
                    help="do not load a model: contexts show token ids, no promoted tokens")
     p.add_argument("--report", metavar="JSON",
@@ -92,17 +98,19 @@ def open_store(acts: Path, hook: str | None, split: str, device: str, sae=None,
     return store
 
 
-def load_store_model(store, acts: Path, name: str | None, device: str, hint: str):
+def load_store_model(store, acts: Path, name: str | None, device: str, hint: str,
+                     backend: str = "transformer_lens"):
     """``(name, model)``: the model ``name`` (``--model``), else the one the harvest manifest of
-    ``store`` names, loaded on ``device``. A :class:`~polysae.cli.CLIError` ending in ``hint``
-    (what the command needs the model for) when there is no name or it cannot be loaded."""
+    ``store`` names, loaded on ``device`` through ``backend``. A :class:`~polysae.cli.CLIError`
+    ending in ``hint`` (what the command needs the model for) when there is no name or it cannot
+    be loaded."""
     mname = name or store.manifest.get("model")
     if not mname:
         raise CLIError(f"--acts {acts}: the manifest names no model; {hint}")
     from polysae.data.models import load_model
 
     try:
-        return mname, load_model(mname, device=device).model
+        return mname, load_model(mname, device=device, backend=backend).model
     except (ValueError, OSError) as e:
         raise CLIError(f"--model {mname!r}: cannot load it ({e}); {hint}") from e
 
@@ -125,7 +133,7 @@ def main(args: argparse.Namespace) -> int:
         store = open_store(acts, hook, args.split, args.device, sae=sae, source=f"--sae {ck}")
         if not args.no_model and model is None:
             loaded_name, model = load_store_model(store, acts, args.model, args.device,
-                                                  "pass --model or --no-model")
+                                                  "pass --model or --no-model", args.backend)
         report = args.report
         if report is None:
             # `polysae run` layout: out/train/<name>/ beside out/report/metrics.json

@@ -10,7 +10,8 @@ returns the replacement (a forward hook for outputs, a forward pre-hook for inpu
 from __future__ import annotations
 
 import inspect
-from typing import Any, Mapping
+import re
+from typing import Any, Mapping, NamedTuple
 
 import torch
 
@@ -69,6 +70,20 @@ ENCODERS = ("bert", "roberta", "distilbert", "albert", "electra", "xlm-roberta",
             "deberta-v2", "mpnet", "camembert", "modernbert")
 
 
+class EditStep(NamedTuple):
+    """One hook edit as the ``hf`` and ``nnsight`` backends apply it."""
+
+    hook: str
+    """The hook being edited."""
+    fn: Edit
+    """The edit."""
+    site: HookSite
+    """Where the replacement is written."""
+    base: HookSite | None = None
+    """For ``hook_resid_mid``: the block input added to the attention output before ``fn``
+    (see :meth:`HFBackend.edit_plan`)."""
+
+
 class HFBackend(Backend):
     """A Hugging Face ``transformers`` model (``AutoModelForCausalLM`` for causal LMs,
     ``AutoModel`` for encoders) hooked with PyTorch hooks."""
@@ -102,16 +117,25 @@ class HFBackend(Backend):
         self.check_hooks([hook])  # raises, listing the valid names
         raise AssertionError(hook)
 
-    def edit_site(self, hook: str) -> HookSite:
-        """:meth:`site` of a hook about to be edited; a read-only one is a ``BackendError``."""
-        s = self.site(hook)
-        if not s.editable:
-            raise BackendError(f"hook {hook!r} can be read but not edited through the {self.name} "
-                               f"backend (the residual stream bypasses the module input it is "
-                               f"read from); edit the next block's hook_resid_pre or this "
-                               f"block's hook_attn_out instead, or use --backend "
-                               f"transformer_lens")
-        return s
+    def edit_plan(self, edits: Mapping[str, Edit]) -> list[EditStep]:
+        """The steps that replace each hook of ``edits`` (direct ones first). A read-only
+        ``blocks.L.hook_resid_mid`` is edited through the attention output: with x the block's
+        input, the attention output a becomes ``edit(x + a) - x``, so the stream after it is
+        ``edit(resid_mid)`` on both the residual branch and the norm."""
+        steps = []
+        for h, fn in edits.items():
+            s = self.site(h)
+            if s.editable:
+                steps.append(EditStep(h, fn, s))
+                continue
+            m = re.fullmatch(r"blocks\.(\d+)\.hook_resid_mid", h)
+            pre = self.sites.get(f"blocks.{m[1]}.hook_resid_pre") if m else None
+            attn = self.sites.get(f"blocks.{m[1]}.hook_attn_out") if m else None
+            if pre is None or attn is None:
+                raise BackendError(f"hook {h!r} can be read but not edited through the "
+                                   f"{self.name} backend; use --backend transformer_lens")
+            steps.append(EditStep(h, fn, attn, pre))
+        return sorted(steps, key=lambda st: st.base is not None)
 
     def module_at(self, path: str) -> torch.nn.Module:
         return self.hf if path == "" else self.modules_by_name[path]
@@ -150,23 +174,31 @@ class HFBackend(Backend):
     def logits(self, tokens: torch.Tensor, edits: Mapping[str, Edit] | None = None,
                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         self.require_causal("next-token logits", "load a causal LM")
+        plan = self.edit_plan(edits or {})
         handles = []
         try:
-            for h, fn in (edits or {}).items():
-                s = self.edit_site(h)
-                mod = self.module_at(s.module)
-                if s.io == INPUT:
+            for st in plan:  # direct edits first, so a stashed block input is the edited one
+                mod = self.module_at(st.site.module)
+                if st.base is not None:
+                    stash: dict[str, Any] = {}
+                    handles.append(self.module_at(st.base.module).register_forward_pre_hook(
+                        lambda m, a, k, stash=stash: stash.update(x=first_input(a, k)),
+                        with_kwargs=True))
+                    handles.append(mod.register_forward_hook(
+                        lambda m, i, o, st=st, stash=stash: replace_output(
+                            o, st.fn(stash["x"] + activation(o)) - stash["x"], st.hook)))
+                elif st.site.io == INPUT:
                     handles.append(mod.register_forward_pre_hook(
-                        lambda m, a, k, fn=fn: replace_input(a, k, fn(first_input(a, k))),
+                        lambda m, a, k, fn=st.fn: replace_input(a, k, fn(first_input(a, k))),
                         with_kwargs=True))
                 else:
                     handles.append(mod.register_forward_hook(
-                        lambda m, i, o, fn=fn, h=h: replace_output(o, fn(activation(o)), h)))
+                        lambda m, i, o, st=st: replace_output(o, st.fn(activation(o)), st.hook)))
             return self.hf(**self.forward_kwargs(tokens, attention_mask)).logits
         finally:
             for hd in handles:
                 hd.remove()
 
 
-__all__ = ["HFBackend", "first_input", "replace_input", "replace_output", "activation",
+__all__ = ["HFBackend", "EditStep", "first_input", "replace_input", "replace_output", "activation",
            "model_kind", "ENCODERS"]

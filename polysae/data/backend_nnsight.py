@@ -76,7 +76,11 @@ class NNsightBackend(HFBackend):
 
     def ordered_sites(self, hooks: list[str]) -> list[HookSite]:
         """The distinct sites of ``hooks`` in forward order."""
-        sites = list(dict.fromkeys(self.site(h) for h in hooks))
+        return self.ordered_sites_of([self.site(h) for h in hooks])
+
+    def ordered_sites_of(self, sites: list[HookSite]) -> list[HookSite]:
+        """Distinct ``sites`` in the order a forward reaches them."""
+        sites = list({s[:2]: s for s in sites}.values())
         if len(sites) > 1:
             order = self.measure_order()
             missing = [s.module for s in sites if s[:2] not in order]
@@ -96,33 +100,38 @@ class NNsightBackend(HFBackend):
                 got.append(env.input if io == INPUT else env.output)
             if rec.stop_early:
                 tracer.stop()
-        values = {s: activation(v) for s, v in zip(sites, got)}
+        values = {s[:2]: activation(v) for s, v in zip(sites, got)}
         for h in rec.hooks:
-            rec.grab(h, values[self.site(h)])
+            rec.grab(h, values[self.site(h)[:2]])
 
     def logits(self, tokens: torch.Tensor, edits: Mapping[str, Edit] | None = None,
                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         self.require_causal("next-token logits", "load a causal LM")
         nns = require("nnsight")
-        edits = dict(edits or {})
-        by_site: dict[HookSite, list[tuple[str, Edit]]] = {}
-        for h, fn in edits.items():
-            by_site.setdefault(self.edit_site(h), []).append((h, fn))
-        sites = self.ordered_sites(list(edits)) if edits else []
-        plan = [(self.envoy_at(s.module), s.io, by_site[s]) for s in sites]
+        plan = self.edit_plan(edits or {})
+        used = {s[:2]: s for st in plan for s in (st.site, st.base) if s is not None}
+        sites = self.ordered_sites_of(list(used.values()))
+        # (envoy, io, steps writing here, whether a later step needs this block input)
+        ops = [(self.envoy_at(s.module), s.io, [st for st in plan if st.site[:2] == s[:2]],
+                any(st.base is not None and st.base[:2] == s[:2] for st in plan))
+               for s in sites]
+        stash: dict[str, Any] = {}
         with self.envoy.trace(**self.forward_kwargs(tokens, attention_mask)):
-            for env, io, fns in plan:
+            for env, io, steps, is_base in ops:
                 if io == INPUT:
                     x = env.input
-                    for _, fn in fns:
-                        x = fn(x)
-                    env.input = x
+                    for st in steps:
+                        x = st.fn(x)
+                    if steps:
+                        env.input = x
+                    if is_base:
+                        stash["x"] = x
                 else:
                     out = env.output
                     x = activation(out)
-                    for _, fn in fns:
-                        x = fn(x)
-                    env.output = replace_output(out, x, fns[0][0])
+                    for st in steps:
+                        x = st.fn(x) if st.base is None else st.fn(stash["x"] + x) - stash["x"]
+                    env.output = replace_output(out, x, steps[0].hook)
             result = nns.save(self.envoy.output)
         return result.logits
 

@@ -33,9 +33,9 @@ Any other model whose blocks sit in a ``ModuleList`` of ``num_hidden_layers`` en
 ``blocks.L.hook_resid_pre`` / ``blocks.L.hook_resid_post`` (the block's input and output), and
 every model accepts its raw module names (``model.layers.3.mlp.act_fn``: the module's output).
 
-``hook_resid_mid`` of the Llama family and GPT-2 is read-only here (it is read as the input of
-the block's second norm, which the residual branch bypasses); edit ``hook_resid_pre`` of the
-next block or ``hook_attn_out`` instead, or use the ``transformer_lens`` backend.
+``hook_resid_mid`` of the Llama family and GPT-2 is read as the input of the block's second norm,
+which the residual branch bypasses, so it is marked not ``editable`` there: the backends edit it
+through the attention output instead (:meth:`polysae.data.backend_hf.HFBackend.edit_plan`).
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ class HookSite(NamedTuple):
     editable: bool = True
     """False where replacing the value would not replace the activation: a pre-norm block's
     ``hook_resid_mid`` is read as the input of its second norm, but the residual branch keeps
-    its own copy of it, so an edit there would reach the MLP only."""
+    its own copy of it, so writing there would reach the MLP only."""
 
 
 class Layout(NamedTuple):
@@ -70,7 +70,7 @@ class Layout(NamedTuple):
     top: dict[str, tuple[str, str]]
     """Hooks outside the blocks -> (module, ``input``/``output``)."""
     read_only: tuple[str, ...] = ()
-    """Block hook suffixes that can be read but not edited (see :attr:`HookSite.editable`)."""
+    """Block hook suffixes whose site cannot be written directly (:attr:`HookSite.editable`)."""
 
 
 _RESID = {"hook_resid_pre": ("", INPUT), "hook_resid_post": ("", OUTPUT)}

@@ -209,27 +209,34 @@ def collect_text_acts(model: Any, hook: str, token_lists: Sequence[Tensor],
                       special_ids: Iterable[int] = (), *, batch_size: int = 16,
                       pad_id: int = 0, progress: Callable[[int], None] | None = None
                       ) -> PooledText:
-    """Run ``model`` (a HookedTransformer) on each token list and keep the hook activations of the
-    tokens that are not special (BOS/EOS/PAD: SAEBench zeroes and excludes them).
+    """Run ``model`` (any backend, :func:`polysae.data.models.as_backend`) on each token list
+    and keep the hook activations of the tokens that are not special (BOS/EOS/PAD: SAEBench zeroes
+    and excludes them).
 
     Texts are right-padded within a batch; a causal model never lets padding influence earlier
-    positions, and padded positions are dropped. Batches are sorted by length to limit padding.
+    positions (an encoder gets an attention mask), and padded positions are dropped. Batches are
+    sorted by length to limit padding.
     """
-    from polysae.data.models import capture
+    from polysae.data.models import as_backend, capture
+
+    model = as_backend(model)
 
     special = torch.tensor(sorted(set(int(i) for i in special_ids)), dtype=torch.long)
     order = sorted(range(len(token_lists)), key=lambda i: len(token_lists[i]))
     acts: list[Tensor | None] = [None] * len(token_lists)
-    dev = next(model.parameters()).device
+    dev = model.device
     total = 0
     with torch.inference_mode():
         for s in range(0, len(order), batch_size):
             idx = order[s:s + batch_size]
             T = max(len(token_lists[i]) for i in idx)
             toks = torch.full((len(idx), T), pad_id, dtype=torch.long)
+            mask = torch.zeros((len(idx), T), dtype=torch.long)
             for r, i in enumerate(idx):
                 toks[r, :len(token_lists[i])] = token_lists[i]
-            a = capture(model, toks.to(dev), [hook])[hook].float().cpu()
+                mask[r, :len(token_lists[i])] = 1
+            mask = None if model.causal else mask.to(dev)
+            a = capture(model, toks.to(dev), [hook], attention_mask=mask)[hook].float().cpu()
             for r, i in enumerate(idx):
                 t = token_lists[i]
                 keep = (~torch.isin(t, special) if special.numel()

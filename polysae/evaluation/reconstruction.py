@@ -55,7 +55,8 @@ def ce_recovered(model: Any, hook: str, tokens: Tensor,
                  reconstruct: Callable[[Tensor], Tensor], special_ids: Iterable[int] = (),
                  *, batch_size: int = 8) -> CELoss:
     """CE and KL loss recovered when the activation at ``hook`` is replaced by
-    ``reconstruct(activation)`` (e.g. an SAE's forward) on a HookedTransformer.
+    ``reconstruct(activation)`` (e.g. an SAE's forward), on any backend
+    (:func:`polysae.data.models.as_backend`: a ``LoadedModel``, a HookedTransformer, ...).
 
     ``tokens`` [B, T]; ``reconstruct`` maps [N, d] -> [N, d]. Positions holding special tokens keep
     the clean activation and are not scored as targets.
@@ -73,7 +74,11 @@ def ce_recovered_many(model: Any, hook: str, tokens: Tensor,
     ``progress(n)`` is called after each batch with its number of contexts."""
     if tokens.ndim != 2 or tokens.shape[1] < 2:
         raise ValueError(f"ce_recovered: tokens must be [batch, pos>=2], got {tuple(tokens.shape)}")
-    dev = next(model.parameters()).device
+    from polysae.data.models import as_backend
+
+    be = as_backend(model)
+    be.require_causal("CE/KL loss recovered", "evaluate a causal LM")
+    dev = be.device
     names = list(reconstructs)
     tot = {k: 0.0 for k in ["clean", "zero", "kl_zero", *names, *(f"kl_{n}" for n in names)]}
     n = 0
@@ -83,19 +88,15 @@ def ce_recovered_many(model: Any, hook: str, tokens: Tensor,
             special = _special_mask(tok, special_ids)
             target_ok = ~special[:, 1:]
 
-            def splice(act, hook, fn):
+            def splice(act, fn):
                 flat = act.reshape(-1, act.shape[-1])
                 new = fn(flat.float()).to(act.dtype).reshape(act.shape)
                 keep = special.reshape(*special.shape, *([1] * (act.ndim - 2)))
                 return torch.where(keep, act, new)
 
             def run(fn):
-                if fn is None:
-                    logits = model(tok, return_type="logits")
-                else:
-                    logits = model.run_with_hooks(
-                        tok, return_type="logits",
-                        fwd_hooks=[(hook, lambda a, hook: splice(a, hook, fn))])
+                edits = None if fn is None else {hook: lambda a: splice(a, fn)}
+                logits = be.logits(tok, edits)
                 return F.log_softmax(logits[:, :-1].float(), dim=-1)
 
             tgt = tok[:, 1:, None]

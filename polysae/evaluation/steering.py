@@ -137,7 +137,11 @@ def ranks_for_additions(model: Any, hook: str, prompts: Sequence[Tensor], target
     All (addition, prompt) rows go through the model together, ``max_rows`` per forward: on CPU a
     forward's cost is dominated by streaming the weights, not by the number of rows.
     """
-    dev = next(model.parameters()).device
+    from polysae.data.models import as_backend
+
+    model = as_backend(model)
+    model.require_causal("steering", "evaluate a causal LM")
+    dev = model.device
     tok1, last1 = _pad(prompts)
     n_p = len(prompts)
     d_model = None
@@ -151,19 +155,19 @@ def ranks_for_additions(model: Any, hook: str, prompts: Sequence[Tensor], target
         for s in range(0, rows_tok.shape[0], max_rows):
             sl = slice(s, s + max_rows)
             tok = rows_tok[sl].to(dev)
-            fwd_hooks = []
+            edits = None
             if d_model is not None:
                 add = torch.stack([
                     (additions[r // n_p] if additions[r // n_p] is not None
                      else torch.zeros(d_model)).float().cpu()
                     for r in range(s, min(s + max_rows, rows_tok.shape[0]))]).to(dev)
 
-                def fn(act, hook, add=add):
+                def fn(act, add=add):
                     act = act.clone()
                     act[:, 1:] += add[:, None, :].to(act.dtype)
                     return act
-                fwd_hooks = [(hook, fn)]
-            logits = model.run_with_hooks(tok, return_type="logits", fwd_hooks=fwd_hooks)
+                edits = {hook: fn}
+            logits = model.logits(tok, edits)
             last = rows_last[sl].to(dev)
             final = logits[torch.arange(tok.shape[0], device=dev), last].float()
             ranks += [target_rank(final[r], target) for r in range(final.shape[0])]
@@ -183,11 +187,12 @@ def steer_ranks(model: Any, hook: str, prompts: Sequence[Tensor], target: int,
 def _last_acts(model: Any, hook: str, prompts: Sequence[Tensor]) -> tuple[Tensor, list[Tensor]]:
     """Hook activations of padded prompts in one forward: ([n, d] at each last real token,
     per-prompt [len-1, d] of the non-BOS positions)."""
-    from polysae.data.models import capture
+    from polysae.data.models import as_backend, capture
 
+    model = as_backend(model)
     tok, last = _pad(prompts)
     with torch.inference_mode():
-        a = capture(model, tok.to(next(model.parameters()).device), [hook])[hook].float().cpu()
+        a = capture(model, tok.to(model.device), [hook])[hook].float().cpu()
     return a[torch.arange(len(prompts)), last], [a[r, 1:len(p)] for r, p in enumerate(prompts)]
 
 
@@ -213,7 +218,9 @@ def word_latents(model: Any, hook: str, sae: Any, words: Sequence[Tensor],
 
 
 def _tokens(model: Any, text: str, bos: bool) -> Tensor:
-    return model.to_tokens(text, prepend_bos=bos)[0].cpu()
+    from polysae.data.models import as_backend
+
+    return as_backend(model).to_tokens(text, prepend_bos=bos)
 
 
 def sae_modes(sae: Any) -> tuple[str, ...]:
@@ -257,9 +264,10 @@ def steering_eval(model: Any, hook: str, saes: dict[str, Any],
                   progress: Callable[[int], None] | None = None,
                   select_prompts: int = SELECT_PROMPTS) -> dict[str, Any]:
     """Run the protocol above for every SAE in ``saes`` (name -> SAE) and each of its modes on a
-    HookedTransformer with a tokenizer; ``progress(1)`` is called after each concept. alpha is
-    chosen per (SAE, mode) on the first ``select_prompts`` neutral prompts (1 <= select_prompts
-    <= len(neutral_prompts)) and everything under ``report_*`` is measured on the other cases.
+    causal LM with a tokenizer (any backend: :func:`polysae.data.models.as_backend`);
+    ``progress(1)`` is called after each concept. alpha is chosen per (SAE, mode) on the first
+    ``select_prompts`` neutral prompts (1 <= select_prompts <= len(neutral_prompts)) and
+    everything under ``report_*`` is measured on the other cases.
 
     Returns a JSON-ready dict. ``ranks`` lists are [prompt][alpha]; prompts are in the order of
     ``concepts[c]["prompts"]`` (the concept's own prompt, then the neutral prompts);
@@ -290,6 +298,10 @@ def steering_eval(model: Any, hook: str, saes: dict[str, Any],
 
     ``poly_vs_vanilla`` has one row per (PolySAE, its mode, linear-decoder SAE), each SAE at its
     own chosen alpha (decoder kind from ``sae.cfg.decoder``)."""
+    from polysae.data.models import as_backend
+
+    model = as_backend(model)
+    model.require_causal("steering", "evaluate a causal LM (or turn steering off)")
     n_sel = int(select_prompts)
     if not 1 <= n_sel <= len(neutral_prompts):
         raise ValueError(f"steering_eval: select_prompts={select_prompts} must be between 1 and "
