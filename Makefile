@@ -4,8 +4,11 @@
 # and `make docs`: build the site with `mkdocs build --strict` (CI check);
 #     `make lock`: regenerate requirements-lock.txt (what set-up and CI install) from pyproject's ranges;
 #     `make test-latest`: the suite in .venv-latest on the newest versions the ranges allow (drift
-#     warning; not part of CI).
-.PHONY: setup run test bench docs lock test-latest
+#     warning; not part of CI);
+#     `make peers`: virtualenvs for the peer packages (sae-lens + sae-bench, sae-dashboard, neuronpedia)
+#     under .peers/, from the locks in scripts/peers/ (tests that need one skip with the reason
+#     without it; CI builds them).
+.PHONY: setup run test bench docs lock test-latest peers
 VENV ?= .venv
 setup:
 	bash scripts/setup.sh
@@ -22,3 +25,5 @@ lock:
 test-latest:
 	VENV=.venv-latest bash scripts/setup.sh --latest
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 .venv-latest/bin/python -m pytest -n 2 --dist loadgroup -q
+peers:
+	bash scripts/peers.sh
