@@ -38,7 +38,7 @@ DENSE_PRE_GRAD_FRACTION = 1 / 16
 """A gradient of ``pre`` with more than this fraction of nonzeros uses the dense formulas."""
 
 
-# -- selections: pre [N, F] -> (values, indices) [N, K], padding values 0 ---------------------------
+# -- selections: pre [N, F] -> (values, indices) [N, K], padding values 0 --------------------------
 def select_topk(pre: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """Top k of each row, ReLU on them (as ``reference.topk_encode_ref``)."""
     v, idx = pre.topk(k, dim=-1, sorted=False)

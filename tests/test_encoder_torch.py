@@ -3,8 +3,8 @@
 ``topk_encode`` / ``batchtopk_encode`` must give the reference's codes and pre-activations, and
 gradients of x, W_enc, b_enc and b_dec equal to float64 autograd through ``topk_encode_ref`` /
 ``batchtopk_encode_ref``: on the sparse path, with a sparse gradient of ``pre`` (AuxK: merged into
-the pairs) and with a dense one (the dense formulas). Odd shapes as in tests/test_kernels.py: d_in 23,
-d_sae 45, k = 1 and k = d_sae, rows where BatchTopK keeps nothing or many latents, N = 1.
+the pairs) and with a dense one (the dense formulas). Odd shapes as in tests/test_kernels.py:
+d_in 23, d_sae 45, k = 1 and k = d_sae, rows where BatchTopK keeps nothing or many latents, N = 1.
 """
 
 from __future__ import annotations

@@ -84,7 +84,7 @@ def test_separate_equal_ranks_is_block_gram_schmidt():
         torch.testing.assert_close(got.detach(), want, atol=1e-10, rtol=0)
 
 
-# -- the one-pass CholeskyQR with a probe check -----------------------------------------------------
+# -- the one-pass CholeskyQR with a probe check ----------------------------------------------------
 def _count_passes(monkeypatch):
     import polysae.orthogonal as orth
     calls = []

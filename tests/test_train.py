@@ -513,7 +513,7 @@ def test_resume_before_first_checkpoint_starts_afresh(tmp_path):
     assert steps == list(range(1, 9))
 
 
-# -- U on the manifold whenever saved (retract_every > 1) -------------------------------------------
+# -- U on the manifold whenever saved (retract_every > 1) ------------------------------------------
 def test_checkpoint_between_retractions_saves_u_retracted(tmp_path):
     """retract_every=3, steps=7, checkpoint_every=5: the step-5 checkpoint falls between
     retractions (last one at step 3). sae.safetensors holds a retracted U (error < 1e-5) while the
