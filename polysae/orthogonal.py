@@ -95,7 +95,9 @@ def probe_error(Q: Tensor) -> float:
     ||Q^T Q - I|| from one thin product (a NaN/inf in Q gives NaN/inf)."""
     V = _probes(Q.shape[1], Q)
     with ieee_fp32(Q.device.type):
-        Y = Q @ V
+        # A column-major Q (the triangular solve returns one) as the row-major Q^T: the skinny
+        # product is then ~10x faster on CPU than with a transposed [F, R] operand.
+        Y = (V.mT @ Q.mT).mT if Q.mT.is_contiguous() else Q @ V
     v2 = V.double().pow(2).sum(0)
     return float((Y.double().pow(2).sum(0) - v2).abs().max())
 
