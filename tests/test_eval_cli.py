@@ -92,7 +92,8 @@ def test_evaluate_api_on_tiny_model(tiny, tmp_path, capsys):
 TOP_KEYS = {"schema_version", "date", "polysae_version", "torch_version", "model", "hook",
             "device", "config", "saes", "held_out", "activations_baseline", "probing_sizes",
             "timings_s", "plots"}
-OPTIONAL_TOP_KEYS = {"warnings"}  # only when there is something to warn about
+OPTIONAL_TOP_KEYS = {"warnings",  # only when there is something to warn about
+                     "absorption_setup", "tpp_setup"}  # only when those stages ran
 RECON_KEYS = {"n_tokens", "mse_per_token", "mse_saebench", "saebench_batch_tokens", "fvu",
               "explained_variance", "l0", "dead_fraction", "dense_fraction", "dense_threshold",
               "density_histogram", "ce"}
@@ -137,7 +138,34 @@ def _check_documented_keys(m):
     for ds in m["probing_sizes"].values():
         seen |= set(ds)
     seen |= set(m["held_out"]) | (set(m) & OPTIONAL_TOP_KEYS)
+    seen |= _saebench_keys(m)
     assert seen - documented == set(), "undocumented metrics.json keys"
+
+
+def _saebench_keys(m) -> set[str]:
+    """Keys of the absorption and TPP blocks (tests/test_saebench_metrics.py checks values)."""
+    seen: set[str] = set()
+    if "tpp_setup" in m:
+        seen |= set(m["tpp_setup"])
+        for ds in m["tpp_setup"]["datasets"].values():
+            seen |= set(ds)
+    if "absorption_setup" in m:
+        seen |= set(m["absorption_setup"])
+    for s in m["saes"].values():
+        for key in ("absorption", "tpp"):
+            block = s.get(key, {})
+            seen |= set(block)
+            for v in ("linear", "full", "difference", "k_sparse"):
+                seen |= set(block.get(v, {}))
+            for v in ("linear", "full"):
+                for r in block.get(v, {}).get("letters", {}).values():
+                    seen |= set(r)
+                for d in block.get(v, {}).get("datasets", {}).values():
+                    seen |= set(d)
+                    for c in d["classes"].values():
+                        for r in c.values():
+                            seen |= set(r)
+    return seen
 
 
 def _cli(*args, cwd=None):

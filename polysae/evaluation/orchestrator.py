@@ -75,6 +75,18 @@ class EvalConfig:
     """Steering concepts ``.jsonl`` (fields name, word_i, word_j, target, prompt; see
     :func:`polysae.evaluation.steering.load_concepts`); default: the paper's five published
     examples."""
+    absorption: bool = True
+    """SAEBench's first-letter feature absorption, variants ``linear`` and ``full``."""
+    absorption_train_words: int = 1024
+    """Training words of the absorption task (SAEBench: 80% of the single-token vocabulary)."""
+    absorption_test_words: int = 512
+    """Test words of the absorption task (SAEBench: the other 20%)."""
+    absorption_icl: int = 10
+    """In-context examples per absorption prompt (SAEBench: 10)."""
+    tpp: bool = True
+    """SAEBench's TPP on the probing datasets, variants ``linear`` and ``full``."""
+    tpp_n_values: tuple[int, ...] = (2, 5, 10, 20, 50, 100, 500)
+    """Numbers of latents TPP ablates (SAEBench's); values above d_sae are skipped."""
     saebench_batch_tokens: int = 2048
     """Batch size in tokens behind SAEBench's MSE normalisation (16 prompts x 128)."""
     dense_threshold: float = 0.1
@@ -96,8 +108,10 @@ class EvalConfig:
         self.datasets = tuple(d for d in self.datasets if d)
         self.ks = tuple(self.ks)
         self.alpha_scales = tuple(float(a) for a in self.alpha_scales)
+        self.tpp_n_values = tuple(self.tpp_n_values)
         for name in ("recon_tokens", "probe_train_per_class", "probe_test_per_class",
-                     "batch_size", "saebench_batch_tokens", "min_pair_count"):
+                     "batch_size", "saebench_batch_tokens", "min_pair_count",
+                     "absorption_train_words", "absorption_test_words", "absorption_icl"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise bad(name, f"must be >= 1, got {v!r}")
@@ -110,6 +124,9 @@ class EvalConfig:
                 raise bad(name, f"must be >= 2 (BOS plus a token), got {getattr(self, name)!r}")
         if not self.ks or any(not isinstance(k, int) or k < 1 for k in self.ks):
             raise bad("ks", f"must be positive integers, got {self.ks!r}")
+        if self.tpp and (not self.tpp_n_values or any(
+                not isinstance(n, int) or n < 1 for n in self.tpp_n_values)):
+            raise bad("tpp_n_values", f"must be positive integers, got {self.tpp_n_values!r}")
         if self.steering and (not self.alpha_scales
                               or not all(math.isfinite(a) for a in self.alpha_scales)):
             raise bad("alpha_scales", f"must be finite numbers, got {self.alpha_scales!r}")
@@ -383,11 +400,21 @@ def evaluate(saes: Any, *, model: Any = None, hook: str | None = None, acts: str
             lap("interactions")
 
     # -- probing ------------------------------------------------------------------------------
+    probing_acts: dict[str, tuple] = {}
     if cfg.datasets:
         if tokenizer is None:
             raise ValueError("evaluate: probing needs a tokenizer (set datasets=() to skip)")
-        _probing(models, model, tokenizer, hook, cfg, specials, result)
+        from polysae.evaluation.probing_stage import run_probing
+
+        probing_acts = run_probing(models, model, tokenizer, hook, cfg, specials, result)
         lap("probing")
+
+    # -- SAEBench absorption and TPP, variants linear and full --------------------------------
+    if cfg.absorption or cfg.tpp:
+        from polysae.evaluation.saebench_metrics import run as saebench_metrics
+
+        saebench_metrics(models, model, tokenizer, hook, cfg, probing_acts, result)
+        lap("absorption_tpp")
 
     # -- steering -----------------------------------------------------------------------------
     if cfg.steering and tokenizer is not None:
@@ -409,63 +436,6 @@ def evaluate(saes: Any, *, model: Any = None, hook: str | None = None, acts: str
 
         write_report(result, out, plots)
     return result
-
-
-def _probing(models, model, tokenizer, hook, cfg, specials, result) -> None:
-    from polysae.data.corpora import load_corpus
-    from polysae.evaluation.probing import (
-        aggregate,
-        collect_text_acts,
-        make_split,
-        pool_texts,
-        probe_dataset,
-        sae_encoder,
-        tokenize_texts,
-    )
-
-    per: dict[str, dict[str, Any]] = {n: {} for n in [*models, "__acts__"]}
-    sizes = {}
-    for ds in cfg.datasets:
-        try:
-            docs = load_corpus(ds, text_column=cfg.text_column, label_column=cfg.label_column)
-        except FileNotFoundError as e:
-            if ds != "fortunes":  # user-named files must exist; the optional Debian set may not
-                raise
-            logging.getLogger(__name__).warning("probing: skipping %s (%s)", ds, e)
-            continue
-        labels_all = [d.label for d in docs]
-        classes = sorted(set(labels_all))
-        if len(classes) < 2:
-            raise ValueError(
-                f"probing dataset {ds!r}: needs at least two classes, found "
-                f"{len(classes)} ({classes!r}) in {len(docs)} documents; a .csv/.jsonl/Hugging "
-                f"Face dataset needs a label column (label_column={cfg.label_column!r}, "
-                f"--label-column) and a text column (text_column={cfg.text_column!r}, "
-                f"--text-column)")
-        split = make_split(labels_all, cfg.probe_train_per_class, cfg.probe_test_per_class,
-                           seed=cfg.seed)
-        used = sorted(split.train + split.test)
-        pos = {d: k for k, d in enumerate(used)}
-        labels = [labels_all[i] for i in used]
-        sub = type(split)([pos[i] for i in split.train], [pos[i] for i in split.test])
-        toks = tokenize_texts(tokenizer, [docs[i].text for i in used], cfg.probe_ctx)
-        bar = _bar(cfg, len(toks), f"probing texts ({ds})")
-        pooled = collect_text_acts(model, hook, toks, specials, batch_size=cfg.batch_size,
-                                   pad_id=getattr(tokenizer, "pad_token_id", None) or 0,
-                                   progress=bar.update)
-        bar.close()
-        sizes[ds] = {"train_docs": len(sub.train), "test_docs": len(sub.test),
-                     "classes": sorted(set(labels)), "tokens": pooled.n_tokens}
-        print(f"[eval] probing {ds}: {len(used)} texts, {pooled.n_tokens} tokens", file=sys.stderr)
-        for name, sae in [*models.items(), ("__acts__", None)]:
-            enc = None if sae is None else sae_encoder(sae)
-            feats = pool_texts(pooled, enc)
-            per[name][ds] = probe_dataset(feats, labels, sub, ks=cfg.ks, seed=cfg.seed)
-    for name in models:
-        result["saes"][name]["probing"] = {"datasets": per[name], **aggregate(per[name], cfg.ks)}
-    result["activations_baseline"] = {"probing": {"datasets": per["__acts__"],
-                                                  **aggregate(per["__acts__"], cfg.ks)}}
-    result["probing_sizes"] = sizes
 
 
 def _hook_width(model: Any, hook: str) -> int:

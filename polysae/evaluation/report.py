@@ -193,8 +193,11 @@ def render_markdown(m: dict[str, Any]) -> str:
     if "steering" in m:
         L += _steering_section(m["steering"])
 
+    from polysae.evaluation.saebench_report import DEFINITIONS as SAEBENCH_DEFINITIONS, section
+
+    L += section(m)
     L += ["## Definitions", "", METHOD_NOTE, ""]
-    L += [f"- **{k}**: {v}" for k, v in DEFINITIONS.items()] + [""]
+    L += [f"- **{k}**: {v}" for k, v in {**DEFINITIONS, **SAEBENCH_DEFINITIONS}.items()] + [""]
     return "\n".join(L)
 
 
@@ -318,7 +321,9 @@ def write_plots(m: dict[str, Any], out: Path, plots: dict[str, Any]) -> list[str
         _atomic_png(fig, out / "interactions.png")
         plt.close(fig)
         written.append("interactions.png")
-    return written
+    from polysae.evaluation.saebench_report import plots as saebench_plots
+
+    return written + saebench_plots(m, out, _atomic_png)
 
 
 def write_report(metrics: dict[str, Any], out: str | os.PathLike,
