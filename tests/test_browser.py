@@ -719,3 +719,32 @@ def test_cli_browse(harvested, tmp_path):
     assert main(["browse", "--sae", str(ck), "--acts", str(tmp_path), "--out",
                  str(tmp_path / "s2"), "--no-model"]) == 2
     assert not (tmp_path / "s2").exists()
+
+
+def test_saebench_plots_on_the_sae_page(tmp_path):
+    """The SAE page gets absorption per letter and TPP per N (both variants) from the browsed
+    SAE's eval block; per-letter and per-class detail is drawn, not listed as report rows."""
+    from polysae.browser.links import saebench_plots
+
+    letters = {"a": {"counted": True, "absorption_fraction": 0.25},
+               "b": {"counted": False}}
+    full = {"a": {"counted": True, "absorption_fraction": 0.5}, "b": {"counted": False}}
+    poly = dict(REPORT["saes"]["poly"],
+                absorption={"linear": {"mean_absorption_fraction": 0.25, "letters": letters},
+                            "full": {"mean_absorption_fraction": 0.5, "letters": full}},
+                tpp={"linear": {"total": {"2": 0.1, "20": 0.3},
+                                "datasets": {"bbc": {"classes": {"x": {"2": {"total": 0.1}}}}}},
+                     "full": {"total": {"2": 0.2, "20": 0.1}}})
+    report = {**REPORT, "saes": {**REPORT["saes"], "poly": poly}}
+    out = tmp_path / "site"
+    build_planted(out, report=report)
+    summ = read_js(out / "data" / "summary.js")
+    assert summ["saebench"] == {
+        "absorption": {"letters": ["a", "b"], "counted": [True, False], "linear": [0.25, None],
+                       "full": [0.5, None], "mean_linear": 0.25, "mean_full": 0.5},
+        "tpp": {"n": [2, 20], "linear": [0.1, 0.3], "full": [0.2, 0.1]}}
+    names = {r["name"] for r in summ["report"]}
+    assert "absorption.linear.mean_absorption_fraction" in names and "tpp.full.total.20" in names
+    assert not any(".letters." in n or ".classes." in n for n in names)
+    assert saebench_plots({"reconstruction": {"fvu": 0.1}}) is None
+    assert "saebenchPlots()" in (out / "app.js").read_text()

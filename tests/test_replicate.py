@@ -265,3 +265,45 @@ def test_protocol_table_names_the_batchtopk_evaluation_the_run_used():
     row = [line for line in render_markdown(batch).splitlines()
            if line.startswith("| BatchTopK/Matryoshka at eval")]
     assert len(row) == 1 and "as the paper (this run)" in row[0]
+
+
+def test_absorption_and_tpp_both_variants_with_paired_intervals(tmp_path):
+    """replicate.json carries SAEBench absorption and TPP in both variants for each decoder, with
+    the paired poly − vanilla interval equal to scipy's on the per-seed values; replicate.md
+    shows them."""
+    from scipy import stats
+
+    from polysae.replicate.compare import compare
+    from polysae.replicate.config import CellResult
+    from polysae.replicate.report import render_markdown
+
+    rng = np.random.default_rng(1)
+    cells, vals = [], {}
+    for seed in range(4):
+        saes = {}
+        for dec in ("vanilla", "poly"):
+            a = {v: float(rng.uniform(0, 0.5)) for v in ("linear", "full")}
+            t = {v: {n: float(rng.uniform(-0.1, 0.4)) for n in ("2", "20")}
+                 for v in ("linear", "full")}
+            saes[dec] = {"absorption": {v: {"mean_absorption_fraction": a[v],
+                                            "mean_full_absorption_rate": a[v] / 2}
+                                        for v in a},
+                         "tpp": {v: {"total": t[v]} for v in t}}
+            for v in a:
+                vals.setdefault(("absorption", v, dec), []).append(a[v])
+                vals.setdefault(("tpp_20", v, dec), []).append(t[v]["20"])
+        cells.append(CellResult("topk", seed, tmp_path, {"saes": saes}, True))
+    table = compare(cells, ReplicateConfig(sparsifiers=("topk",), seeds=4))
+    assert table["tpp_n_values"] == ["2", "20"]
+    block = table["sparsifiers"]["topk"]["metrics"]
+    for key in ("absorption", "tpp_20"):
+        for v in ("linear", "full"):
+            e = block[f"{key}:{v}"]
+            a, b = vals[(key, v, "vanilla")], vals[(key, v, "poly")]
+            assert e["values"] == {"vanilla": pytest.approx(a), "poly": pytest.approx(b)}
+            ci = stats.ttest_rel(b, a).confidence_interval(0.95)
+            assert (e["diff"]["t_low"], e["diff"]["t_high"]) == pytest.approx((ci.low, ci.high))
+    assert table["metrics"]["absorption:full"]["protocol"] == "polysae"
+    assert table["metrics"]["tpp_2:linear"]["higher_is_better"] is True
+    md = render_markdown(table)
+    assert "SAEBench absorption and TPP" in md and "TPP@20 (full) †" in md

@@ -6,7 +6,10 @@ from __future__ import annotations
 import math
 from typing import Any
 
-_SKIP_KEYS = {"info", "config", "contexts", "definition", "path", "date"}
+_SKIP_KEYS = {"info", "config", "contexts", "definition", "path", "date",
+              # per-letter / per-class detail of absorption and TPP: drawn, not listed
+              "letters", "classes", "sparse_f1", "split_features",
+              "per_letter_absorption_fraction"}
 
 
 def select_report(report: dict, sae) -> tuple[dict, str | None]:
@@ -84,6 +87,32 @@ def report_entries(report: dict | None, d_sae: int) -> tuple[list[dict], dict[st
 
     walk("", report)
     return rows, cols
+
+
+def saebench_plots(report: dict | None) -> dict | None:
+    """From the browsed SAE's report block: absorption per letter and TPP total per N, variants
+    ``linear`` and ``full`` (the SAE page draws them), or None when the report has neither."""
+    if not isinstance(report, dict):
+        return None
+    out: dict[str, Any] = {}
+    ab = report.get("absorption") or {}
+    lin = ab.get("linear") or {}
+    if isinstance(lin.get("letters"), dict):
+        letters = list(lin["letters"])
+        out["absorption"] = {"letters": letters,
+                             "counted": [bool(lin["letters"][c].get("counted")) for c in letters]}
+        for v in ("linear", "full"):
+            per = (ab.get(v) or {}).get("letters") or {}
+            out["absorption"][v] = [per.get(c, {}).get("absorption_fraction") for c in letters]
+            out["absorption"]["mean_" + v] = (ab.get(v) or {}).get("mean_absorption_fraction")
+    tp = report.get("tpp") or {}
+    if isinstance((tp.get("linear") or {}).get("total"), dict):
+        ns = list(tp["linear"]["total"])
+        out["tpp"] = {"n": [int(n) for n in ns]}
+        for v in ("linear", "full"):
+            tot = (tp.get(v) or {}).get("total") or {}
+            out["tpp"][v] = [tot.get(n) for n in ns]
+    return out or None
 
 
 def _fmt(v: Any) -> str:

@@ -19,7 +19,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from polysae.browser.links import report_entries, select_report
+from polysae.browser.links import report_entries, saebench_plots, select_report
 from polysae.browser.stats import (
     StatsConfig,
     check_counts,
@@ -232,7 +232,7 @@ def build_site_from_rows(sae, read_rows: Callable[[int, int], Tensor], n_rows: i
             "density": _r(density, 7), "mean": _r(mean), "max": _r(mx),
             "has_text": text is not None, "meta": meta or {},
             "config": cfg.record(), "report": report_rows, "columns": report_cols,
-            "report_sae": report_name,
+            "report_sae": report_name, "saebench": saebench_plots(report),
         }
         if token_ids is not None:
             summary["fires"] = fires

@@ -145,6 +145,58 @@
     return g;
   }
 
+  // SAEBench absorption per letter and TPP drop vs N, variants linear and full (eval report)
+  function saebenchPlots() {
+    const sb = S.saebench;
+    if (!sb) return null;
+    const out = el("div", {class: "saebench"}, el("h2", {text: "SAEBench absorption and TPP: linear vs full decoder"}));
+    const colors = {linear: "#23395d", full: "#d9822b"};
+    const axis = (g, W, H, pad, ymin, ymax, label) => {
+      g.append(svg("line", {x1: pad, y1: H - pad, x2: W - 5, y2: H - pad, stroke: "#888"}),
+        svg("line", {x1: pad, y1: 5, x2: pad, y2: H - pad, stroke: "#888"}),
+        Object.assign(svg("text", {x: 2, y: 12}), {textContent: label}),
+        Object.assign(svg("text", {x: pad - 4, y: 16, "text-anchor": "end"}), {textContent: fmt(ymax, 2)}),
+        Object.assign(svg("text", {x: pad - 4, y: H - pad, "text-anchor": "end"}), {textContent: fmt(ymin, 2)}));
+    };
+    const legend = (g, x) => ["linear", "full"].forEach((v, k) => g.append(
+      Object.assign(svg("text", {x, y: 14 + 14 * k, fill: colors[v]}), {textContent: v})));
+    if (sb.absorption) {
+      const a = sb.absorption, W = 640, H = 200, pad = 40, n = a.letters.length;
+      const ymax = Math.max(0.05, ...a.linear.concat(a.full).filter((x) => x !== null));
+      const g = svg("svg", {width: W, height: H, class: "absorption"}), bw = (W - pad - 10) / n;
+      axis(g, W, H, pad, 0, ymax, "absorption fraction");
+      a.letters.forEach((c, k) => {
+        ["linear", "full"].forEach((v, j) => {
+          const y = a[v][k] === null ? 0 : (H - pad - 10) * a[v][k] / ymax;
+          const r = svg("rect", {x: pad + k * bw + j * bw / 2, y: H - pad - y, width: Math.max(1, bw / 2 - 1), height: y, fill: colors[v]});
+          r.append(Object.assign(svg("title"), {textContent: `${c} ${v}: ${fmt(a[v][k], 3)}${a.counted[k] ? "" : " (not counted)"}`}));
+          g.append(r);
+        });
+        g.append(Object.assign(svg("text", {x: pad + (k + 0.5) * bw, y: H - pad + 14, "text-anchor": "middle", fill: a.counted[k] ? "#000" : "#aaa"}), {textContent: c}));
+      });
+      legend(g, W - 60);
+      out.append(el("p", {text: `Absorption fraction per letter (grey letters are not counted): mean ${fmt(a.mean_linear, 3)} linear, ${fmt(a.mean_full, 3)} full.`}), g);
+    }
+    if (sb.tpp) {
+      const t = sb.tpp, W = 420, H = 220, pad = 40;
+      const vals = t.linear.concat(t.full).filter((x) => x !== null);
+      const ymin = Math.min(0, ...vals), ymax = Math.max(0.01, ...vals);
+      const lx = t.n.map((n) => Math.log10(n)), x0 = Math.min(...lx), x1 = Math.max(...lx);
+      const X = (k) => pad + (W - pad - 20) * (x1 > x0 ? (lx[k] - x0) / (x1 - x0) : 0.5);
+      const Y = (y) => H - pad - (H - pad - 10) * (y - ymin) / ((ymax - ymin) || 1);
+      const g = svg("svg", {width: W, height: H, class: "tpp"});
+      axis(g, W, H, pad, ymin, ymax, "TPP drop");
+      ["linear", "full"].forEach((v) => {
+        const pts = t[v].map((y, k) => y === null ? null : `${X(k)},${Y(y)}`).filter((p) => p);
+        g.append(svg("polyline", {points: pts.join(" "), fill: "none", stroke: colors[v], "stroke-width": 2, "stroke-dasharray": v === "full" ? "5,3" : ""}));
+      });
+      t.n.forEach((n, k) => g.append(Object.assign(svg("text", {x: X(k), y: H - pad + 14, "text-anchor": "middle"}), {textContent: n})));
+      legend(g, W - 50);
+      out.append(el("p", {text: "TPP accuracy drop (intended − unintended) against the number of ablated latents N."}), g);
+    }
+    return out;
+  }
+
   // -- contexts -------------------------------------------------------------------------------
   function context(data, c, val, tokRow, qRow, q2Row) {
     const ov = data.ov[String(c)];
@@ -178,7 +230,7 @@
   }
   function pageHome(sort) {
     const ids = [...Array(S.d_sae).keys()];
-    main.replaceChildren(el("h1", {text: S.title}), stats(),
+    main.replaceChildren(el("h1", {text: S.title}), stats(), saebenchPlots() || "",
       el("h2", {text: "Latents"}), table(latentCols(), ids, {sort: sort || "density", desc: true}),
       el("h2", {text: "Strongest co-active interactions"}), P.i.length ? table(pairCols(), [...P.i.keys()], {sort: "s", page: 20}) :
         el("p", {class: "muted", text: "No co-active interaction pairs."}));

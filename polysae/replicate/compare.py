@@ -49,8 +49,32 @@ def dig(*path: str) -> Callable[[dict], Any]:
     return get
 
 
-def metrics_for(datasets: list[str], ks: tuple[int, ...]) -> list[Metric]:
-    """The compared metrics (per-dataset F1 for each probing dataset)."""
+VARIANT_PROTOCOL = {"linear": "paper-like", "full": "polysae"}
+"""SAEBench's absorption and TPP: ``linear`` is SAEBench's definition on our data (its W_dec =
+the raw linear atoms), ``full`` ours (through the whole decoder; docs/method.md)."""
+
+
+def saebench_metrics(tpp_ns: list[str]) -> list[Metric]:
+    """Absorption (mean fraction, full-absorption rate) and TPP (total drop per N), in the
+    variants ``linear`` and ``full``."""
+    out = []
+    for v in ("linear", "full"):
+        tag = "" if v == "linear" else " (full)"
+        out += [Metric(f"absorption:{v}", f"absorption{tag}",
+                       dig("absorption", v, "mean_absorption_fraction"), VARIANT_PROTOCOL[v],
+                       False),
+                Metric(f"full_absorption:{v}", f"full abs.{tag}",
+                       dig("absorption", v, "mean_full_absorption_rate"), VARIANT_PROTOCOL[v],
+                       False)]
+        out += [Metric(f"tpp_{n}:{v}", f"TPP@{n}{tag}", dig("tpp", v, "total", n),
+                       VARIANT_PROTOCOL[v], True) for n in tpp_ns]
+    return out
+
+
+def metrics_for(datasets: list[str], ks: tuple[int, ...],
+                tpp_ns: list[str] | None = None) -> list[Metric]:
+    """The compared metrics (per-dataset F1 for each probing dataset; absorption and TPP at
+    ``tpp_ns`` in both variants)."""
     m = [Metric(f"f1_k{k}", f"F1@{k}", dig("probing", "f1", str(k)), "paper-like", True)
          for k in ks]
     m += [
@@ -89,7 +113,7 @@ def metrics_for(datasets: list[str], ks: tuple[int, ...]) -> list[Metric]:
         for k in ks:
             m.append(Metric(f"f1_k{k}:{ds}", f"F1@{k} {ds}",
                             dig("probing", "datasets", ds, "f1", str(k)), "paper-like", True))
-    return m
+    return m + saebench_metrics(list(tpp_ns or []))
 
 
 def finite(v: Any) -> float | None:
@@ -107,13 +131,15 @@ def compare(cells: list[CellResult], cfg: ReplicateConfig) -> dict[str, Any]:
     datasets = sorted(first["saes"]["poly"].get("probing", {}).get("datasets", {}))
     ks = tuple(int(k) for k in first["saes"]["poly"].get("probing", {}).get("f1", {})) or \
         tuple(cfg.eval.ks)
-    mets = metrics_for(datasets, ks)
+    tpp_ns = list(dig("tpp", "linear", "total")(first["saes"]["poly"]) or {})
+    mets = metrics_for(datasets, ks, tpp_ns)
     out: dict[str, Any] = {
         "schema_version": 1,
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "polysae_version": __version__, "torch_version": torch.__version__,
         "model": first.get("model"), "config": cfg.to_dict(),
         "confidence": cfg.confidence, "datasets": datasets, "ks": list(ks),
+        "tpp_n_values": tpp_ns,
         "metrics": {m.key: {"label": m.label, "protocol": m.protocol,
                             "higher_is_better": m.higher_is_better} for m in mets},
         "held_out": first.get("held_out"), "probing_sizes": first.get("probing_sizes"),
@@ -214,5 +240,5 @@ def steering_summary(cells: list[CellResult], cfg: ReplicateConfig) -> dict[str,
     return out
 
 
-__all__ = ["DECODERS", "Metric", "STEERING_NUMBERS", "compare", "finite", "dig",
-           "metrics_for", "steering_summary", "w1_scale_reading"]
+__all__ = ["DECODERS", "Metric", "STEERING_NUMBERS", "VARIANT_PROTOCOL", "compare", "finite",
+           "dig", "metrics_for", "saebench_metrics", "steering_summary", "w1_scale_reading"]

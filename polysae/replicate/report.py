@@ -176,6 +176,7 @@ def render_markdown(t: dict[str, Any]) -> str:
                 f"{_f(r.get('w1_l2_ratio'), 3)}×.")
     if reading:
         lines += ["Reading of the W1 ratio:", "", *reading, ""]
+    lines += _saebench_section(t)
     lines += ["## Interaction strength vs co-occurrence (Pearson r over pairs)", "",
               "Paper: r = 0.06 for PolySAE's interaction strength vs 0.82 for the vanilla SAE's "
               "activation covariance (definitions unpublished; ours are marked †). The Δ rows of "
@@ -228,6 +229,22 @@ def render_markdown(t: dict[str, Any]) -> str:
     lines += ["## Protocol: the paper's and ours, named apart", "",
               *markdown_table(["quantity", "paper (reference code)", "this table"], rows), ""]
     return "\n".join(lines) + "\n"
+
+
+def _saebench_section(t: dict[str, Any]) -> list[str]:
+    """SAEBench absorption and TPP, variants linear and full, with their paired intervals."""
+    ns = t.get("tpp_n_values") or []
+    cols = ("absorption:linear", "absorption:full", "full_absorption:linear",
+            "full_absorption:full", *(f"tpp_{n}:{v}" for n in ns for v in ("linear", "full")))
+    if not any(c in b["metrics"] for b in t["sparsifiers"].values() for c in cols):
+        return []
+    return ["## SAEBench absorption and TPP: `linear` vs `full` decoder", "",
+            "`linear` = SAEBench's definition with the raw linear atoms as W_dec; `(full)` = "
+            "each latent's exact Shapley contribution through the whole decoder instead (†, "
+            "docs/method.md). Absorption: lower is better; TPP (accuracy drop intended − "
+            "unintended after ablating N latents): higher is better.", "",
+            *markdown_table(["sparsifier", "decoder", *(_label(t, c) for c in cols)],
+                            _rows(t, cols)), ""]
 
 
 def plot_paired_f1(t: dict[str, Any], path: Path) -> None:
