@@ -59,7 +59,38 @@ def known_fields(cls: type, d: typing.Mapping[str, Any]) -> dict[str, Any]:
     names = {f.name for f in dataclasses.fields(cls)}
     out = {k: v for k, v in d.items() if k in names}
     check_values(cls.__name__, out)
+    hints = typing.get_type_hints(cls)
+    for k, v in out.items():
+        if not _fits(hints[k], v):
+            want = hints[k].__name__ if isinstance(hints[k], type) else str(hints[k])
+            raise ValueError(f"{cls.__name__}.{k}: expected {want}, got {type(v).__name__} "
+                             f"{v!r}"[:300])
     return out
+
+
+def _fits(tp: Any, v: Any) -> bool:
+    """Whether JSON value ``v`` can be a field of type ``tp`` (types this check does not know,
+    Literals included, are left to the config's ``__post_init__``)."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        return any(_fits(a, v) for a in args)
+    if tp is type(None):
+        return v is None
+    if tp is bool:
+        return isinstance(v, bool)
+    if tp is int:
+        return isinstance(v, int) and not isinstance(v, bool)
+    if tp is float:
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+    if tp is str:
+        return isinstance(v, str)
+    if origin in (tuple, list):
+        elem = [a for a in args if a is not Ellipsis]
+        return isinstance(v, (list, tuple)) and all(
+            any(_fits(a, x) for a in elem) if elem else True for x in v)
+    if origin is dict or tp is dict:
+        return isinstance(v, dict)
+    return True
 
 
 def plain_dict(cfg: Any) -> dict[str, Any]:

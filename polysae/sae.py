@@ -512,6 +512,7 @@ def load_checkpoint(directory: str | os.PathLike, device: torch.device | str | N
         raise ValueError(f"checkpoint {d}: cannot read {w_path} ({e})") from e
     check_finite_tensors(tensors, w_path, "; a diverged run's weights are refused")
     sae = SAE(cfg, device="meta")
+    sae.load_tensors(tensors, source=str(w_path))  # names/shapes vs the config, before allocating
     sae = sae.to_empty(device=device or "cpu")
     sae.load_tensors(tensors, source=str(w_path))
     if cfg.decoder == "poly":  # U saved off the constraint set (e.g. between retractions)

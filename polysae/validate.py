@@ -135,7 +135,7 @@ def safetensors_header(path: str | os.PathLike, what: str = "shard",
         if not isinstance(e, dict):
             raise ValueError(f"{bad} is {kind(e)}, not an object)")
         dt, shape, offs = e.get("dtype"), e.get("shape"), e.get("data_offsets")
-        if dt not in ST_DTYPES:
+        if not isinstance(dt, str) or dt not in ST_DTYPES:
             raise ValueError(f"{bad}: unknown dtype {_short(dt)})")
         if not (isinstance(shape, list) and all(_is(s, int) and s >= 0 for s in shape)):
             raise ValueError(f"{bad}: shape {_short(shape)} is not a list of sizes)")
@@ -178,10 +178,10 @@ def check_manifest(f: Any, m: Mapping[str, Any]) -> None:
         if not (_is(w, int) and 1 <= w <= MAX_WIDTH):
             raise ValueError(f"{f}: field 'd_in' of hook {h!r} is {_short(w)}, expected an "
                              f"integer in 1..{MAX_WIDTH}")
-    if not all(isinstance(v, str) for v in m.get("hook_dirs", {}).values()):
+    if not all(isinstance(v, str) for v in (m.get("hook_dirs") or {}).values()):
         raise ValueError(f"{f}: field 'hook_dirs' must map hooks to folder names")
     for name in ("special_token_ids", "bos_token_ids"):
-        if not all(_is(t, int) for t in m.get(name, [])):
+        if not all(_is(t, int) for t in m.get(name) or []):
             raise ValueError(f"{f}: field {name!r} must be a list of integers")
     for i, e in enumerate(m["shards"]):
         where = f"shard entry {i}: "
@@ -264,6 +264,53 @@ def check_save_target(folder: Path, config: dict[str, Any], overwrite: bool) -> 
                               "elsewhere, or pass overwrite=True / --overwrite to replace it")
 
 
+# -- text files -----------------------------------------------------------------------------------
+def decode_text(path: Any, raw: bytes, encoding: str | None = None) -> str:
+    """The text of file ``path`` (bytes ``raw``): strict UTF-8 (a BOM is dropped) unless
+    ``encoding`` names another codec. Binary data (a NUL byte) or bytes invalid in the encoding
+    are a ``ValueError`` naming the file, the offset and the line, never replaced silently."""
+    import codecs
+
+    if encoding is not None:
+        try:
+            codecs.lookup(encoding)
+        except LookupError:
+            raise ValueError(f"--encoding {encoding!r} is not a text encoding Python knows "
+                             "(e.g. utf-8, latin-1, cp1252, utf-16)") from None
+    elif raw[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        raise ValueError(f"{path}: UTF-16 text (byte-order mark); pass --encoding utf-16")
+    elif (nul := raw.find(b"\x00")) >= 0:
+        line = raw.count(b"\n", 0, nul) + 1
+        raise ValueError(f"{path}: binary data, not text (NUL byte at offset {nul}, line {line}); "
+                         "harvest text files (.txt, .jsonl, .csv), .parquet or pre-tokenized .npy")
+    try:
+        return raw.decode(encoding or "utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise ValueError(f"{path}: not {encoding or 'UTF-8'} text (byte 0x{raw[e.start]:02x} at "
+                         f"offset {e.start}, line {line}); convert the file, or pass its encoding "
+                         "(--encoding latin-1, cp1252 ...)") from None
+
+
+def check_token_ids(tokens: Any, module: Any, dataset: str, error: type = ValueError) -> None:
+    """An ``error`` (a ``ValueError`` class) naming ``dataset``, the id and where it is when a
+    token id of ``tokens`` [n, ctx] is negative or beyond the vocabulary of ``module``
+    (TransformerLens ``cfg.d_vocab`` or a transformers model's input embeddings; unknown
+    vocabularies are not checked)."""
+    vocab = getattr(getattr(module, "cfg", None), "d_vocab", None)
+    emb = getattr(module, "get_input_embeddings", None)
+    if not vocab and callable(emb):
+        vocab = getattr(emb(), "num_embeddings", None)
+    if not (isinstance(vocab, int) and tokens.numel()):
+        return
+    bad = ((tokens < 0) | (tokens >= vocab)).nonzero()
+    if len(bad):
+        i, j = (int(v) for v in bad[0])
+        raise error(f"dataset {dataset}: token id {int(tokens[i, j])} (context {i}, "
+                    f"position {j}) is outside the model's vocabulary of {vocab} ids "
+                    f"(0..{vocab - 1}); was it tokenized for another model?")
+
+
 # -- non-finite numbers ---------------------------------------------------------------------------
 def nonfinite_at(t: Any) -> tuple[int, ...] | None:
     """Index of the first NaN/inf in tensor or array ``t`` (bfloat16 stored as uint16 is not
@@ -295,5 +342,6 @@ def check_finite_tensors(tensors: Mapping[str, Any], where: Any, action: str = "
 
 
 __all__ = ["MAX_HEADER_BYTES", "MAX_WIDTH", "MANIFEST_FIELDS", "ST_DTYPES", "check_fields",
-           "check_finite_tensors", "check_manifest", "check_save_target", "kind", "nonfinite_at",
-           "read_checkpoint_doc", "read_json_object", "safetensors_header"]
+           "check_finite_tensors", "check_manifest", "check_save_target", "check_token_ids",
+           "decode_text", "kind", "nonfinite_at", "read_checkpoint_doc", "read_json_object",
+           "safetensors_header"]

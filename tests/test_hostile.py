@@ -491,3 +491,55 @@ def test_eval_ks_beyond_d_sae(tmp_path, capsys):
     code, err = cli(capsys, "eval", "--sae", ck, "--out", tmp_path / "ev", "--ks", "1", "64")
     assert code == 2 and f"--ks 64 exceeds d_sae=32 of {ck}" in err
     assert not (tmp_path / "ev").exists()
+
+
+# -- 6. text, hooks and token ids ---------------------------------------------------------------
+def _word_model():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from polysae.data.models import LoadedModel
+
+    vocab = {"<bos>": 0, "<unk>": 1, **{w: i + 2 for i, w in enumerate("hello world café".split())}}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<bos>", unk_token="<unk>")
+    return LoadedModel(_tiny_model(), tok, "tiny", "decoder")
+
+
+@pytest.mark.parametrize("raw, msg", [
+    (b"hello world\n" * 20 + b"\x89PNG\x00\x01", "binary data, not text (NUL byte at offset 244"),
+    ("hello café world\n".encode("latin-1") * 20, "not UTF-8 text (byte 0xe9 at offset 9, "
+                                                    "line 1)")], ids=["binary", "latin-1"])
+def test_non_utf8_text_is_an_error_unless_an_encoding_is_given(raw, msg, tmp_path):
+    from polysae.data.harvesting import HarvestConfig, harvest
+
+    f = tmp_path / "corpus.txt"
+    f.write_bytes(raw)
+    cfg = HarvestConfig(model="tiny", hooks=[HOOK], dataset=str(f), tokens=40, ctx=4,
+                        out=str(tmp_path / "acts"), dtype="float32", progress=False)
+    with pytest.raises(ValueError) as e:
+        harvest(cfg, model=_word_model())
+    assert f"{f}: {msg}" in str(e.value)
+    assert not (tmp_path / "acts").exists()
+    if b"\x00" not in raw:  # an explicit encoding reads it
+        import dataclasses
+
+        r = harvest(dataclasses.replace(cfg, encoding="latin-1"), model=_word_model())
+        assert r.n_rows > 0
+
+
+def test_duplicate_hooks_and_token_ids_beyond_the_vocabulary(tmp_path, capsys):
+    from polysae.data.harvesting import HarvestConfig, HarvestError, harvest
+
+    code, err = cli(capsys, "harvest", "--out", tmp_path / "a", "--hooks", HOOK, HOOK)
+    assert code == 2 and f"--hooks: ['{HOOK}'] listed more than once" in err
+    toks = np.arange(200).reshape(20, 10) % 60
+    toks[3, 4] = 99
+    np.save(tmp_path / "t.npy", toks)
+    cfg = HarvestConfig(model="tiny", hooks=[HOOK], dataset=str(tmp_path / "t.npy"), tokens=200,
+                        ctx=10, out=str(tmp_path / "acts"), dtype="float32", progress=False)
+    with pytest.raises(HarvestError, match=r"t.npy: token id 99 \(context 3, position 4\) is "
+                                           r"outside the model's vocabulary of 60 ids"):
+        harvest(cfg, model=_tiny_model())
+    assert not (tmp_path / "acts").exists()

@@ -62,8 +62,8 @@ def read_run(run_file: Path) -> tuple[dict | None, str | None]:
         run["metadata"] = run.get("metadata") or {}
         check_fields(run_file, run["metadata"], META_FIELDS, "metadata: ")
         bad = [n for n, c in run["saes"].items() if not isinstance(c, dict)]
-        if bad:
-            raise ValueError(f"saes {bad} are not objects")
+        if bad or not run["saes"]:
+            raise ValueError(f"saes {bad} are not objects" if bad else "it lists no SAE")
     except ValueError as e:
         return None, f"--resume: {run_file} is not a polysae run file ({e})"
     return run, None

@@ -99,9 +99,11 @@ def special_tokens(tokenizer: Any, kind: str) -> SpecialTokens:
 
 
 def iter_texts(name: str, *, text_column: str | None = None, max_docs: int | None = None,
-               seed: int = 0, split: str = "train") -> Iterator[str]:
+               seed: int = 0, split: str = "train", encoding: str | None = None
+               ) -> Iterator[str]:
     """Document texts of a dataset, in a deterministic order (see the module docstring for the
-    sources; ``split`` is the default split of ``hf:`` sources that name none)."""
+    sources; ``split`` is the default split of ``hf:`` sources that name none; ``encoding`` that
+    of a local text file, default strict UTF-8)."""
     if name.startswith(HF_PREFIX):
         yield from iter_hf_texts(name, text_column, max_docs, split)
         return
@@ -113,7 +115,7 @@ def iter_texts(name: str, *, text_column: str | None = None, max_docs: int | Non
     local = suffix in (".txt", ".jsonl", ".csv") and p.exists()
     if name in CORPORA or local:
         kw = {"text_column": text_column} if text_column else {}
-        docs = load_corpus(name, max_docs=max_docs, seed=seed, **kw)
+        docs = load_corpus(name, max_docs=max_docs, seed=seed, encoding=encoding, **kw)
         order = range(len(docs))
         if name in CORPORA:
             # Bundled corpora come grouped by label (BBC by topic); a seeded document order keeps a
@@ -136,7 +138,8 @@ def iter_texts(name: str, *, text_column: str | None = None, max_docs: int | Non
 
 
 def build_chunks(name: str, tokenizer: Any, ctx: int, n_chunks: int, *, kind: str = "decoder",
-                 bos: str = "chunk", text_column: str | None = None, seed: int = 0) -> Chunks:
+                 bos: str = "chunk", text_column: str | None = None, seed: int = 0,
+                 encoding: str | None = None) -> Chunks:
     """The first ``n_chunks`` contexts of ``ctx`` tokens from dataset ``name`` (fewer if it runs
     out; an empty result raises ``ValueError`` naming the dataset)."""
     if bos not in BOS_POLICIES:
@@ -149,8 +152,9 @@ def build_chunks(name: str, tokenizer: Any, ctx: int, n_chunks: int, *, kind: st
         if tokenizer is None:
             raise ValueError(f"dataset {name!r} is text but the model has no tokenizer; pass a "
                              f"pre-tokenized .npy file")
-        out = _text_chunks(iter_texts(name, text_column=text_column, seed=seed), tokenizer, ctx,
-                           n_chunks, special_tokens(tokenizer, kind), bos)
+        out = _text_chunks(iter_texts(name, text_column=text_column, seed=seed,
+                                      encoding=encoding), tokenizer, ctx, n_chunks,
+                           special_tokens(tokenizer, kind), bos)
     if out.tokens.shape[0] == 0:
         raise ValueError(f"dataset {name!r} gave no complete context of {ctx} tokens (empty or too "
                          f"short); use more text or a smaller --ctx")

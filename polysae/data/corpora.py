@@ -22,12 +22,14 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import io
 import json
 import random
 from pathlib import Path
 from typing import NamedTuple
 
 from polysae.data.sources import dataset_columns, open_hf_dataset, open_parquet
+from polysae.validate import decode_text
 
 CORPORA = ("bbc", "tweets", "fortunes")
 
@@ -115,8 +117,8 @@ def _load_fortunes(root: Path = FORTUNES_DIR) -> list[Document]:
     return docs
 
 
-def _load_txt(path: Path) -> list[Document]:
-    raw = path.read_text(encoding="utf-8", errors="replace").replace("\r\n", "\n")
+def _load_txt(path: Path, encoding: str | None = None) -> list[Document]:
+    raw = decode_text(path, path.read_bytes(), encoding).replace("\r\n", "\n")
     # Blank-line separated paragraphs when there are any, else one document per line.
     parts = raw.split("\n\n") if "\n\n" in raw.strip() else raw.split("\n")
     return [Document(t.strip(), "", f"{path.name}/{i}") for i, t in enumerate(parts) if t.strip()]
@@ -138,21 +140,23 @@ def _row_docs(rows, path: Path, text_column: str, label_column: str | None) -> l
     return docs
 
 
-def _load_jsonl(path: Path, text_column: str, label_column: str | None) -> list[Document]:
+def _load_jsonl(path: Path, text_column: str, label_column: str | None,
+                encoding: str | None = None) -> list[Document]:
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}: line {n} is not valid JSON ({e.msg})") from None
+    text = decode_text(path, path.read_bytes(), encoding)  # strict: binary/Latin-1 is an error
+    for n, line in enumerate(text.split("\n"), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: line {n} is not valid JSON ({e.msg})") from None
     return _row_docs(rows, path, text_column, label_column)
 
 
-def _load_csv(path: Path, text_column: str, label_column: str | None) -> list[Document]:
-    with open(path, encoding="utf-8", errors="replace", newline="") as f:
-        return _row_docs(list(csv.DictReader(f)), path, text_column, label_column)
+def _load_csv(path: Path, text_column: str, label_column: str | None,
+              encoding: str | None = None) -> list[Document]:
+    f = io.StringIO(decode_text(path, path.read_bytes(), encoding), newline="")
+    return _row_docs(list(csv.DictReader(f)), path, text_column, label_column)
 
 
 def _load_parquet(path: Path, text_column: str, label_column: str | None) -> list[Document]:
@@ -246,7 +250,8 @@ def subsample(docs: list[Document], max_docs: int, seed: int = 0) -> list[Docume
 
 
 def load_corpus(name: str, *, max_docs: int | None = None, seed: int = 0,
-                text_column: str = "text", label_column: str | None = "label") -> list[Document]:
+                text_column: str = "text", label_column: str | None = "label",
+                encoding: str | None = None) -> list[Document]:
     """Load a labelled corpus by name (``bbc``, ``tweets``, ``fortunes``) or from a local file.
 
     Args:
@@ -260,6 +265,8 @@ def load_corpus(name: str, *, max_docs: int | None = None, seed: int = 0,
         text_column: column/key holding the text in ``.jsonl``/``.csv`` files.
         label_column: column/key holding the label (``None``: no labels, label ``""``). If the
             default ``"label"`` column is absent, labels are ``""`` rather than an error.
+        encoding: of a local ``.txt``/``.jsonl``/``.csv`` file (default strict UTF-8: binary
+            or undecodable bytes are an error naming the file, never replaced).
     """
     if max_docs is not None and max_docs < 1:
         raise ValueError(f"max_docs must be >= 1, got {max_docs}")
@@ -290,11 +297,12 @@ def load_corpus(name: str, *, max_docs: int | None = None, seed: int = 0,
                 has = ('"label"' in first) if suffix == ".jsonl" else ("label" in next(
                     csv.reader([first]), []))
                 lc = "label" if has else None
-            docs = (_load_jsonl if suffix == ".jsonl" else _load_csv)(path, text_column, lc)
+            docs = (_load_jsonl if suffix == ".jsonl" else _load_csv)(path, text_column, lc,
+                                                                      encoding)
         elif suffix == ".parquet":
             docs = _load_parquet(path, text_column, label_column)
         elif suffix in (".txt", ""):
-            docs = _load_txt(path)
+            docs = _load_txt(path, encoding)
         else:
             raise ValueError(f"{path}: unsupported corpus file type {suffix!r} "
                              "(use .txt, .jsonl, .csv or .parquet)")

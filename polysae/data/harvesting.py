@@ -45,6 +45,7 @@ from polysae.data.actformat import (
 )
 from polysae.data.chunking import BOS_POLICIES
 from polysae.fileio import atomic_write_bytes
+from polysae.validate import check_token_ids
 
 _KILL_ENV = "POLYSAE_HARVEST_TEST_KILL"  # "<shard>:<stage>" -> SIGKILL self there (crash tests)
 
@@ -99,6 +100,8 @@ class HarvestConfig:
     """Leave BOS/EOS/PAD/CLS/SEP positions out of the stored rows."""
     text_column: str | None = None
     """Column holding the text in .jsonl/.csv/.parquet/hf: datasets (default ``text``)."""
+    encoding: str | None = None
+    """Encoding of a local .txt/.jsonl/.csv dataset (default: strict UTF-8, bad bytes an error)."""
     seed: int = 0
     """Seed of the bundled corpora's document order."""
     device: str | None = None
@@ -147,7 +150,8 @@ class HarvestResult(NamedTuple):
 
 # Fields whose change makes an existing folder incompatible (everything that shapes the bytes).
 _IDENTITY = ("model", "backend", "hooks", "dataset", "tokens", "ctx", "dtype", "model_dtype",
-             "batch_size", "shard_size", "bos", "exclude_special", "text_column", "seed", "device")
+             "batch_size", "shard_size", "bos", "exclude_special", "text_column", "seed", "device",
+             "encoding")
 
 
 def harvest(cfg: HarvestConfig, model: Any = None) -> HarvestResult:
@@ -187,7 +191,9 @@ def harvest(cfg: HarvestConfig, model: Any = None) -> HarvestResult:
 
     chunks = chunking.build_chunks(cfg.dataset, lm.tokenizer, cfg.ctx,
                                    chunking.chunks_needed(cfg.tokens, cfg.ctx), kind=lm.kind,
-                                   bos=cfg.bos, text_column=cfg.text_column, seed=cfg.seed)
+                                   bos=cfg.bos, text_column=cfg.text_column, seed=cfg.seed,
+                                   encoding=cfg.encoding)
+    check_token_ids(chunks.tokens, be.module, cfg.dataset, HarvestError)  # e.g. another model's
     digest = hashlib.sha256(chunks.tokens.numpy().tobytes()).hexdigest()
     if existing is not None and existing.get("tokens_sha256") != digest:
         # Same flags but different text (an edited file, another tokenizer): resuming would

@@ -205,8 +205,9 @@ class ActivationStore:
     def _shard(self, local: int, key: str) -> _Shard:
         k = (local, key)
         if k not in self._opened:
-            f = self._entries[local]["files"][key]
-            self._opened[k] = _Shard(self._shard_path(local, key), f.get("sha256"), self.verify)
+            path = self._shard_path(local, key)  # (checks the entry first)
+            self._opened[k] = _Shard(path, self._entries[local]["files"][key].get("sha256"),
+                                     self.verify)
         return self._opened[k]
 
     def _acts(self, local: int) -> tuple[np.ndarray, str]:

@@ -87,7 +87,10 @@ def read_checkpoint(folder: str | os.PathLike, device: torch.device | str | None
     reader = {"saelens": read_saelens, "polysae-ref": read_reference,
               "sparsify": read_sparsify, "gemmascope": read_gemmascope}[fmt]
     cfg, tensors, meta = reader(d)
-    sae = SAE(cfg, device="meta").to_empty(device=device or "cpu")
+    check_finite_tensors(tensors, d, "; a diverged SAE's weights are refused")
+    sae = SAE(cfg, device="meta")
+    sae.load_tensors(tensors, source=str(d))  # names and shapes vs the config, before allocating
+    sae = sae.to_empty(device=device or "cpu")
     sae.load_tensors(tensors, source=str(d))
     sae.eval()
     meta["format"] = fmt

@@ -100,6 +100,8 @@ class TrainConfig:
         check_values("TrainConfig", dataclasses.asdict(self))  # NaN/inf, runaway integers
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise bad("lr", f"must be a positive number, got {self.lr!r}")
+        if not self.eps >= 0:
+            raise bad("eps", f"must be >= 0, got {self.eps!r}")
         self.betas = tuple(float(b) for b in self.betas)  # type: ignore[assignment]
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise bad("betas", f"must be two numbers in [0, 1), got {self.betas!r}")
