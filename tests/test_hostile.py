@@ -543,3 +543,16 @@ def test_duplicate_hooks_and_token_ids_beyond_the_vocabulary(tmp_path, capsys):
                                            r"outside the model's vocabulary of 60 ids"):
         harvest(cfg, model=_tiny_model())
     assert not (tmp_path / "acts").exists()
+
+
+def test_ctrl_c_elsewhere_is_one_line(tmp_path, capsys, monkeypatch):
+    import polysae.data.harvesting as H
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(H, "harvest", interrupted)
+    code, err = cli(capsys, "harvest", "--out", tmp_path / "acts", "--model", "tiny")
+    assert code == 130
+    assert err == "polysae harvest: interrupted; rerun the same command to resume (finished " \
+                  "shards are kept)\n"
