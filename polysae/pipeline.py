@@ -35,6 +35,7 @@ import torch
 
 from polysae.config import SAEConfig, check_sae_overrides, known_fields, plain_dict
 from polysae.data.actformat import provenance
+from polysae.data.backend import BACKENDS
 from polysae.data.harvesting import HarvestConfig
 from polysae.device import resolve_device
 from polysae.evaluation import EvalConfig
@@ -83,6 +84,9 @@ class RunConfig:
     (it sets ``harvest.seed`` and ``train.seed``)."""
     device: str | None = None
     """Device for the model and the SAEs (default: cuda when present, else cpu)."""
+    backend: str = field(default="transformer_lens", metadata={"choices": BACKENDS})
+    """What runs the model, for the harvest and the evaluation alike: transformer_lens (default),
+    hf (plain transformers with forward hooks) or nnsight (pip install 'polysae[nnsight]')."""
     browser: bool = True
     """Build the feature browser of the PolySAE."""
     progress: bool = True
@@ -92,13 +96,14 @@ class RunConfig:
     """Overrides of :class:`polysae.SAEConfig` shared by both SAEs (``d_in`` comes from the
     harvest, ``decoder`` is linear for one and poly for the other)."""
     harvest: HarvestConfig = field(default_factory=_default_harvest)
-    """What to harvest (``out`` is ``<out>/acts``; ``device``, ``seed`` and ``progress`` are the
-    run's). The SAEs train on the first hook."""
+    """What to harvest (``out`` is ``<out>/acts``; ``device``, ``seed``, ``backend`` and
+    ``progress`` are the run's). The SAEs train on the first hook."""
     train: TrainConfig = field(default_factory=_default_train)
     """How to train both SAEs (``steps`` derived from ``epochs`` unless ``steps``/``tokens`` are
     given; ``seed`` and ``progress`` are the run's; cadences see ``scale_cadence``)."""
     eval: EvalConfig = field(default_factory=_default_eval)
-    """How to evaluate them side by side (``device`` and ``progress`` are the run's)."""
+    """How to evaluate them side by side (``device``, ``backend`` and ``progress`` are the
+    run's)."""
 
     def __post_init__(self) -> None:
         for name, cls in (("harvest", HarvestConfig), ("train", TrainConfig),
@@ -112,6 +117,9 @@ class RunConfig:
                 raise ValueError(f"RunConfig.{name} must be >= 1, got {v!r}")
         if not self.harvest.hooks:
             raise ValueError("RunConfig.harvest.hooks must name at least one hook")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"RunConfig.backend {self.backend!r}: expected one of "
+                             f"{list(BACKENDS)}")
         self.sae = check_sae_overrides(self.sae, fixed=("d_in", "decoder"), owner="RunConfig.sae")
 
     @classmethod
@@ -146,9 +154,10 @@ class StageConfigs(NamedTuple):
 
 
 def harvest_config(cfg: RunConfig, device: str) -> HarvestConfig:
-    """The harvest of ``cfg`` (into ``<out>/acts``, with the run's device, seed and progress)."""
+    """The harvest of ``cfg`` (into ``<out>/acts``, with the run's device, seed, backend and
+    progress)."""
     return dataclasses.replace(cfg.harvest, out=str(Path(cfg.out) / "acts"), device=device,
-                               seed=cfg.seed, progress=cfg.progress)
+                               seed=cfg.seed, progress=cfg.progress, backend=cfg.backend)
 
 
 def stage_configs(cfg: RunConfig, *, device: str, d_in: int, n_rows: int) -> StageConfigs:
@@ -164,7 +173,8 @@ def stage_configs(cfg: RunConfig, *, device: str, d_in: int, n_rows: int) -> Sta
                    log_every=max(1, steps // 50)) if cfg.scale_cadence else {}
     tcfg = dataclasses.replace(cfg.train, steps=steps, tokens=None, seed=cfg.seed,
                                progress=cfg.progress, **cadence)
-    ecfg = dataclasses.replace(cfg.eval, device=device, progress=cfg.progress)
+    ecfg = dataclasses.replace(cfg.eval, device=device, progress=cfg.progress,
+                               backend=cfg.backend)
     return StageConfigs(hcfg, sae_cfgs, tcfg, ecfg)
 
 
@@ -187,7 +197,7 @@ def run(cfg: RunConfig) -> RunResult:
 
     t = time.perf_counter()
     lm = load_model(cfg.harvest.model, device=device,
-                    dtype=getattr(torch, cfg.harvest.model_dtype))
+                    dtype=getattr(torch, cfg.harvest.model_dtype), backend=cfg.backend)
     seconds["load_model"] = time.perf_counter() - t
 
     # 1. harvest (resumes by itself; a no-op when complete)

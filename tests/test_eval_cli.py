@@ -89,7 +89,8 @@ def test_evaluate_api_on_tiny_model(tiny, tmp_path, capsys):
 
 # Stable metrics.json keys (schema_version 1); docs/evaluation.md "The metrics.json schema"
 # documents each of them.
-TOP_KEYS = {"schema_version", "date", "polysae_version", "torch_version", "model", "hook",
+TOP_KEYS = {"schema_version", "date", "polysae_version", "torch_version", "model", "backend",
+            "hook",
             "device", "config", "saes", "held_out", "activations_baseline", "probing_sizes",
             "timings_s", "plots"}
 OPTIONAL_TOP_KEYS = {"warnings",  # only when there is something to warn about

@@ -18,8 +18,8 @@ HELP = ("vanilla vs PolySAE over seeds for each sparsifier: the paper's Table 1 
 
 # Fields replicate sets itself (per cell, or from its own top-level settings).
 TRAIN_EXCLUDE = ("seed", "progress")
-EVAL_EXCLUDE = ("device", "progress")
-HARVEST_EXCLUDE = ("out", "device", "progress", "model")
+EVAL_EXCLUDE = ("device", "progress", "backend")
+HARVEST_EXCLUDE = ("out", "device", "progress", "model", "backend")
 SAE_EXCLUDE = ("d_in", "sparsifier", "decoder")
 
 

@@ -22,9 +22,9 @@ HELP = "the whole job: harvest, train a vanilla and a PolySAE side by side, eval
 
 # Fields of the nested configs that `polysae run` sets itself (from its own out/device/seed/
 # progress, or per SAE); every other field has a flag `--<config>.<field>`.
-HARVEST_EXCLUDE = ("out", "device", "seed", "progress")
+HARVEST_EXCLUDE = ("out", "device", "seed", "progress", "backend")
 TRAIN_EXCLUDE = ("seed", "progress")
-EVAL_EXCLUDE = ("device", "progress")
+EVAL_EXCLUDE = ("device", "progress", "backend")
 SAE_EXCLUDE = ("d_in", "decoder")
 # The flags of `polysae run` before its settings were nested configs (deprecated, accepted).
 ALIASES = {

@@ -18,11 +18,12 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from polysae.data.backend import BACKENDS
 from polysae.sae import SAE
 
 
@@ -96,6 +97,10 @@ class EvalConfig:
     the weights, so larger batches are nearly free)."""
     device: str | None = None
     """Device for the model and SAEs (default: cuda when present, else cpu)."""
+    backend: str = field(default="transformer_lens", metadata={"choices": BACKENDS})
+    """What runs the model when it is loaded by name: transformer_lens (default), hf (plain
+    transformers with forward hooks) or nnsight (pip install 'polysae[nnsight]'); CE/KL splices
+    and steering additions go through the same backend (see docs/evaluation.md)."""
     progress: bool = True
     """Show progress bars on stderr."""
 
@@ -103,6 +108,8 @@ class EvalConfig:
         def bad(name: str, why: str) -> ValueError:
             return ValueError(f"EvalConfig.{name} {why}")
 
+        if self.backend not in BACKENDS:
+            raise bad("backend", f"must be one of {list(BACKENDS)}, got {self.backend!r}")
         if isinstance(self.datasets, str):
             self.datasets = (self.datasets,)
         self.datasets = tuple(d for d in self.datasets if d)
@@ -209,7 +216,7 @@ def _live_heldout(model, tokenizer, hook, cfg: EvalConfig, chunks, dataset: str)
     special = torch.tensor(_special_ids(tokenizer), dtype=torch.long)
     rows, toks, docs = [], [], []
     bar = _bar(cfg, chunks.tokens.shape[0], "held-out activations")
-    dev = next(model.parameters()).device
+    dev = model.device
     with torch.inference_mode():
         kept = 0
         for s in range(0, min(n_ctx, chunks.tokens.shape[0]), cfg.batch_size):
@@ -258,8 +265,9 @@ def evaluate(saes: Any, *, model: Any = None, hook: str | None = None, acts: str
     Args:
         saes: an SAE, a checkpoint folder, or a mapping name -> SAE/folder (e.g. ``{"vanilla":
             ..., "poly": ...}``); names become the report's columns.
-        model: a :class:`polysae.data.models.LoadedModel`, a HookedTransformer, or a model name for
-            :func:`polysae.data.models.load_model`; default: the checkpoint metadata's ``model``.
+        model: a :class:`polysae.data.models.LoadedModel`, a backend, a HookedTransformer, or a
+            model name for :func:`polysae.data.models.load_model` (run through
+            ``config.backend``); default: the checkpoint metadata's ``model``.
         hook: hook name; default: the checkpoint metadata's ``hook``.
         acts: an activation store folder; its ``val`` split is the held-out set. Without it a
             small held-out set is harvested live.
@@ -284,23 +292,20 @@ def evaluate(saes: Any, *, model: Any = None, hook: str | None = None, acts: str
             raise ValueError("evaluate: no model given and the checkpoint metadata records none "
                              "(pass model= / --model)")
     model_name = model if isinstance(model, str) else getattr(model, "name", None)
+    from polysae.data.models import as_backend, check_hooks, load_model
+
     if isinstance(model, str):
-        from polysae.data.models import load_model
-
-        print(f"[eval] loading model {model}", file=sys.stderr)
-        model = load_model(model, device=cfg.device)
-    if hasattr(model, "tokenizer") and hasattr(model, "kind"):  # LoadedModel
-        if model.kind != "decoder":
-            raise ValueError(f"evaluate: model kind {model.kind!r} is not supported (CE recovered, "
-                             f"probing and steering need a decoder HookedTransformer)")
-        tokenizer = tokenizer or model.tokenizer
-        model = model.model
-    tokenizer = tokenizer or getattr(model, "tokenizer", None)
-    model_name = model_name or getattr(getattr(model, "cfg", None), "model_name", None)
-    from polysae.data.models import check_hooks
-
+        print(f"[eval] loading model {model} ({cfg.backend})", file=sys.stderr)
+        model = load_model(model, device=cfg.device, backend=cfg.backend)
+    model = as_backend(model, tokenizer)  # a LoadedModel, HookedTransformer, Backend, ...
+    tokenizer = tokenizer or model.tokenizer
+    model_name = model_name or model.model_name
+    if not model.causal and (cfg.ce_contexts > 0 or cfg.steering):
+        model.require_causal("CE/KL loss recovered and steering",
+                             "pass --ce-contexts 0 and --no-steering (EvalConfig(ce_contexts=0, "
+                             "steering=False)) to evaluate it on reconstruction and probing")
     check_hooks(model, [hook])
-    width = _hook_width(model, hook)
+    width = model.hook_width(hook)
     for name, sae in models.items():
         if sae.cfg.d_in != width:
             raise ValueError(f"SAE {name!r} has d_in={sae.cfg.d_in} but hook {hook!r} of the "
@@ -310,7 +315,7 @@ def evaluate(saes: Any, *, model: Any = None, hook: str | None = None, acts: str
         "schema_version": 1,
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "polysae_version": _version(), "torch_version": torch.__version__,
-        "model": model_name, "hook": hook, "device": cfg.device,
+        "model": model_name, "backend": model.name, "hook": hook, "device": cfg.device,
         "config": jsonable(dataclasses.asdict(cfg)),
         "saes": {n: {"info": _describe(s, metas[n])} for n, s in models.items()},
     }
@@ -436,15 +441,6 @@ def evaluate(saes: Any, *, model: Any = None, hook: str | None = None, acts: str
 
         write_report(result, out, plots)
     return result
-
-
-def _hook_width(model: Any, hook: str) -> int:
-    """Width of a hook's activation from a 2-token probe forward."""
-    from polysae.data.models import capture
-
-    tok = torch.zeros(1, 2, dtype=torch.long, device=next(model.parameters()).device)
-    with torch.inference_mode():
-        return int(capture(model, tok, [hook])[hook].shape[-1])
 
 
 def _version() -> str:

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from polysae.config import SAEConfig, check_sae_overrides, plain_dict
+from polysae.data.backend import BACKENDS
 from polysae.data.harvesting import HarvestConfig
 from polysae.evaluation import EvalConfig
 from polysae.training import TrainConfig
@@ -60,6 +61,9 @@ class ReplicateConfig:
     """Bootstrap resamples of the paired mean difference."""
     device: str | None = None
     """Device for the model and SAEs (default: cuda when present, else cpu)."""
+    backend: str = field(default="transformer_lens", metadata={"choices": BACKENDS})
+    """What runs the model, for the harvest and every evaluation: transformer_lens (default), hf
+    (plain transformers with forward hooks) or nnsight (pip install 'polysae[nnsight]')."""
     progress: bool = True
     """Progress bars on stderr."""
     sae: dict[str, Any] = field(default_factory=lambda: {"d_sae": 4096, "k": 32},
@@ -86,6 +90,9 @@ class ReplicateConfig:
         if self.seeds < 2:
             raise ValueError(f"replicate: seeds must be >= 2 for a paired interval, got "
                              f"{self.seeds} (--seeds)")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"replicate: backend {self.backend!r}: expected one of "
+                             f"{list(BACKENDS)} (--backend)")
         if self.batch_size < 1:
             raise ValueError(f"replicate: batch_size must be >= 1, got {self.batch_size}")
         if not self.epochs > 0:

@@ -56,7 +56,7 @@ def _resolve_store(cfg: ReplicateConfig, out: Path, lm: Any, device: str) -> tup
         from polysae.data.harvesting import harvest
 
         hcfg = dataclasses.replace(cfg.harvest, out=str(out / "acts"), device=device,
-                                   progress=cfg.progress,
+                                   progress=cfg.progress, backend=cfg.backend,
                                    model=cfg.model or cfg.harvest.model,
                                    hooks=list(cfg.harvest.hooks or ([cfg.hook] if cfg.hook
                                                                     else [])))
@@ -82,7 +82,7 @@ def _load_lm(cfg: ReplicateConfig, acts: Path | None, device: str) -> Any:
 
         name = read_manifest(acts).get("model")
     name = name or cfg.harvest.model
-    return load_model(name, device=device)
+    return load_model(name, device=device, backend=cfg.backend)
 
 
 def run_cell(cfg: ReplicateConfig, sparsifier: str, seed: int, *, acts: Path, hook: str,
@@ -114,7 +114,8 @@ def run_cell(cfg: ReplicateConfig, sparsifier: str, seed: int, *, acts: Path, ho
     train_key = config_key(tcfg.to_dict(), {n: c.to_dict() for n, c in sae_cfgs.items()},
                            manifest.get("config"), manifest.get("n_rows"), hook,
                            cfg.batch_size)
-    ecfg = dataclasses.replace(cfg.eval, device=device, progress=cfg.progress)
+    ecfg = dataclasses.replace(cfg.eval, device=device, progress=cfg.progress,
+                               backend=cfg.backend)
     eval_key = None
     if stages.done("train", train_key) and all((p / "config.json").exists()
                                                for p in ckpts.values()):
