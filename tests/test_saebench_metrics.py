@@ -388,3 +388,40 @@ def test_sae_that_cannot_be_ablated_is_skipped_with_reason():
     assert "at least two classes" in result["tpp_setup"]["skipped"]["one"]
     assert set(result["saes"]["ok"]["tpp"]["linear"]["datasets"]) == {"two"}
     assert result["saes"]["ok"]["tpp"]["difference"]["max_abs_total"] == 0
+
+
+def test_evaluate_runs_absorption_on_a_tokenizer_with_words(make_tiny_hooked, tmp_path):
+    """``polysae.evaluate`` end to end on a tiny random model and a word tokenizer: words,
+    prompts, word activations, both variants for both SAEs, the report section and pictures; TPP
+    without probing datasets is skipped with the reason."""
+    from polysae.evaluation import EvalConfig, evaluate
+
+    words = [f" {c}{s}" for c in "abcdefghij" for s in ("at", "og", "un", "ip", "ex", "ol")]
+    tok = WordTok(words, answers="ABCDEFGHIJ")
+    tiny = make_tiny_hooked(n_layers=1, d_model=16, d_vocab=len(tok.tokens), n_ctx=128)
+    torch.manual_seed(0)
+    saes = {"vanilla": SAE(SAEConfig(d_in=16, d_sae=32, k=4, decoder="linear")),
+            "poly": SAE(SAEConfig(d_in=16, d_sae=32, k=4, decoder="poly", ranks=(16, 4, 4)))}
+    txt = tmp_path / "held.txt"
+    txt.write_text("\n".join(" ".join(words[i:i + 5]) for i in range(40)))
+    cfg = EvalConfig(datasets=(), recon_tokens=100, live_dataset=str(txt), live_ctx=16,
+                     ce_contexts=0, steering=False, interactions=False, progress=False,
+                     absorption_train_words=40, absorption_test_words=20, absorption_icl=3)
+    m = evaluate(saes, model=tiny, hook="blocks.0.hook_resid_post", tokenizer=tok, config=cfg,
+                 out=tmp_path / "ev")
+    setup = m["absorption_setup"]
+    # 74 single-token alphabetic words (60 + " has the first letter" + " A".." J"): 15 are test
+    assert setup["train_words"] == 40 and setup["test_words"] == 15 and setup["icl_examples"] == 3
+    assert set(setup["missing_letters"]) == set("kmnopqrsuvwxyz")
+    for name, s in m["saes"].items():
+        a = s["absorption"]
+        assert {"linear", "full", "k_sparse", "difference", "seconds"} <= set(a)
+        assert a["linear"]["valid"] is False and "SAEBench reports" in a["linear"]["note"]
+        assert a["linear"]["letters"]["z"]["counted"] is False
+        assert s["tpp"] == {"skipped": "no probing dataset was evaluated (TPP uses the probing "
+                                       "texts; set datasets)"}
+    assert m["saes"]["vanilla"]["absorption"]["linear"] == \
+        m["saes"]["vanilla"]["absorption"]["full"]
+    assert (tmp_path / "ev" / "absorption.png").is_file()
+    md = (tmp_path / "ev" / "report.md").read_text()
+    assert "### Feature absorption (first letter)" in md and "- **absorption**:" in md

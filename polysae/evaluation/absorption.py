@@ -296,10 +296,18 @@ def ground_truth_from(weight: Tensor, bias: Tensor, x_test: Tensor,
 def directions(sae: Any, variant: str, values: Tensor, indices: Tensor) -> Tensor:
     """[n, K, D] the direction each active latent stands for: raw linear atoms (``linear``) or
     the whole decoder's per-unit contribution ``d_i(x)`` (``full``)."""
-    from polysae.evaluation.contributions import linear_directions, unit_directions
+    from polysae.evaluation.contributions import (
+        NotSplittable,
+        linear_directions,
+        unit_directions,
+    )
 
     if variant == "linear":
-        A = linear_directions(sae).to(torch.float64)
+        try:
+            A = linear_directions(sae).to(torch.float64)
+        except Exception as e:  # noqa: BLE001 - any failure: the SAE has no W_dec to read
+            raise NotSplittable(f"the SAE has no linear atoms to read as W_dec "
+                                f"({type(e).__name__}: {str(e)[:200]})") from None
         return A[indices.to(A.device)].cpu()
     if variant == "full":
         return unit_directions(sae, values, indices).cpu()
