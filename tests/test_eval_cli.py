@@ -201,7 +201,9 @@ def test_cli_smollm2_end_to_end(tmp_path):
     r = _cli("--sae", str(tmp_path / "run2"), "--baseline", str(tmp_path / "run"),
              "--out", str(tmp_path / "ev"), "--datasets", "bbc", "--train-per-class", "6",
              "--test-per-class", "4", "--probe-ctx", "24", "--tokens", "512",
-             "--ce-contexts", "2", "--pairs", "3", "--alphas", "1", "--no-progress")
+             "--ce-contexts", "2", "--pairs", "3", "--alphas", "1", "--no-progress",
+             "--absorption-train-words", "64", "--absorption-test-words", "32",
+             "--absorption-icl", "3", "--tpp-n-values", "2", "20")
     assert r.returncode == 0, r.stderr[-2000:]
     m = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     assert list(m["saes"]) == ["vanilla", "poly"] and m["model"] == "smollm2-135m"
@@ -213,6 +215,15 @@ def test_cli_smollm2_end_to_end(tmp_path):
     assert st["summary"]["none"]["mean_log2_rank"] >= 0 and len(st["concepts"]) == 5
     assert all(len(c["saes"]["poly"]["ranks"][0]) == 1 for c in st["concepts"])
     assert "poly" in (tmp_path / "ev" / "report.md").read_text()
+    # SAEBench absorption on SmolLM2's vocabulary and TPP on bbc, both variants, both SAEs
+    assert m["absorption_setup"]["train_words"] == 64 and not m["absorption_setup"][
+        "missing_letters"]
+    for s in m["saes"].values():
+        assert {"linear", "full", "difference"} <= set(s["absorption"])
+        assert set(s["tpp"]["linear"]["total"]) == {"2", "20"}
+    v = m["saes"]["vanilla"]
+    assert v["absorption"]["linear"] == v["absorption"]["full"]
+    assert v["tpp"]["difference"]["max_abs_total"] == 0
 
 
 def test_evaluate_with_activation_store(tiny, tmp_path):

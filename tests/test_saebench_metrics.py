@@ -325,6 +325,30 @@ def test_select_top_n_follows_saebench():
     assert tpp.select_top_n(torch.zeros(4), 2).numel() == 0
 
 
+@pytest.mark.parametrize("kind", ["linear", "poly3", "poly3-separate", "poly2", "other"])
+def test_ablator_readings_are_probes_of_the_saebench_rule(kind):
+    """W^T (decode(z with S zeroed) + x - x_hat) from the projected decoder equals the dense
+    decode of the ablated codes, for every decoder form (and the literal path otherwise)."""
+    from polysae.evaluation.ablation import Ablator
+
+    if kind == "linear":
+        sae = _linear(d=8, F=20).double()
+    else:
+        sae = _poly(3 if kind.startswith("poly3") else 2, shared=not kind.endswith("separate"))
+    if kind == "other":
+        sae.decoder.kind = "mystery"   # no known split: the literal decode_sparse path
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(40, 8, generator=g, dtype=torch.float64)
+    W = torch.randn(8, 3, generator=g, dtype=torch.float64)
+    ab_ = Ablator(sae, x, W)
+    for S in ([], [0], [1, 4, 7, 11, 19], list(range(20))):
+        z = sae.encode(x)
+        z[:, S] = 0
+        want = (sae.decode(z, path="dense") + x - sae.decode(sae.encode(x), path="dense")) @ W
+        torch.testing.assert_close(ab_.readings(torch.tensor(S, dtype=torch.long)), want,
+                                   rtol=0, atol=1e-10)
+
+
 def test_ablation_is_decode_of_zeroed_codes_plus_error():
     acts, labels, train, test = _tpp_setup()
     s = tpp.make_setup(acts, labels, train, test, seed=0)
@@ -332,9 +356,10 @@ def test_ablation_is_decode_of_zeroed_codes_plus_error():
     ablate = torch.tensor([0, 5, 7, 11])
     docs = np.unique(np.concatenate([s.test[c].docs for c in s.classes]))
     rows = torch.nonzero(torch.isin(s.doc, torch.as_tensor(docs)))[:, 0]
-    sp = sae.encode_sparse(s.x[rows])
-    err = s.x[rows].double() - sae.decode_sparse(sp.values, sp.indices).double()
-    got = tpp.ablated_accuracies(sae, s, ablate, rows, (sp.values, sp.indices, err))
+    from polysae.evaluation.ablation import Ablator
+
+    Wp = torch.stack([s.probes[c][0] for c in s.classes], 1)
+    got = tpp.ablated_accuracies(s, Ablator(sae, s.x[rows], Wp), ablate, rows)
     for c in s.classes:
         w, b = s.probes[c]
         accs = []
@@ -343,7 +368,7 @@ def test_ablation_is_decode_of_zeroed_codes_plus_error():
             z = sae.encode(a)
             z[:, ablate] = 0
             x2 = (sae.decode(z, path="dense") + a - sae(a)).mean(0)
-            accs.append(float((float(x2 @ w) + b > 0) == bool(y)))
+            accs.append(float((float((x2 @ w).detach()) + b > 0) == bool(y)))
         assert got[c] == pytest.approx(np.mean(accs), abs=1e-12)
 
 

@@ -10,7 +10,8 @@ from pathlib import Path
 
 from polysae.cli import CLIError
 
-HELP = "evaluate SAEs (reconstruction, CE recovered, probing F1, W1, interactions, steering)"
+HELP = ("evaluate SAEs (reconstruction, CE recovered, probing F1, W1, interactions, steering, "
+        "SAEBench absorption and TPP: linear vs full decoder)")
 
 
 # Old spellings of EvalConfig flags (deprecated, still accepted).

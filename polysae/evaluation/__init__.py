@@ -7,6 +7,13 @@
 - :mod:`~polysae.evaluation.wasserstein`: exact W1 separation of positive and negative features;
 - :mod:`~polysae.evaluation.interactions`: co-occurrence, pair strengths and pair candidates;
 - :mod:`~polysae.evaluation.steering`: the steering protocol;
+- :mod:`~polysae.evaluation.probing_stage`: the probing stage (keeps the texts for TPP);
+- :mod:`~polysae.evaluation.absorption`, :mod:`~polysae.evaluation.tpp`: SAEBench feature
+  absorption and TPP in the variants ``linear`` and ``full``
+  (:mod:`~polysae.evaluation.saebench_metrics` runs them;
+  :mod:`~polysae.evaluation.contributions` splits the decoder per latent;
+  :mod:`~polysae.evaluation.saebench_probes` trains SAEBench's probes;
+  :mod:`~polysae.evaluation.saebench_report` writes their report part);
 - :mod:`~polysae.evaluation.report`: ``metrics.json``, ``report.md`` and plots;
 - :mod:`~polysae.evaluation.saebench`: checkpoints wrapped for SAEBench.
 

@@ -88,6 +88,16 @@ def _cubic_unit(z: Tensor, u: Tensor, v: Tensor, w: Tensor) -> Tensor:
     return T / 3 + P2 / 6 + 2 * S / 3
 
 
+def _cubic_unit_shared(z: Tensor, u: Tensor) -> Tensor:
+    """:func:`_cubic_unit` with ``u = v = w`` (one shared ``U``), simplified: with ``p = z u``,
+    ``A = sum p`` and ``Q = sum p^2`` over the row, the share per unit ``z`` is
+    ``u (A^2 - p A / 2 + Q / 2)`` (summing ``p`` times it over the row gives ``A^3``)."""
+    p = z[..., None] * u
+    A = p.sum(1, keepdim=True)
+    Q = (p * p).sum(1, keepdim=True)
+    return u * (A * A - 0.5 * p * A + 0.5 * Q)
+
+
 def _poly_parts(sae: Any, values: Tensor, indices: Tensor, dtype: torch.dtype):
     """(z, linear atom rows [N,K,D] or None, quadratic unit share [N,K,R2] or None, cubic unit
     share [N,K,R3] or None) of a polynomial decoder."""
@@ -100,7 +110,11 @@ def _poly_parts(sae: Any, values: Tensor, indices: Tensor, dtype: torch.dtype):
         q2 = _quad_unit(z, U[indices, :r2], U2[indices, :r2])
     if getattr(dec, "C3", None) is not None:
         r3 = dec.C3.shape[1]
-        q3 = _cubic_unit(z, U[indices, :r3], U2[indices, :r3], U3[indices, :r3])
+        u = U[indices, :r3]
+        if U2 is U and U3 is U:
+            q3 = _cubic_unit_shared(z, u)
+        else:
+            q3 = _cubic_unit(z, u, U2[indices, :r3], U3[indices, :r3])
     return z, U, q2, q3
 
 
@@ -146,7 +160,7 @@ def probe_responses(sae: Any, values: Tensor, indices: Tensor, W: Tensor,
         idx = indices.to(dec.U.device, torch.long)
         Wd = W.to(dec.U.device, dtype)
         z, U, q2, q3 = _poly_parts(sae, values.to(idx.device), idx, dtype)
-        out = U[idx] @ (dec.C1.to(dtype).T @ Wd)
+        out = (U @ (dec.C1.to(dtype).T @ Wd))[idx]   # [F, P] first: no [N, K, R1] gather
         if q2 is not None:
             out = out + dec.lambda2.to(dtype) * (q2 @ (dec.C2.to(dtype).T @ Wd))
         if q3 is not None:

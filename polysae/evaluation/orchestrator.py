@@ -78,12 +78,13 @@ class EvalConfig:
     examples."""
     absorption: bool = True
     """SAEBench's first-letter feature absorption, variants ``linear`` and ``full``."""
-    absorption_train_words: int = 1024
+    absorption_train_words: int = 768
     """Training words of the absorption task (SAEBench: 80% of the single-token vocabulary)."""
-    absorption_test_words: int = 512
+    absorption_test_words: int = 256
     """Test words of the absorption task (SAEBench: the other 20%)."""
-    absorption_icl: int = 10
-    """In-context examples per absorption prompt (SAEBench: 10)."""
+    absorption_icl: int = 4
+    """In-context examples per absorption prompt (SAEBench: 10; 4 keeps the prompts' forward
+    to ~30k tokens)."""
     tpp: bool = True
     """SAEBench's TPP on the probing datasets, variants ``linear`` and ``full``."""
     tpp_n_values: tuple[int, ...] = (2, 5, 10, 20, 50, 100, 500)

@@ -172,20 +172,20 @@ def select_top_n(effects: Tensor, n: int) -> Tensor:
     return torch.topk(effects, k).indices
 
 
-def ablated_accuracies(sae: Any, setup: Setup, ablate: Tensor, rows: Tensor, base) -> dict:
+def ablated_accuracies(setup: Setup, ablator: Any, ablate: Tensor, rows: Tensor) -> dict:
     """Accuracy of every class's probe on its test task after zero-ablating ``ablate`` on the
-    test tokens ``rows`` (``base`` = (values, indices, x - x_hat) of those tokens)."""
+    test tokens ``rows`` (SAEBench's ``decode(z ablated) + (x - x_hat)``, mean-pooled per
+    document), read through the probes by ``ablator``
+    (:class:`polysae.evaluation.ablation.Ablator` of those tokens and the stacked probes)."""
     from polysae.evaluation.saebench_probes import accuracy
 
-    vals, idx, err = base
-    keep = ~torch.isin(idx, ablate)
-    with torch.no_grad():
-        x_new = sae.decode_sparse(vals * keep, idx).cpu().to(torch.float64) + err
-    xp = torch.zeros(len(setup.lengths), x_new.shape[1], dtype=torch.float64)
-    xp.index_add_(0, setup.doc[rows], x_new)
+    r = ablator.readings(ablate)                                       # [n, C]: w_c . x'
+    xp = torch.zeros(len(setup.lengths), r.shape[1], dtype=torch.float64)
+    xp.index_add_(0, setup.doc[rows], r)
     xp = xp / setup.lengths.to(torch.float64).clamp_min(1)[:, None]
-    return {c: accuracy(xp[setup.test[c].docs].float(), setup.test[c].y, *setup.probes[c])
-            for c in setup.classes}
+    one = torch.ones(1, dtype=torch.float64)
+    return {c: accuracy(xp[setup.test[c].docs, j:j + 1], setup.test[c].y, one,
+                        setup.probes[c][1]) for j, c in enumerate(setup.classes)}
 
 
 def check_ablatable(sae: Any, x: Tensor) -> None:
@@ -223,14 +223,12 @@ def tpp_eval(sae: Any, setup: Setup, n_values: Sequence[int] = N_VALUES,
     except NotSplittable as e:
         sc = scores(sae, setup, [v for v in variants if v != "full"])
         out["full"] = {"skipped": str(e)}
+    from polysae.evaluation.ablation import Ablator
+
     test_docs = np.unique(np.concatenate([setup.test[c].docs for c in setup.classes]))
     rows = torch.nonzero(torch.isin(setup.doc, torch.as_tensor(test_docs)))[:, 0]
-    with torch.no_grad():
-        sp = sae.encode_sparse(setup.x[rows])
-        vals, idx = sp.values, sp.indices
-        err = setup.x[rows].to(torch.float64) - sae.decode_sparse(vals, idx).cpu().to(
-            torch.float64)
-    base = (vals, idx, err)
+    Wp = torch.stack([setup.probes[c][0] for c in setup.classes], 1)
+    ablator = Ablator(sae, setup.x[rows], Wp)
     for variant, eff in sc.items():
         per: dict[str, Any] = {}
         selected: dict[str, dict[str, list[int]]] = {}
@@ -238,7 +236,7 @@ def tpp_eval(sae: Any, setup: Setup, n_values: Sequence[int] = N_VALUES,
             per[c], selected[c] = {}, {}
             for n in ns:
                 ab = select_top_n(eff[:, j], n)
-                acc = ablated_accuracies(sae, setup, ab, rows, base)
+                acc = ablated_accuracies(setup, ablator, ab, rows)
                 intended = setup.clean[c] - acc[c]
                 others = [setup.clean[o] - acc[o] for o in setup.classes if o != c]
                 unintended = float(np.mean(others))
