@@ -747,4 +747,21 @@ def test_saebench_plots_on_the_sae_page(tmp_path):
     assert "absorption.linear.mean_absorption_fraction" in names and "tpp.full.total.20" in names
     assert not any(".letters." in n or ".classes." in n for n in names)
     assert saebench_plots({"reconstruction": {"fvu": 0.1}}) is None
-    assert "saebenchPlots()" in (out / "app.js").read_text()
+    if not (CHROMIUM and CHROMEDRIVER):
+        return
+    # the SAE page draws them in a real browser: a bar per letter and variant, a line each
+    handler = functools.partial(_Quiet, directory=str(out))
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    wd = WebDriver(Path(tempfile.mkdtemp(prefix="polysae-chromium-")))
+    try:
+        wd.get(f"http://127.0.0.1:{httpd.server_address[1]}/index.html")
+        wd.wait_ready("home")
+        assert wd.js("return document.querySelectorAll('svg.absorption rect').length") == 4
+        assert wd.js("return document.querySelectorAll('svg.tpp polyline').length") == 2
+        assert "mean 0.25 linear, 0.5 full" in wd.js(
+            "return document.querySelector('.saebench').innerText")
+    finally:
+        wd.quit()
+        httpd.shutdown()
+        httpd.server_close()
