@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import importlib
 
-from polysae.config import SAEConfig
-from polysae.sae import SAE, LossOutput, ParamCounts, SparseCodes, count_params
+from polysae.config import ParamCounts, SAEConfig, count_params
+from polysae.sae import SAE, LossOutput, SparseCodes
 from polysae.version import __version__
 
 # name -> module (or the stage package re-exporting it) that provides it; imported on first access

@@ -11,7 +11,7 @@ import dataclasses
 import math
 import typing
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import torch
 
@@ -325,5 +325,40 @@ def check_sae_overrides(overrides: dict[str, Any], *, fixed: tuple[str, ...], ow
     return out
 
 
-__all__ = ["SAEConfig", "SPARSIFIERS", "DECODERS", "DTYPES", "check_sae_overrides",
-           "check_values", "default_matryoshka_widths"]
+__all__ = ["SAEConfig", "ParamCounts", "count_params", "SPARSIFIERS", "DECODERS", "DTYPES",
+           "check_sae_overrides", "check_values", "default_matryoshka_widths"]
+
+
+class ParamCounts(NamedTuple):
+    """Parameter accounting as in the paper's tables (docs/method.md#parameter-count)."""
+
+    encoder: int
+    """W_enc + b_enc."""
+    decoder: int
+    """Decoder incl. b_dec: vanilla F*D + D; poly D + F*R1 + D*(R1+R2+R3) + 2 (shared U)."""
+    total: int
+    """encoder + decoder (+ JumpReLU thresholds)."""
+    vanilla_decoder: int
+    """A linear decoder of the same width: F*D + D."""
+    overhead_vs_decoder: float
+    """(decoder - vanilla_decoder) / vanilla_decoder."""
+    overhead_vs_sae: float
+    """(decoder - vanilla_decoder) / (a vanilla SAE's total): the paper's "≈3%"."""
+
+
+def count_params(cfg: SAEConfig) -> ParamCounts:
+    D, F_ = cfg.d_in, cfg.d_sae
+    enc = D * F_ + F_
+    vanilla_dec = F_ * D + D
+    if cfg.decoder == "linear":
+        dec = vanilla_dec
+    else:
+        r1, r2, r3 = cfg.ranks
+        rs = [r1, r2, r3][: cfg.order]
+        dec = D + F_ * r1 + D * sum(rs) + (cfg.order - 1)
+        if not cfg.shared_u:
+            dec += F_ * sum(rs[1:])
+    thr = F_ if cfg.sparsifier == "jumprelu" else 0
+    extra = dec - vanilla_dec
+    return ParamCounts(enc, dec, enc + dec + thr, vanilla_dec, extra / vanilla_dec,
+                       extra / (enc + vanilla_dec + thr))

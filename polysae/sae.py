@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from polysae import kernels
-from polysae.config import SAEConfig
+from polysae.config import ParamCounts, SAEConfig, count_params
 from polysae.decoders import make_decoder
 from polysae.fileio import atomic_write_text, atomic_write_with, sha256_file
 from polysae.validate import check_finite_tensors, check_save_target, read_checkpoint_doc
@@ -76,41 +76,6 @@ class LossOutput(NamedTuple):
     """[N, D] reconstruction."""
     codes: SparseCodes
     """The sparse codes the reconstruction came from."""
-
-
-class ParamCounts(NamedTuple):
-    """Parameter accounting as in the paper's tables (docs/method.md#parameter-count)."""
-
-    encoder: int
-    """W_enc + b_enc."""
-    decoder: int
-    """Decoder incl. b_dec: vanilla F*D + D; poly D + F*R1 + D*(R1+R2+R3) + 2 (shared U)."""
-    total: int
-    """encoder + decoder (+ JumpReLU thresholds)."""
-    vanilla_decoder: int
-    """A linear decoder of the same width: F*D + D."""
-    overhead_vs_decoder: float
-    """(decoder - vanilla_decoder) / vanilla_decoder."""
-    overhead_vs_sae: float
-    """(decoder - vanilla_decoder) / (a vanilla SAE's total): the paper's "≈3%"."""
-
-
-def count_params(cfg: SAEConfig) -> ParamCounts:
-    D, F_ = cfg.d_in, cfg.d_sae
-    enc = D * F_ + F_
-    vanilla_dec = F_ * D + D
-    if cfg.decoder == "linear":
-        dec = vanilla_dec
-    else:
-        r1, r2, r3 = cfg.ranks
-        rs = [r1, r2, r3][: cfg.order]
-        dec = D + F_ * r1 + D * sum(rs) + (cfg.order - 1)
-        if not cfg.shared_u:
-            dec += F_ * sum(rs[1:])
-    thr = F_ if cfg.sparsifier == "jumprelu" else 0
-    extra = dec - vanilla_dec
-    return ParamCounts(enc, dec, enc + dec + thr, vanilla_dec, extra / vanilla_dec,
-                       extra / (enc + vanilla_dec + thr))
 
 
 # -- straight-through estimators for JumpReLU (Rajamanoharan et al., 2024) ----------------------

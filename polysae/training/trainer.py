@@ -31,7 +31,7 @@ import os
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -41,6 +41,8 @@ from polysae.sae import SAE, LossOutput
 from polysae.training import distributed as pdist
 from polysae.training import unit_norm
 from polysae.training.config import TrainConfig
+from polysae.training.optim import make_adam
+from polysae.training.outputs import StepMetrics, TrainingDiverged, TrainResult
 from polysae.training.logs import (
     METRICS_FILE,
     make_loggers,
@@ -61,45 +63,7 @@ from polysae.training.state import (
 
 log = logging.getLogger(__name__)
 
-class TrainingDiverged(ValueError):
-    """A NaN/inf appeared in an input batch, a loss term or a gradient; names step and tensor.
-    The checkpoint on disk is the last good one (nothing is written after the failure)."""
-
-
-class TrainResult(NamedTuple):
-    """What :func:`train` returns."""
-
-    saes: dict[str, SAE]
-    """Trained SAEs taking raw activations (normalisation folded in), in eval mode."""
-    steps: int
-    """Optimiser steps taken in total (including steps before a resume)."""
-    tokens: int
-    """Activation rows consumed in total (global over ranks)."""
-    act_scale: float | None
-    """The activation scale trained with (None without normalisation)."""
-
-
-class StepMetrics(NamedTuple):
-    """One SAE's numbers for one step (detached; the loss terms are 0-dim tensors)."""
-
-    loss: LossOutput
-    """The SAE's loss terms on this batch."""
-    grad_norm: float
-    """Global gradient norm before clipping."""
-
-
 # -- the trainer ---------------------------------------------------------------------------------
-def make_adam(params: list[Tensor], cfg: TrainConfig) -> torch.optim.Adam:
-    """torch's Adam with ``fused=True`` (one pass over each parameter instead of the ~10 of the
-    default multi-tensor path: 8x faster on CPU, where Adam was a fifth of a TopK step), or the
-    default implementation where this torch has no fused kernel for these parameters. Same
-    algorithm; results differ from the default path in the last bit."""
-    try:
-        return torch.optim.Adam(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=True)
-    except (RuntimeError, TypeError, ValueError):
-        return torch.optim.Adam(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
-
-
 class _Slot:
     """One SAE's training state."""
 
