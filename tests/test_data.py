@@ -173,10 +173,10 @@ def tiny_words(monkeypatch):
     m.tokenizer = tok
     real = models.load_model
 
-    def load(name, device="cpu", dtype=torch.float32):
+    def load(name, device="cpu", dtype=torch.float32, backend="transformer_lens"):
         if name == "tiny-words":
             return models.LoadedModel(m, tok, name, "decoder")
-        return real(name, device=device, dtype=dtype)
+        return real(name, device=device, dtype=dtype, backend=backend)
 
     monkeypatch.setattr(models, "load_model", load)
     return m
