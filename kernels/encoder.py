@@ -22,20 +22,11 @@ from __future__ import annotations
 import torch
 
 from . import sparse_gather as sg
-from .torch_ops import SELECT
+from .torch_ops import SparseEncodeFn
 
 
-class TopKEncodeFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, W_enc, b_enc, b_dec, k, mode):
-        x_in = x if b_dec is None else x - b_dec
-        pre = torch.addmm(b_enc, x_in, W_enc)
-        values, idx = SELECT[mode](pre, k)
-        ctx.save_for_backward(x_in, W_enc, idx, values > 0)
-        ctx.has_bdec = b_dec is not None
-        ctx.mark_non_differentiable(idx)
-        ctx.set_materialize_grads(False)
-        return values, idx, pre
+class TopKEncodeFn(SparseEncodeFn):
+    """The plain-torch op's forward (same saved tensors); the backward runs the Triton kernels."""
 
     @staticmethod
     def backward(ctx, d_values, _d_idx, d_pre):

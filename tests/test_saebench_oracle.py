@@ -93,7 +93,7 @@ from sae_bench.evals.absorption.prompting import first_letter_formatter
 from sae_bench.evals.absorption.main import _aggregate_results_df
 from sae_bench.evals.absorption.vocab import LETTERS
 
-d = torch.load(sys.argv[2])
+d = torch.load(sys.argv[2], weights_only=True)
 sae, _ = load_checkpoint(sys.argv[3])
 sae = SAEBenchSAE(sae.eval(), "synthetic", d["hook"])
 D = d["x_train"].shape[1]
@@ -228,7 +228,7 @@ import sae_bench.evals.scr_and_tpp.main as tpp_main
 import sae_bench.evals.sparse_probing.probe_training as pt
 import sae_bench.sae_bench_utils.activation_collection as ac
 
-d = torch.load(sys.argv[2])
+d = torch.load(sys.argv[2], weights_only=True)
 sae, _ = load_checkpoint(sys.argv[3])
 sae = SAEBenchSAE(sae.eval(), "synthetic", d["hook"])
 classes = d["classes"]
