@@ -19,13 +19,13 @@ def run_probing(models: dict[str, Any], model: Any, tokenizer: Any, hook: str, c
     from polysae.data.corpora import load_corpus
     from polysae.evaluation.probing import (
         aggregate,
-        collect_text_acts,
         make_split,
         pool_texts,
         probe_dataset,
         sae_encoder,
         tokenize_texts,
     )
+    from polysae.evaluation.textcache import cached_text_acts
 
     per: dict[str, dict[str, Any]] = {n: {} for n in [*models, "__acts__"]}
     sizes, kept = {}, {}
@@ -55,9 +55,9 @@ def run_probing(models: dict[str, Any], model: Any, tokenizer: Any, hook: str, c
         toks = tokenize_texts(tokenizer, [docs[i].text for i in used], cfg.probe_ctx)
         bar = tqdm(total=len(toks), desc=f"probing texts ({ds})", disable=not cfg.progress,
                    file=sys.stderr, leave=False)
-        pooled = collect_text_acts(model, hook, toks, specials, batch_size=cfg.batch_size,
-                                   pad_id=getattr(tokenizer, "pad_token_id", None) or 0,
-                                   progress=bar.update)
+        pooled = cached_text_acts(model, hook, toks, specials, batch_size=cfg.batch_size,
+                                  pad_id=getattr(tokenizer, "pad_token_id", None) or 0,
+                                  progress=bar.update)
         bar.close()
         kept[ds] = (pooled, labels, sub)
         sizes[ds] = {"train_docs": len(sub.train), "test_docs": len(sub.test),
