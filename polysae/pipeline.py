@@ -250,8 +250,13 @@ def run(cfg: RunConfig) -> RunResult:
         poly, _ = load_checkpoint(ckpts["poly"], device=device)
         val = ActivationStore(out / "acts", hook, batch_size=cfg.batch_size, split="val",
                               shuffle=False, device=device)
+        # overwrite=True: out/browser is this run's own sub-folder (the layout above), the
+        # command holds the lock of the whole run folder, and stages.json rebuilds it exactly
+        # when its inputs changed, so the site there is this run's earlier one (a retrained SAE,
+        # or a build cut short before it was marked). A folder there that is not a site is still
+        # refused: build_site never replaces one.
         build_site(poly, val, out / "browser", model=lm.model, tokenizer=lm.tokenizer,
-                   report=report_dir / "metrics.json", progress=cfg.progress)
+                   report=report_dir / "metrics.json", progress=cfg.progress, overwrite=True)
         stages.mark("browser", key)
     seconds["browser"] = time.perf_counter() - t
     atomic_write_text(out / "timings.json", json.dumps(seconds, indent=2))

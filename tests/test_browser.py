@@ -10,6 +10,7 @@ import base64
 import functools
 import http.server
 import json
+import re
 import shutil
 import socket
 import subprocess
@@ -259,7 +260,7 @@ CFG = BrowseConfig(shard_size=4, title="planted",
                                      n_pair_contexts=6, n_logit_tokens=3))
 
 
-def build_planted(out: Path, report=None) -> tuple:
+def build_planted(out: Path, report=None, overwrite: bool = False) -> tuple:
     sae = planted_sae()
     x, token_ids, doc_ids = planted_corpus()
     W_U = torch.zeros(D, 256 + len(WORDS), dtype=torch.float64)
@@ -269,7 +270,7 @@ def build_planted(out: Path, report=None) -> tuple:
     W_U[:, W(" cup")] = -W_U[:, W(" Starbucks")]
     build_site_from_arrays(sae, x, out, token_ids=token_ids, doc_ids=doc_ids,
                            tokenizer=ToyTokenizer(), W_U=W_U, config=CFG, report=report,
-                           meta={"model": "toy"})
+                           meta={"model": "toy"}, overwrite=overwrite)
     return sae, x, token_ids, doc_ids
 
 
@@ -355,13 +356,23 @@ def test_site_overwrite_rules(tmp_path):
     foreign = tmp_path / "notasite"
     foreign.mkdir()
     (foreign / "precious.txt").write_text("keep")
-    with pytest.raises(ValueError, match="not a polysae site"):
-        build_planted(foreign)
+    for overwrite in (False, True):  # a folder that is not a site is never replaced
+        with pytest.raises(ValueError, match="not a polysae site"):
+            build_planted(foreign, overwrite=overwrite)
     assert (foreign / "precious.txt").read_text() == "keep"
     site = tmp_path / "site"
     build_planted(site)
     (site / "data" / "stale.js").write_text("old")
-    build_planted(site)  # an existing site is replaced as a whole
+    before = {p: p.read_bytes() for p in sorted(site.rglob("*")) if p.is_file()}
+    # an earlier site (possibly another SAE's) is never replaced silently: the message says
+    # what is there
+    with pytest.raises(ValueError, match=rf"browser: output folder {re.escape(str(site))} "
+                                         r"already holds a polysae site of an unnamed SAE "
+                                         rf"\(d_sae {F}, model toy\), written \d{{4}}-\d\d-\d\d "
+                                         r"\d\d:\d\d; pass --overwrite \(overwrite=True\)"):
+        build_planted(site)
+    assert {p: p.read_bytes() for p in sorted(site.rglob("*")) if p.is_file()} == before
+    build_planted(site, overwrite=True)  # replaced as a whole
     assert not (site / "data" / "stale.js").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notasite", "site"]
 
@@ -690,7 +701,7 @@ def test_build_site_from_store_matches_dense_encode(harvested, tmp_path):
     assert cut > 0
 
 
-def test_cli_browse(harvested, tmp_path):
+def test_cli_browse(harvested, tmp_path, capsys):
     from polysae.__main__ import main
 
     _, _, acts, ck = harvested
@@ -714,6 +725,35 @@ def test_cli_browse(harvested, tmp_path):
     assert main(["browse", "--sae", str(ck), "--acts", str(acts), "--out", str(single),
                  "--no-model"]) == 0
     assert read_js(single / "data" / "summary.js")["d_sae"] == 48
+    # an earlier site is replaced only with --overwrite; every SAE's folder is checked before
+    # anything is built, and the message says what is there
+    capsys.readouterr()
+    before = {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    again = ["browse", "--sae", str(ck.parent), "--acts", str(acts), "--out", str(out),
+             "--no-model", "--n-contexts", "2"]
+    assert main(again) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert (f"polysae browse: error: browser: output folder {out / 'poly'} already holds a polysae "
+            f"site of SAE {ck} (d_sae 48, model tiny-words, hook blocks.0.hook_resid_post), "
+            "written ") in err
+    assert "pass --overwrite" in err
+    assert {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()} == before
+    assert main([*again, "--overwrite"]) == 0
+    assert read_js(out / "vanilla" / "data" / "summary.js")["config"]["n_contexts"] == 2
+    assert 'href="poly/index.html"' in (out / "index.html").read_text()
+    # several SAEs into one SAE's site, or beside a foreign index.html: refused, even with
+    # --overwrite (neither is a site of theirs to replace)
+    for dest, said in ((single, "holds the polysae site of one SAE"),
+                       (tmp_path / "mine", "holds an index.html that is not a polysae page")):
+        dest.mkdir(exist_ok=True)
+        if not (dest / "index.html").exists():
+            (dest / "index.html").write_text("<html>my page</html>")
+        assert main(["browse", "--sae", str(ck.parent), "--acts", str(acts), "--out", str(dest),
+                     "--no-model", "--overwrite"]) == 1
+        assert said in capsys.readouterr().err
+    assert (tmp_path / "mine" / "index.html").read_text() == "<html>my page</html>"
+    assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == ["index.html"]
     assert main(["browse", "--sae", str(tmp_path / "nope"), "--acts", str(acts), "--out",
                  str(out)]) == 2
     assert main(["browse", "--sae", str(ck), "--acts", str(tmp_path), "--out",

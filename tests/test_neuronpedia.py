@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import numbers
+import re
 from pathlib import Path
 
 import numpy as np
@@ -607,19 +608,31 @@ def test_linear_sae_and_bad_inputs(harvested, tmp_path):
     with pytest.raises(ValueError, match="not a polysae Neuronpedia export"):
         export_neuronpedia(sae, store, foreign, model=model)
     assert (foreign / "keep.txt").read_text() == "mine"
-    # SAEDashboard's own run_settings.json is not ours: refused; an export of before the rename
-    # (our record under that name) is replaced, and the name is gone afterwards
+    # SAEDashboard's own run_settings.json is not ours: refused (with overwrite too); an export
+    # of before the rename (our record under that name) is replaced with overwrite only, and the
+    # name is gone afterwards
     (foreign / "run_settings.json").write_text('{"n_prompts_total": 24576}')
-    with pytest.raises(ValueError, match="not a polysae Neuronpedia export"):
-        export_neuronpedia(sae, store, foreign, model=model)
+    for overwrite in (False, True):
+        with pytest.raises(ValueError, match="not a polysae Neuronpedia export"):
+            export_neuronpedia(sae, store, foreign, model=model, overwrite=overwrite)
     legacy = tmp_path / "legacy"
     legacy.mkdir()
     (legacy / "run_settings.json").write_text('{"generator": "polysae-neuronpedia"}')
-    export_neuronpedia(sae, store, legacy, model=model,
+    said = (rf"output folder {re.escape(str(legacy))} already holds a polysae Neuronpedia export "
+            r"of an unnamed SAE, written \d{4}-\d\d-\d\d \d\d:\d\d; pass --overwrite")
+    with pytest.raises(ValueError, match=said):
+        export_neuronpedia(sae, store, legacy, model=model)
+    export_neuronpedia(sae, store, legacy, model=model, overwrite=True,
                        config=NeuronpediaConfig(stats=StatsConfig(n_contexts=1)))
     assert sorted(p.name for p in legacy.iterdir()) == ["batch-0.json", SETTINGS_FILE]
-    # a second export replaces the first in place
-    export_neuronpedia(sae, store, tmp_path / "v", model=model,
+    # a second export never replaces the first silently; with overwrite it replaces it whole
+    before = {p.name: p.read_bytes() for p in (tmp_path / "v").iterdir()}
+    with pytest.raises(ValueError, match=r"already holds a polysae Neuronpedia export of an "
+                                         r"unnamed SAE \(d_sae 20, model tiny-words, hook "
+                                         r"blocks\.0\.hook_resid_post\), written "):
+        export_neuronpedia(sae, store, tmp_path / "v", model=model)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "v").iterdir()} == before
+    export_neuronpedia(sae, store, tmp_path / "v", model=model, overwrite=True,
                        config=NeuronpediaConfig(features_per_batch=5,
                                                 stats=StatsConfig(n_contexts=1)))
     assert len(_batches(tmp_path / "v")) == 4
@@ -659,9 +672,19 @@ def test_cli_export_neuronpedia(harvested, tmp_path, monkeypatch, capsys):
     index = json.loads((out / "upload" / "upload.json").read_text())
     assert index["source"] == "0-polysae-poly__w40" and DEAD_LATENT in index["skipped_dead"]
     assert json.loads((out / SETTINGS_FILE).read_text())["config"]["include_special"] is False
+    # a second export into the same folder: refused, saying what is there, until --overwrite
+    before = {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    again = ["export", str(ck), str(out), "--format", "neuronpedia", "--acts", str(acts),
+             "--split", "all", "--no-progress", "--include-special"]
+    assert cli_main(again) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert (f"output folder {out} already holds a polysae Neuronpedia export of SAE {ck} "
+            "(d_sae 40, model tiny-words, hook blocks.0.hook_resid_post), written ") in err
+    assert "pass --overwrite" in err
+    assert {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()} == before
     # --include-special: the <bos> latent's top window is <bos> again; no upload folder now
-    assert cli_main(["export", str(ck), str(out), "--format", "neuronpedia", "--acts", str(acts),
-                     "--split", "all", "--no-progress", "--include-special"]) == 0
+    assert cli_main([*again, "--overwrite"]) == 0
     assert "special tokens masked" not in capsys.readouterr().out
     top = _batches(out)[0]["features"][BOS_LATENT]["activations"][0]
     assert top["tokens"][top["qualifying_token_index"]] == "<bos>"

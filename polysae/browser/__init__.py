@@ -30,6 +30,7 @@ from polysae.browser.site import (
     build_site,
     build_site_from_arrays,
     build_site_from_rows,
+    check_site_target,
     logit_tops,
     residual_space,
 )
@@ -48,7 +49,7 @@ from polysae.evaluation.interactions import PairCandidates, pair_candidates
 __all__ = [
     "ASSETS", "SITE_MARKER", "BrowseConfig", "FeatureSummary", "PairCandidates", "StatsConfig",
     "StreamStats", "TokenText", "TopPool", "build_site", "build_site_from_arrays",
-    "build_site_from_rows", "context_windows", "feature_summary", "hist_centres", "logit_tops",
-    "pair_candidates", "peak_strings", "report_entries", "residual_space", "select_report",
-    "stream_stats",
+    "build_site_from_rows", "check_site_target", "context_windows", "feature_summary",
+    "hist_centres", "logit_tops", "pair_candidates", "peak_strings", "report_entries",
+    "residual_space", "select_report", "stream_stats",
 ]

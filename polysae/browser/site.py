@@ -107,15 +107,18 @@ def build_site_from_rows(sae, read_rows: Callable[[int, int], Tensor], n_rows: i
                          doc_ids: Tensor | None = None, tokenizer=None, W_U: Tensor | None = None,
                          report: dict | None = None, config: BrowseConfig | None = None,
                          meta: dict | None = None, progress: bool = False,
-                         timings: dict | None = None, positions: Tensor | None = None) -> Path:
+                         timings: dict | None = None, positions: Tensor | None = None,
+                         overwrite: bool = False) -> Path:
     """Build the site from a row reader (see :mod:`polysae.browser`). Returns ``out_dir``.
 
     ``token_ids`` / ``doc_ids`` [n_rows] int64 align with the rows (contexts stay inside one
     document); ``positions`` [n_rows] (position in the forward context) keeps them inside one
     forward context; ``tokenizer`` (``.decode(list[int]) -> str``) turns them into text; ``W_U``
     [d_in, vocab] gives the promoted / suppressed tokens. The site is written to a temporary
-    folder beside ``out_dir`` and renamed into place at the end. ``timings``, when given, receives
-    the seconds spent in each stage (pairs, pass, logits, write)."""
+    folder beside ``out_dir`` and renamed into place at the end; an earlier site there is replaced
+    only with ``overwrite``, a non-empty folder that is not a site never
+    (:func:`check_site_target`). ``timings``, when given, receives the seconds spent in each stage
+    (pairs, pass, logits, write)."""
     cfg = config or BrowseConfig()
     clock = [time.perf_counter()]
 
@@ -134,7 +137,8 @@ def build_site_from_rows(sae, read_rows: Callable[[int, int], Tensor], n_rows: i
     if W_U is not None and W_U.shape[0] != sae.cfg.d_in:
         raise ValueError(f"browser: W_U has shape {tuple(W_U.shape)}, expected [d_in="
                          f"{sae.cfg.d_in}, vocab]")
-    _check_out(out)
+    check_site_target(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
     F_ = sae.cfg.d_sae
     pairs = pair_candidates(sae, cfg.pair_candidates) if cfg.n_pairs > 0 else None
     lap("pairs")
@@ -245,7 +249,7 @@ def build_site_from_rows(sae, read_rows: Callable[[int, int], Tensor], n_rows: i
         _write(tmp / "data" / "vocab.js", _js("vocab", {str(k): v for k, v in vocab.items()}))
         _write(tmp / SITE_MARKER, json.dumps({"format": 1, "d_sae": F_, "n_rows": st.n_rows,
                                               "meta": meta or {}}, indent=1))
-        _check_out(out)  # again: something may have appeared there during the build
+        check_site_target(out, overwrite)  # again: something may have appeared meanwhile
         replace_folder(tmp, out)
         lap("write")
     except BaseException:
@@ -259,20 +263,70 @@ def _html_escape(s: str) -> str:
             .replace('"', "&quot;"))
 
 
-def _check_out(out: Path) -> None:
+def describe_output(kind: str, doc: dict, record: Path) -> str:
+    """An earlier viewer output in a few words for a message: ``kind`` (``"a polysae site"``), the
+    SAE its record file ``record`` (parsed: ``doc``) names (``meta.sae`` or ``meta.source``), its
+    width, model and hook where recorded, and when the record was written (its mtime)."""
+    meta = doc.get("meta") if isinstance(doc.get("meta"), dict) else {}
+    sae = meta.get("sae") or meta.get("source")
+    shown = [f"{k} {v}" for k, v in (("d_sae", doc.get("d_sae")),
+                                     ("model", meta.get("model") or doc.get("model_id")),
+                                     ("hook", meta.get("hook")))
+             if isinstance(v, (str, int)) and v != ""]
+    try:
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(record.stat().st_mtime))
+    except OSError:
+        when = "at an unknown time"
+    details = f" ({', '.join(shown)})" if shown else ""
+    return f"{kind} of {f'SAE {sae}' if sae else 'an unnamed SAE'}{details}, written {when}"
+
+
+def check_target(out: Path, tag: str, kind: str,
+                 read_record: Callable[[Path], tuple[dict, Path] | None],
+                 overwrite: bool = False) -> None:
+    """Refuse (``ValueError``, prefixed ``tag:``) to write a viewer's output folder ``out`` when it
+    is a file, a non-empty folder that is not an earlier output of this viewer
+    (``read_record(out)`` gives that output's parsed record and its file, or None), or such an
+    earlier output, saying what it is (:func:`describe_output`), unless ``overwrite``. A foreign
+    folder is refused even with ``overwrite``: the output replaces the folder as a whole. Nothing
+    is created."""
     if out.exists() and not out.is_dir():
-        raise ValueError(f"browser: output {out} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not (out / SITE_MARKER).is_file():
-        raise ValueError(f"browser: output folder {out} is not empty and is not a polysae site; "
-                         "refusing to overwrite it")
-    out.parent.mkdir(parents=True, exist_ok=True)
+        raise ValueError(f"{tag}: output {out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()):
+        earlier = read_record(out)
+        if earlier is None:
+            raise ValueError(f"{tag}: output folder {out} is not empty and is not {kind}; "
+                             "refusing to overwrite it")
+        if not overwrite:
+            raise ValueError(f"{tag}: output folder {out} already holds "
+                             f"{describe_output(kind, *earlier)}; pass --overwrite "
+                             "(overwrite=True) to replace it, or choose another folder")
+
+
+def site_record(out: Path) -> tuple[dict, Path] | None:
+    """The marker of the polysae site in folder ``out`` (parsed, ``{}`` when unreadable) and its
+    path, or None when ``out`` holds no site."""
+    marker = out / SITE_MARKER
+    if not marker.is_file():
+        return None
+    try:
+        doc = json.loads(marker.read_text())
+    except (OSError, ValueError):
+        doc = {}
+    return (doc if isinstance(doc, dict) else {}), marker
+
+
+def check_site_target(out: str | os.PathLike, overwrite: bool = False) -> None:
+    """:func:`check_target` for a site: ``out`` may be absent, empty, or an earlier polysae site
+    with ``overwrite`` (``polysae browse`` checks every SAE's folder before building any)."""
+    check_target(Path(out), "browser", "a polysae site", site_record, overwrite)
 
 
 def build_site_from_arrays(sae, acts: Tensor, out_dir: str | os.PathLike, *,
                            token_ids: Tensor | None = None, doc_ids: Tensor | None = None,
                            tokenizer=None, W_U: Tensor | None = None, report: dict | None = None,
                            config: BrowseConfig | None = None, meta: dict | None = None,
-                           positions: Tensor | None = None) -> Path:
+                           positions: Tensor | None = None, overwrite: bool = False) -> Path:
     """:func:`build_site_from_rows` over an in-memory [N, d_in] tensor."""
     if acts.ndim != 2 or acts.shape[1] != sae.cfg.d_in:
         raise ValueError(f"browser: acts has shape {tuple(acts.shape)}, expected [N, d_in="
@@ -280,7 +334,7 @@ def build_site_from_arrays(sae, acts: Tensor, out_dir: str | os.PathLike, *,
     return build_site_from_rows(sae, lambda a, b: acts[a:b], acts.shape[0], out_dir,
                                 token_ids=token_ids, doc_ids=doc_ids, tokenizer=tokenizer,
                                 W_U=W_U, report=report, config=config, meta=meta,
-                                positions=positions)
+                                positions=positions, overwrite=overwrite)
 
 
 def residual_space(hook: str | None) -> bool:
@@ -295,11 +349,13 @@ def residual_space(hook: str | None) -> bool:
 def build_site(sae, store, out_dir: str | os.PathLike, model=None, tokenizer=None, *,
                report: dict | str | os.PathLike | None = None,
                config: BrowseConfig | None = None, meta: dict | None = None,
-               progress: bool = False, timings: dict | None = None) -> Path:
+               progress: bool = False, timings: dict | None = None,
+               overwrite: bool = False) -> Path:
     """Build the browser for ``sae`` over an :class:`~polysae.data.store.ActivationStore` (use the
     held-out split, ``split="val"``). ``model`` (a HookedTransformer or anything with ``W_U`` and
     ``tokenizer``) supplies the unembedding and the tokenizer; ``tokenizer`` overrides it.
-    ``report`` is an eval report dict or the path of its JSON file. Returns ``out_dir``."""
+    ``report`` is an eval report dict or the path of its JSON file. An earlier site in ``out_dir``
+    is replaced only with ``overwrite`` (:func:`check_site_target`). Returns ``out_dir``."""
     if model is not None and tokenizer is None:
         tokenizer = getattr(model, "tokenizer", None)
     W_U = getattr(model, "W_U", None) if model is not None else None
@@ -333,4 +389,5 @@ def build_site(sae, store, out_dir: str | os.PathLike, model=None, tokenizer=Non
     return build_site_from_rows(
         sae, lambda a, b: store.read_rows(a, b).float(), int(store.n_rows), out_dir,
         token_ids=token_ids, doc_ids=doc_ids, tokenizer=tokenizer, W_U=W_U, report=report,
-        config=config, meta=m, progress=progress, timings=timings, positions=positions)
+        config=config, meta=m, progress=progress, timings=timings, positions=positions,
+        overwrite=overwrite)

@@ -22,6 +22,8 @@ ALIASES = {"n_contexts": ("--contexts",), "n_pairs": ("--pairs",)}
 EXCLUDE = ("title",)
 # This command's default where it differs from the API's (StatsConfig.chunk_rows is 512).
 STATS_DEFAULTS = {"chunk_rows": 2048}
+# The <title> of the page linking the sites of a run's SAEs (it marks that page as ours).
+LISTING_TITLE = "<title>polysae browsers</title>"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -32,7 +34,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="a checkpoint folder, or a run folder holding one per SAE (RUN/<name>/); "
                         "one site is built per SAE")
     p.add_argument("--acts", required=True, metavar="DIR", help="harvest folder (polysae harvest)")
-    p.add_argument("--out", required=True, metavar="SITE", help="output folder for the site")
+    p.add_argument("--out", required=True, metavar="SITE",
+                   help="output folder for the site (an earlier site there is an error unless "
+                        "--overwrite)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier polysae site in the output folder (a folder holding "
+                        "anything else is never replaced)")
     p.add_argument("--hook", help="hook to read (default: the SAE's recorded hook, else the "
                                   "harvest's only hook)")
     p.add_argument("--split", default="val", choices=("val", "all", "train"),
@@ -115,6 +122,34 @@ def load_store_model(store, acts: Path, name: str | None, device: str, hint: str
         raise CLIError(f"--model {mname!r}: cannot load it ({e}); {hint}") from e
 
 
+def check_outputs(out: Path, names: list[str], overwrite: bool) -> None:
+    """Check every site's folder before building any (``out``, or ``out/<name>`` per SAE with
+    several): an earlier site is replaced only with ``overwrite``, anything else never. With
+    several SAEs, ``out`` itself must not be one SAE's site, nor hold an ``index.html`` other than
+    the page listing them (``ValueError``, as for the sites themselves)."""
+    from polysae.browser import SITE_MARKER, check_site_target
+
+    if len(names) == 1:
+        check_site_target(out, overwrite)
+        return
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"browser: output {out} exists and is not a folder")
+    if (out / SITE_MARKER).is_file():
+        raise ValueError(f"browser: output folder {out} holds the polysae site of one SAE; the "
+                         f"sites of {len(names)} SAEs go in sub-folders of it: choose another "
+                         "folder")
+    index = out / "index.html"
+    try:
+        ours = not index.exists() or LISTING_TITLE in index.read_text(errors="replace")
+    except OSError:
+        ours = False
+    if not ours:
+        raise ValueError(f"browser: output folder {out} holds an index.html that is not a "
+                         "polysae page listing sites; refusing to overwrite it")
+    for name in names:
+        check_site_target(out / name, overwrite)
+
+
 def main(args: argparse.Namespace) -> int:
     from polysae.browser import BrowseConfig, build_site
     from polysae.device import resolve_device
@@ -124,6 +159,7 @@ def main(args: argparse.Namespace) -> int:
     run, acts, out = Path(args.sae), Path(args.acts), Path(args.out)
     cfg = viewer_config(args, BrowseConfig)
     cks = checkpoint_folders(run, "--sae")
+    check_outputs(out, [name for name, _ in cks], args.overwrite)
     model = None
     loaded_name = None
     built = []
@@ -149,15 +185,16 @@ def main(args: argparse.Namespace) -> int:
         m = {"sae": str(ck), "model": loaded_name or store.manifest.get("model"),
              "tokens_trained": meta.get("tokens_trained"), "split": store.split}
         build_site(sae, store, dest, model=model, report=report,
-                   config=dataclasses.replace(cfg, title=title), meta=m, progress=True)
+                   config=dataclasses.replace(cfg, title=title), meta=m, progress=True,
+                   overwrite=args.overwrite)
         built.append((name, dest))
         print(f"browser for {name}: {dest / 'index.html'}")
     if len(built) > 1:
         links = "\n".join(f'<li><a href="{html.escape(n)}/index.html">{html.escape(n)}</a></li>'
                           for n, _ in built)
         page = ("<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\">\n<meta http-equiv="
-                "\"Content-Security-Policy\" content=\"default-src 'self'\">\n<title>polysae "
-                f"browsers</title></head>\n<body><h1>polysae browsers</h1><ul>\n{links}\n</ul>"
+                "\"Content-Security-Policy\" content=\"default-src 'self'\">\n"
+                f"{LISTING_TITLE}</head>\n<body><h1>polysae browsers</h1><ul>\n{links}\n</ul>"
                 "</body></html>\n")
         atomic_write_text(out / "index.html", page)
     return 0

@@ -28,11 +28,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from polysae.formats.neuronpedia import NeuronpediaConfig
 
     parser.add_argument("source", help="checkpoint folder, registry name, hf:// source or URL")
-    parser.add_argument("out", help="output folder (created; a different checkpoint already "
-                                    "there is an error unless --overwrite)")
+    parser.add_argument("out", help="output folder (created; a different checkpoint or an "
+                                    "earlier Neuronpedia export already there is an error unless "
+                                    "--overwrite)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace a different checkpoint already in the output folder "
-                             "(each file atomically)")
+                             "(each file atomically), or an earlier Neuronpedia export (the "
+                             "folder as a whole); a folder holding anything else is never "
+                             "replaced by --format neuronpedia")
     parser.add_argument("--format", required=True, choices=(*EXPORT_FORMATS, "neuronpedia"),
                         help=FORMATS_HELP)
     parser.add_argument("--model", default=None,
@@ -107,12 +110,17 @@ def _neuronpedia(args: argparse.Namespace, out_dir) -> int:
 
     from polysae.cli import CLIError
     from polysae.cli.browse import load_store_model, open_store, viewer_config
-    from polysae.formats.neuronpedia import NeuronpediaConfig, export_neuronpedia
+    from polysae.formats.neuronpedia import (
+        NeuronpediaConfig,
+        check_export_target,
+        export_neuronpedia,
+    )
     from polysae.loader import load_with_metadata
 
     if not args.acts:
         raise CLIError("--format neuronpedia needs --acts DIR (a harvest folder): top "
                        "activations, densities and token contexts are computed over it")
+    check_export_target(out_dir, args.overwrite)  # before loading the SAE, data and model
     from polysae.device import resolve_device
 
     cfg = viewer_config(args, NeuronpediaConfig)
@@ -129,7 +137,7 @@ def _neuronpedia(args: argparse.Namespace, out_dir) -> int:
             "dataset": store.manifest.get("dataset"), "ctx": store.manifest.get("ctx"),
             "split": store.split}
     res = export_neuronpedia(sae, store, out_dir, model=model, config=cfg, meta=meta,
-                             progress=not args.no_progress)
+                             progress=not args.no_progress, overwrite=args.overwrite)
     extra = f", {res.n_pairs} interaction pairs" if res.n_pairs else ""
     if res.n_masked:
         extra += f"; {res.n_masked:,} special tokens masked (--include-special counts them)"

@@ -52,7 +52,7 @@ from typing import Any, Callable, NamedTuple
 import torch
 from torch import Tensor
 
-from polysae.browser.site import residual_space
+from polysae.browser.site import check_target, residual_space
 from polysae.browser.stats import (
     StatsConfig,
     check_counts,
@@ -198,24 +198,24 @@ class NeuronpediaExport(NamedTuple):
     """Upload request bodies written to ``upload/`` (0 without ``NeuronpediaConfig.upload``)."""
 
 
-def _is_ours(out: Path) -> bool:
+def export_record(out: Path) -> tuple[dict, Path] | None:
+    """The settings record of the polysae Neuronpedia export in folder ``out`` (parsed) and its
+    file (``polysae-neuronpedia.json``, or an old export's ``run_settings.json``), or None."""
     for name in (SETTINGS_FILE, *LEGACY_SETTINGS_FILES):
         try:
-            if json.loads((out / name).read_text()).get("generator") == GENERATOR:
-                return True
+            doc = json.loads((out / name).read_text())
+            if doc.get("generator") == GENERATOR:
+                return doc, out / name
         except (OSError, ValueError, AttributeError):
             pass
-    return False
+    return None
 
 
-def _check_out(out: Path) -> None:
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"neuronpedia: output {out} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()):
-        if not _is_ours(out):
-            raise ValueError(f"neuronpedia: output folder {out} is not empty and is not a polysae "
-                             "Neuronpedia export; refusing to overwrite it")
-    out.parent.mkdir(parents=True, exist_ok=True)
+def check_export_target(out: str | os.PathLike, overwrite: bool = False) -> None:
+    """Refuse (``ValueError``) an output folder ``out`` that is a file, non-empty and not an
+    earlier export, or an earlier export (saying whose and when) unless ``overwrite``."""
+    check_target(Path(out), "neuronpedia", "a polysae Neuronpedia export", export_record,
+                 overwrite)
 
 
 def _write_json(path: Path, doc: Any) -> None:
@@ -230,13 +230,16 @@ def export_neuronpedia_from_rows(
         sae, read_rows: Callable[[int, int], Tensor], n_rows: int, out_dir: str | os.PathLike, *,
         token_ids: Tensor, tokenizer: Any, W_U: Tensor, doc_ids: Tensor | None = None,
         positions: Tensor | None = None, config: NeuronpediaConfig | None = None,
-        meta: dict | None = None, progress: bool = False) -> NeuronpediaExport:
+        meta: dict | None = None, progress: bool = False,
+        overwrite: bool = False) -> NeuronpediaExport:
     """Write the export from a row reader ``read_rows(start, stop) -> [rows, d_in]`` (in order).
 
     ``token_ids`` / ``doc_ids`` / ``positions`` [n_rows] align with the rows; ``tokenizer``
     (``.decode(list[int]) -> str``) gives the token text; ``W_U`` [d_in, vocab] the logit
     effects. ``meta`` may name ``model``, ``hook``, ``dataset`` and ``ctx`` (tokens per prompt).
-    Rows holding the tokenizer's special tokens are masked unless ``config.include_special``."""
+    Rows holding the tokenizer's special tokens are masked unless ``config.include_special``.
+    An earlier export in ``out_dir`` is replaced only with ``overwrite``; a non-empty folder that
+    is not an export never (:func:`check_export_target`)."""
     cfg = config or NeuronpediaConfig()
     meta = dict(meta or {})
     out = Path(out_dir)
@@ -255,7 +258,8 @@ def export_neuronpedia_from_rows(
         if t is not None and tuple(t.shape) != (n_rows,):
             raise ValueError(f"neuronpedia: {name} has shape {tuple(t.shape)}, expected "
                              f"({n_rows},)")
-    _check_out(out)
+    check_export_target(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
     F_ = sae.cfg.d_sae
     sc = cfg.stats
     nd = cfg.decimals
@@ -393,7 +397,7 @@ def export_neuronpedia_from_rows(
         if cfg.upload:
             n_upload = write_upload(upload_plan(batches), tmp / UPLOAD_DIR)
         _write_json(tmp / SETTINGS_FILE, settings)
-        _check_out(out)  # again: something may have appeared there during the pass
+        check_export_target(out, overwrite)  # again: something may have appeared meanwhile
         replace_folder(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -448,9 +452,10 @@ def _write_interactions(path: Path, sae, top: list, st, windows: TokenWindows, W
 
 def export_neuronpedia(sae, store, out_dir: str | os.PathLike, model=None, tokenizer=None, *,
                        config: NeuronpediaConfig | None = None, meta: dict | None = None,
-                       progress: bool = False) -> NeuronpediaExport:
+                       progress: bool = False, overwrite: bool = False) -> NeuronpediaExport:
     """The export over an :class:`~polysae.data.store.ActivationStore` (unshuffled, e.g. the
-    held-out split); ``model`` (a HookedTransformer) supplies ``W_U`` and the tokenizer."""
+    held-out split); ``model`` (a HookedTransformer) supplies ``W_U`` and the tokenizer; an
+    earlier export in ``out_dir`` is replaced only with ``overwrite``."""
     if model is not None and tokenizer is None:
         tokenizer = getattr(model, "tokenizer", None)
     W_U = getattr(model, "W_U", None) if model is not None else None
@@ -472,7 +477,8 @@ def export_neuronpedia(sae, store, out_dir: str | os.PathLike, model=None, token
     return export_neuronpedia_from_rows(
         sae, lambda a, b: store.read_rows(a, b), int(store.n_rows), out_dir,
         token_ids=info.token_ids, doc_ids=info.doc_ids, positions=info.positions,
-        tokenizer=tokenizer, W_U=W_U, config=config, meta=m, progress=progress)
+        tokenizer=tokenizer, W_U=W_U, config=config, meta=m, progress=progress,
+        overwrite=overwrite)
 
 
 __all__ = ["NeuronpediaConfig", "NeuronpediaExport", "LogitEffects", "UploadPlan", "BATCH_KEYS",
@@ -480,4 +486,5 @@ __all__ = ["NeuronpediaConfig", "NeuronpediaExport", "LogitEffects", "UploadPlan
            "UPLOAD_MAX_FEATURES", "UPLOAD_MAX_LOGITS", "UPLOAD_MAX_TOKENS", "TokenWindows",
            "export_neuronpedia", "export_neuronpedia_from_rows", "logit_effects",
            "count_prompts", "hook_layer", "special_token_ids", "source_id", "activation_range",
-           "activation_histogram", "upload_plan", "read_batches", "write_upload"]
+           "activation_histogram", "upload_plan", "read_batches", "write_upload",
+           "check_export_target", "export_record"]
