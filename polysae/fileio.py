@@ -5,6 +5,9 @@ flushed and fsynced, renamed over the final name, and the folder is fsynced. A c
 SIGKILL, out of space) therefore leaves either the old file or the complete new one, never a
 truncated file under the final name. Manifests and config files that record hashes are written
 last, so a folder whose data files were damaged afterwards fails its checksum instead of loading.
+Logs appended to as a run goes (``metrics.jsonl``) are the one exception, written in place
+(:func:`open_log`; a torn last line is dropped by whoever reads or resumes them). Every failed
+write, atomic or appended, is an ``OSError`` naming the file (:func:`write_error`).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 _BLOCK = 1 << 22  # 4 MiB read blocks for hashing
 
@@ -117,6 +121,45 @@ def atomic_write_bytes(path: str | os.PathLike, payload: bytes) -> str:
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """:func:`atomic_write_bytes` for UTF-8 text."""
     atomic_write_bytes(path, text.encode())
+
+
+class LogFile:
+    """A text file appended to in place (see :func:`open_log`): ``write``, ``flush`` and ``close``
+    of a file object, whose I/O errors (disk full, quota, a removed mount) are an ``OSError``
+    naming the file (:func:`write_error`), its errno kept."""
+
+    def __init__(self, path: str | os.PathLike, mode: str = "a"):
+        self.path = Path(path)
+        self._file: Any = self._named(open, self.path, mode, encoding="utf-8")
+
+    def _named(self, fn: Callable, *args: Any, **kw: Any) -> Any:
+        try:
+            return fn(*args, **kw)
+        except OSError as e:
+            raise write_error(self.path, e) from e
+
+    def write(self, text: str) -> int:
+        """Write ``text`` (buffered; :meth:`flush` puts it in the file)."""
+        return self._named(self._file.write, text)
+
+    def flush(self) -> None:
+        """Hand what was written to the operating system (where a full disk shows)."""
+        self._named(self._file.flush)
+
+    def close(self) -> None:
+        """Flush and close (closing again is a no-op)."""
+        self._named(self._file.close)
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` ran."""
+        return self._file.closed
+
+
+def open_log(path: str | os.PathLike, mode: str = "a") -> LogFile:
+    """Open ``path`` to append lines to (``mode="w"``: start it afresh): for logs written as a
+    run goes, like ``metrics.jsonl``; a failed open, write or flush names the file."""
+    return LogFile(path, mode)
 
 
 def replace_folder(new: str | os.PathLike, dest: str | os.PathLike) -> None:

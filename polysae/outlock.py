@@ -2,9 +2,10 @@
 
 ``polysae harvest``, ``train``, ``eval``, ``export``, ``browse``, ``run`` and ``replicate`` hold
 :func:`output_lock` on their output folder for as long as they run (``polysae.__main__`` takes it
-around the command). A second process that asks for the same folder (or for a folder inside one
-that is locked) fails at once with :class:`FolderBusy`, naming the folder and the holder, and
-leaves the first run's files untouched.
+around the command). A second process that asks for the same folder, for a folder inside one that
+is locked, or for a folder that holds a locked one (``polysae run --out runs/x`` while a ``polysae
+train --out runs/x/train`` runs) fails at once with :class:`FolderBusy`, naming the folder and the
+holder, and leaves the first run's files untouched.
 
 The lock is a ``filelock`` (``flock``: released by the kernel when the holder dies, so a killed
 run never leaves a stale lock) on a hidden file *beside* the folder,
@@ -13,6 +14,11 @@ run never leaves a stale lock) on a hidden file *beside* the folder,
 holder's pid, host, command line and start time go into a sidecar,
 ``<parent>/.<name>.polysae-lock.json``, which a refused process reads for its message. Folders are
 compared by their real path (symlinks and ``..`` resolved).
+
+Nested writers are caught from both sides without a race: a process takes its own lock first and
+only then looks for held locks above its folder (its parents') and below it (lock files inside
+its tree, :func:`inner_locks`), so of two nested writers starting together at least one sees the
+other's lock.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+from collections import deque
 import socket
 import sys
 import time
@@ -28,6 +35,12 @@ from pathlib import Path
 from typing import Any
 
 LOCK_SUFFIX = ".polysae-lock"
+
+SCAN_ENTRIES = 20_000
+"""At most this many directory entries are read looking for locked folders inside an output
+folder (:func:`inner_locks`); a larger tree is checked only that far (breadth first)."""
+SCAN_DEPTH = 8
+"""Folders deeper than this below the output folder are not looked into."""
 
 OUTPUT_FLAGS = {"harvest": "out", "train": "out", "eval": "out", "export": "out",
                 "browse": "out", "run": "out", "replicate": "out"}
@@ -75,23 +88,79 @@ def _busy(folder: Path, lock: Path) -> bool:
     return False
 
 
-@contextlib.contextmanager
-def output_lock(folder: str | os.PathLike, command: str | None = None) -> Iterator[Path]:
-    """Hold the exclusive lock of output folder ``folder`` for the ``with`` block.
+def inner_locks(folder: str | os.PathLike, limit: int = SCAN_ENTRIES,
+                depth: int = SCAN_DEPTH) -> Iterator[tuple[Path, Path]]:
+    """``(folder, lock file)`` of each folder inside ``folder`` that has a lock file (held or
+    not), breadth first. Bounded: at most ``limit`` directory entries are read and ``depth``
+    levels entered; symlinks, hidden folders (temporary and old copies, ``.<name>.partial-*``)
+    and the sub-folders of a harvest (a folder holding ``manifest.json``: its shards) are not
+    entered."""
+    todo = deque([(Path(os.path.realpath(folder)), 0)])
+    seen = 0
+    while todo and seen < limit:
+        d, level = todo.popleft()
+        try:
+            entries = os.scandir(d)
+        except OSError:  # unreadable, gone, not a folder
+            continue
+        subdirs = []
+        harvest = False
+        with entries:
+            for e in entries:
+                seen += 1
+                name = e.name
+                inner = name[1:-len(LOCK_SUFFIX)] if name.endswith(LOCK_SUFFIX) else ""
+                if name.startswith(".") and inner:  # .<inner>.polysae-lock
+                    yield d / inner, d / name
+                elif name == "manifest.json":
+                    harvest = True
+                elif not name.startswith(".") and level < depth:
+                    try:
+                        if e.is_dir(follow_symlinks=False):
+                            subdirs.append(d / name)
+                    except OSError:
+                        pass
+                if seen >= limit:
+                    break
+        if not harvest:
+            todo.extend((s, level + 1) for s in sorted(subdirs))
 
-    Raises :class:`FolderBusy` when another process holds it, or holds the lock of a folder that
-    contains ``folder``. ``command`` is recorded for the message a refused process prints
-    (default: this process's command line). The folder itself is not created."""
-    from filelock import FileLock, Timeout
 
-    folder = Path(folder)
-    real = Path(os.path.realpath(folder))
+def _check_outer(folder: Path, real: Path) -> None:
+    """:class:`FolderBusy` when another process holds the lock of a folder that contains
+    ``folder``."""
     for anc in real.parents:  # a `polysae run` writing runs/x also owns runs/x/train ...
         alock = lock_paths(anc)[0]
         if alock.is_file() and _busy(anc, alock):
             raise FolderBusy(f"output folder {folder} is inside {anc}, which another polysae "
                              f"process is writing ({holder(anc)}); wait for it or choose "
                              "another folder")
+
+
+def _check_inner(folder: Path, real: Path) -> None:
+    """:class:`FolderBusy` when another process holds the lock of a folder inside ``folder``."""
+    own = lock_paths(real)[0]
+    for inner, ilock in inner_locks(real):  # ... and a `polysae train` writing runs/x/train
+        if ilock != own and ilock.is_file() and _busy(inner, ilock):
+            raise FolderBusy(f"output folder {folder} holds {inner}, which another polysae "
+                             f"process is writing ({holder(inner)}); wait for it or choose "
+                             "another folder")
+
+
+@contextlib.contextmanager
+def output_lock(folder: str | os.PathLike, command: str | None = None) -> Iterator[Path]:
+    """Hold the exclusive lock of output folder ``folder`` for the ``with`` block.
+
+    Raises :class:`FolderBusy` when another process holds it, the lock of a folder that contains
+    ``folder``, or the lock of a folder inside it (looked for after taking ``folder``'s own lock,
+    which is then released; :func:`inner_locks` bounds the search). ``command`` is recorded for
+    the message a refused process prints (default: this process's command line). The folder
+    itself is not created."""
+    from filelock import FileLock, Timeout
+
+    folder = Path(folder)
+    real = Path(os.path.realpath(folder))
+    _check_outer(folder, real)  # before creating anything inside a folder someone else writes
     lock, side = lock_paths(folder)
     try:
         lock.parent.mkdir(parents=True, exist_ok=True)
@@ -104,6 +173,14 @@ def output_lock(folder: str | os.PathLike, command: str | None = None) -> Iterat
     except Timeout:
         raise FolderBusy(f"output folder {folder} is in use by {holder(folder)}; wait for it "
                          f"to finish or choose another folder (lock file {lock})") from None
+    try:
+        # again, and below, with our lock held: of two nested writers starting together, the
+        # one that takes its lock second finds the other's (no window between check and lock)
+        _check_outer(folder, real)
+        _check_inner(folder, real)
+    except BaseException:
+        fl.release()
+        raise
     try:
         info: dict[str, Any] = {
             "pid": os.getpid(), "host": socket.gethostname(),
@@ -146,5 +223,5 @@ def command_lock(command: str, module: Any, args: Any,
     return output_lock(folder, " ".join(["polysae", *map(str, argv)]))
 
 
-__all__ = ["FolderBusy", "OUTPUT_FLAGS", "command_folder", "command_lock", "holder", "lock_paths",
-           "output_lock"]
+__all__ = ["FolderBusy", "OUTPUT_FLAGS", "SCAN_DEPTH", "SCAN_ENTRIES", "command_folder",
+           "command_lock", "holder", "inner_locks", "lock_paths", "output_lock"]

@@ -165,6 +165,74 @@ def test_every_writer_refuses_a_locked_folder(cmd, acts, tmp_path, capsys):
         pass
 
 
+def test_a_folder_holding_a_locked_one_is_refused(acts, tmp_path, capsys):
+    """`polysae run --out X` (or any writer) while another process writes a folder inside X, at
+    any depth the search reaches: refused naming the inner folder and its holder, X's own lock
+    released, nothing written; once the holder is gone the same folder is free."""
+    from polysae.outlock import lock_paths, output_lock
+
+    out = tmp_path / "runs" / "x"
+    (out / "train").mkdir(parents=True)
+    (out / "train" / "keep.txt").write_text("the training's file")
+    for inner in (out / "train", out / "report" / "a" / "b"):
+        holder = _hold(inner)
+        try:
+            # (a model that does not exist: were the lock not refused, `run` would stop there)
+            for argv in (["run", "--out", out, "--harvest.model", tmp_path / "no-model"],
+                         ["export", tmp_path / "none", out, "--format", "polysae"]):
+                code, err = cli(capsys, *argv)
+                assert code == 1, err
+                assert (f"output folder {out} holds {inner}, which another polysae process is "
+                        f"writing (pid {holder.pid} on ") in err, err
+                assert err.count("\n") == 1 and "Traceback" not in err
+            assert not lock_paths(out)[1].exists()  # no sidecar left: our lock was let go
+            # the parent of the run folder is refused too; a sibling folder is not
+            code, err = cli(capsys, "export", tmp_path / "none", tmp_path / "runs", "--format",
+                            "polysae")
+            assert code == 1 and f"holds {inner}, which another" in err
+            with output_lock(tmp_path / "runs" / "y"):
+                pass
+        finally:
+            holder.kill()
+            holder.wait()
+        with output_lock(out):  # the holder died: its lock went with it
+            pass
+    # only the holders' lock files (and the sidecars of the killed ones) beside what was there
+    assert {k: v for k, v in snapshot(out).items() if ".polysae-lock" not in k} == {
+        "train/keep.txt": b"the training's file"}
+
+
+def test_inner_lock_search_is_bounded(tmp_path):
+    """The search for locked folders inside an output folder reads a bounded number of entries
+    and never enters a harvest's shard folders, hidden folders or symlinks."""
+    from polysae.outlock import inner_locks
+
+    root = tmp_path / "r"
+    (root / "acts" / "blocks.0.hook_resid_post").mkdir(parents=True)
+    (root / "acts" / "manifest.json").write_text("{}")
+    (root / "acts" / "blocks.0.hook_resid_post" / ".deep.polysae-lock").write_text("")
+    (root / "acts" / ".sub.polysae-lock").write_text("")  # beside the shards: still seen
+    (root / ".x.partial-1").mkdir()
+    (root / ".x.partial-1" / ".h.polysae-lock").write_text("")
+    (root / "link").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / ".e.polysae-lock").write_text("")
+    (root / "train" / "poly").mkdir(parents=True)
+    (root / "train" / ".poly.polysae-lock").write_text("")
+    (root / "train" / ".poly.polysae-lock.json").write_text("{}")
+    found = sorted(str(f.relative_to(root)) for f, _ in inner_locks(root))
+    assert found == ["acts/sub", "train/poly"]
+    assert [str(f.relative_to(root)) for f, _ in inner_locks(root, depth=0)] == []
+    many = tmp_path / "many"
+    many.mkdir()
+    for i in range(50):
+        (many / f"f{i:02d}").write_text("")
+    (many / "z").mkdir()
+    (many / "z" / ".q.polysae-lock").write_text("")
+    assert [f.name for f, _ in inner_locks(many)] == ["q"]
+    assert list(inner_locks(many, limit=40)) == []  # gave up before reaching z/
+
+
 # -- 4. non-finite values never pass silently ---------------------------------------------------
 @pytest.mark.parametrize("flag, value, msg", [
     ("--grad-clip", "nan", "--grad-clip: must be a finite number, got nan"),
@@ -389,6 +457,40 @@ def test_atomic_write_error_names_the_file(tmp_path, monkeypatch):
         atomic_write_with(tmp_path / "y", lambda t: (_ for _ in ()).throw(
             OSError(errno.EDQUOT, "Disk quota exceeded")))
     assert e.value.errno == errno.EDQUOT and str(tmp_path / "y") in str(e.value)
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux)")
+def test_appended_log_names_the_file_when_the_disk_is_full(tmp_path, monkeypatch):
+    """A log appended to as a run goes (metrics.jsonl, fileio.open_log) on a full disk: the
+    kernel's ENOSPC (from /dev/full) is an OSError naming the log, errno kept; so is a failed
+    open."""
+    import builtins
+    import errno
+
+    import polysae.fileio as fileio
+
+    log_path = tmp_path / "poly" / "metrics.jsonl"
+    log_path.parent.mkdir()
+    real_open = builtins.open
+    monkeypatch.setattr(builtins, "open", lambda p, *a, **kw: real_open(
+        "/dev/full" if str(p) == str(log_path) else p, *a, **kw))
+    f = fileio.open_log(log_path, "w")
+    f.write('{"step": 1}\n')
+    with pytest.raises(OSError) as e:
+        f.flush()
+    assert e.value.errno == errno.ENOSPC
+    assert str(e.value) == f"[Errno 28] cannot write {log_path}: No space left on device"
+    with pytest.raises(OSError, match=f"cannot write {log_path}"):
+        f.close()  # flushes: the same error, and the file is closed all the same
+    assert f.closed
+    with pytest.raises(OSError, match=f"cannot write {tmp_path / 'nope' / 'metrics.jsonl'}"):
+        fileio.open_log(tmp_path / "nope" / "metrics.jsonl")
+    ok = fileio.open_log(tmp_path / "ok.jsonl")
+    ok.write("a\n")
+    ok.flush()
+    ok.close()
+    ok.close()
+    assert ok.closed and (tmp_path / "ok.jsonl").read_text() == "a\n"
 
 
 # -- 2. no silent replacement -------------------------------------------------------------------
