@@ -110,7 +110,8 @@ def phase(name: str, work: Path) -> dict:
         m.W_U, m.tokenizer = W_U, tok
         timings: dict = {}
         site = work / "site"
-        build_site(sae, store, site, model=m, config=cfg, meta={"bench": True}, timings=timings)
+        build_site(sae, store, site, model=m, config=cfg, meta={"bench": True}, timings=timings,
+                   overwrite=True)  # a cached --work keeps the last run's site
         out["stages_s"] = {k: round(v, 2) for k, v in timings.items()}
         out["site_mb"] = round(sum(p.stat().st_size for p in site.rglob("*") if p.is_file())
                                / 2 ** 20, 1)

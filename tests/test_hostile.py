@@ -441,6 +441,25 @@ def test_disk_full_while_a_training_checkpoint_is_written(acts, tmp_path, capsys
     assert st["step"] == 1
 
 
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux)")
+def test_disk_full_while_metrics_are_appended(acts, tmp_path, capsys, monkeypatch):
+    """ENOSPC (the kernel's own, from /dev/full) when a metrics.jsonl line is flushed: one line
+    naming the file, exit 1, no traceback."""
+    import builtins
+
+    out = tmp_path / "run"
+    target = out / "vanilla" / "metrics.jsonl"
+    real_open = builtins.open
+    monkeypatch.setattr(builtins, "open", lambda p, *a, **kw: real_open(
+        "/dev/full" if str(p) == str(target) else p, *a, **kw))
+    code, err = cli(capsys, "train", "--acts", acts, "--out", out, *TRAIN, "--decoders",
+                    "linear")
+    assert code == 1, err
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1] == (f"polysae train: error: [Errno 28] cannot write "
+                                            f"{target}: No space left on device")
+
+
 def test_atomic_write_error_names_the_file(tmp_path, monkeypatch):
     import errno
 

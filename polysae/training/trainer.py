@@ -37,6 +37,7 @@ import torch
 from torch import Tensor
 
 from polysae.config import SAEConfig
+from polysae.fileio import open_log
 from polysae.sae import SAE, LossOutput
 from polysae.training import distributed as pdist
 from polysae.training import unit_norm
@@ -344,7 +345,7 @@ class Trainer:
             path = s.folder / METRICS_FILE
             if resume and path.exists():
                 truncate_metrics(path, self.step_count)
-            s.metrics_file = open(path, "a" if resume else "w")
+            s.metrics_file = open_log(path, "a" if resume else "w")  # errors name the file
         if self.out_dir is not None:
             write_run_file(self.out_dir, {
                 "single": self.single,
