@@ -71,8 +71,12 @@ def snapshot(folder: Path) -> dict[str, bytes]:
 
 
 def _spawn(*argv: str) -> subprocess.Popen:
+    # SIGINT back to its default in the child, as under a terminal: a disposition of SIG_IGN
+    # left by anything earlier in the test process is inherited across exec, and Python then
+    # installs no KeyboardInterrupt handler, so Ctrl-C would be ignored.
     return subprocess.Popen([sys.executable, "-m", "polysae", *map(str, argv)], cwd=ROOT, env=ENV,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _wait_for(cond, proc: subprocess.Popen, timeout: float = 120) -> None:
