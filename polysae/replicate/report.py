@@ -259,8 +259,9 @@ def plot_paired_f1(t: dict[str, Any], path: Path) -> None:
     sps = list(t["sparsifiers"])
     fig, ax = plt.subplots(figsize=(1.6 + 1.6 * len(sps) * len(ks) / 3, 3.4))
     x = 0
-    ticks, labels = [], []
+    ticks, labels, groups = [], [], []
     for si, sp in enumerate(sps):
+        start = x
         for k in ks:
             e = t["sparsifiers"][sp]["metrics"].get(f"f1_k{k}")
             if e and e.get("diff"):
@@ -273,11 +274,16 @@ def plot_paired_f1(t: dict[str, Any], path: Path) -> None:
                                 yerr=[[d["mean"] - d["t_low"]], [d["t_high"] - d["mean"]]],
                                 fmt="o", color=f"C{si}", capsize=3, zorder=4)
             ticks.append(x)
-            labels.append(f"{sp}\nk={k}")
+            labels.append(f"k={k}")
             x += 1
+        groups.append(((start + x - 1) / 2, sp))
         x += 0.5
     ax.axhline(0, color="0.5", lw=0.8)
     ax.set_xticks(ticks, labels, fontsize=7)
+    # One sparsifier name per group, under its k ticks (a name per tick overlaps at 3 groups).
+    for centre, sp in groups:
+        ax.annotate(sp, (centre, 0), xycoords=("data", "axes fraction"), xytext=(0, -20),
+                    textcoords="offset points", ha="center", va="top", fontsize=8)
     conf = int(round(100 * t.get("confidence", 0.95)))
     ax.set_ylabel("F1 poly − vanilla")
     ax.set_title(f"Paired probing-F1 differences per seed (dots), mean and {conf}% t interval",
