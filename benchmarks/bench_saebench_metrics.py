@@ -79,7 +79,10 @@ def main() -> None:
                   "probe_test_per_class": d.probe_test_per_class, "probe_ctx": d.probe_ctx},
         "absorption_shared_s": (m.get("absorption_setup") or {}).get("seconds_shared"),
         "tpp_shared_s": (m.get("tpp_setup") or {}).get("seconds_shared"),
-        "stages_s": m["timings_s"], "wall_s": round(wall, 1), "per_sae": per}
+        "stages_s": m["timings_s"], "wall_s": round(wall, 1), "per_sae": per,
+        "saes": (list(args.sae) if args.sae
+                 else f"random, seed 0, d_sae {args.d_sae}, k {args.k} (cost does not depend "
+                      "on training)")}
     stem = args.out or "saebench_metrics_cpu"
     out = Path(__file__).resolve().parent / "results"
     atomic_write_text(out / f"{stem}.json", json.dumps(res, indent=1) + "\n")
@@ -91,7 +94,8 @@ def main() -> None:
           f"polysae {res['polysae_version']}, torch {res['torch_version']}, Python "
           f"{res['python']}, CPU ({res['cores']} cores, {res['torch_threads']} torch threads), "
           f"load average {load0[0]:.1f} before / {load1[0]:.1f} after. Model "
-          f"`{res['model']}`, hook `{res['hook']}`; default sizes {res['sizes']}.", "",
+          f"`{res['model']}`, hook `{res['hook']}`; default sizes {res['sizes']}. SAEs: "
+          f"{res['saes']}.", "",
           "| SAE | decoder | d_sae | k | absorption s (both variants) | TPP s (both variants) | "
           "letters counted | absorption linear / full | TPP@20 linear / full |",
           "|---|---|---|---|---|---|---|---|---|", *rows, "",
