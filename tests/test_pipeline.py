@@ -25,7 +25,9 @@ def test_run_end_to_end_and_rerun_skips(tmp_path):
                     harvest=HarvestConfig(hooks=["blocks.9.hook_resid_post"], tokens=6000,
                                           shard_size=1024),
                     eval=EvalConfig(recon_tokens=1024, probe_train_per_class=6,
-                                    probe_test_per_class=3, ce_contexts=2))
+                                    probe_test_per_class=3, ce_contexts=2,
+                                    absorption_train_words=64, absorption_test_words=32,
+                                    absorption_icl=3))
     res = run(cfg)
     out = res.out
     for rel in ("acts/manifest.json", "train/vanilla/sae.safetensors", "train/poly/config.json",

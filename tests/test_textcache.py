@@ -82,3 +82,46 @@ def test_least_recently_used_entries_are_dropped(make_tiny_hooked, monkeypatch):
     assert len(calls) == textcache.MAX_ENTRIES + 1  # the newest is still there
     textcache.cached_text_acts(model, hook, _texts(10), [0], batch_size=3)
     assert len(calls) == textcache.MAX_ENTRIES + 2  # the oldest was dropped
+
+
+def test_absorption_word_prompts_are_cached_exactly(make_tiny_hooked, monkeypatch):
+    """The absorption task's word forwards go through the same cache: a hit returns the fresh
+    forward's activations, and other prompts (another example draw), another hook or weights
+    edited in place miss."""
+    from wordtok import WordTok
+
+    from polysae.evaluation import absorption as ab
+
+    textcache.clear()
+    words = [f" {c}{s}" for c in "abcdef" for s in ("at", "og", "un", "ip")]
+    tok = WordTok(words, answers="ABCDEF")
+    model = make_tiny_hooked(n_layers=2, d_model=16, d_vocab=len(tok.tokens), n_ctx=128)
+    w = ab.task_words(tok, 16, 8, seed=0)
+    calls = []
+    real = ab._last_token_acts
+
+    def counted(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(ab, "_last_token_acts", counted)
+    hook = "blocks.0.hook_resid_post"
+
+    def acts(seed=0, h=hook):
+        return ab.word_acts(model, tok, h, w.train, w.train_pool, w.token_ids, 3, seed=seed,
+                            batch_size=4)
+
+    first, kept = acts()
+    second, kept2 = acts()
+    assert len(calls) == 1 and kept == kept2 and len(kept) == len(w.train)
+    textcache.clear()
+    fresh, _ = acts()
+    assert len(calls) == 2
+    assert torch.equal(first, fresh) and torch.equal(second, fresh)
+    acts(seed=1)                              # other in-context examples: other prompts
+    acts(h="blocks.1.hook_resid_post")
+    assert len(calls) == 4
+    with torch.no_grad():
+        model.blocks[0].attn.W_Q.mul_(2.0)
+    after, _ = acts()
+    assert len(calls) == 5 and not torch.equal(after, fresh)

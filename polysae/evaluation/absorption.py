@@ -139,8 +139,10 @@ def word_acts(model: Any, tokenizer: Any, hook: str, words: Sequence[str], examp
               ) -> tuple[Tensor, list[str]]:
     """Hook activations [n, D] at the word token of each word's prompt (float32, CPU) and the
     words kept (a prompt whose tokenisation moves the word off position -6 is dropped). Only the
-    tokens up to the word are run: the model is causal, so the rest cannot change them."""
-    from polysae.data.models import capture
+    tokens up to the word are run: the model is causal, so the rest cannot change them. The
+    forward is answered from :mod:`polysae.evaluation.textcache` when the same model, hook and
+    prompts ran before in this process."""
+    from polysae.evaluation.textcache import cached, token_digest
 
     rng = random.Random(seed)
     prompts = [make_prompt(w, examples, n_icl, rng) for w in words]
@@ -151,8 +153,19 @@ def word_acts(model: Any, tokenizer: Any, hook: str, words: Sequence[str], examp
         if len(t) >= -WORD_POS and t[WORD_POS] == token_ids[w]:
             seqs.append(([bos] if bos is not None else []) + list(t[:len(t) + WORD_POS + 1]))
             kept.append(w)
-    dev = next(model.parameters()).device
     pad = getattr(tokenizer, "pad_token_id", None) or 0
+    key = ("absorption_words", hook, token_digest(seqs), int(pad), int(batch_size))
+    acts = cached(model, key, lambda: _last_token_acts(model, hook, seqs, pad, batch_size))
+    return acts, kept
+
+
+def _last_token_acts(model: Any, hook: str, seqs: list[list[int]], pad: int,
+                     batch_size: int) -> Tensor:
+    """Hook activations [n, D] (float32, CPU) at the last token of each sequence, run in batches
+    of similar length (right padding: a causal model's last real token never sees the pad)."""
+    from polysae.data.models import capture
+
+    dev = next(model.parameters()).device
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
     rows: list[Tensor | None] = [None] * len(seqs)
     with torch.inference_mode():
@@ -167,7 +180,7 @@ def word_acts(model: Any, tokenizer: Any, hook: str, words: Sequence[str], examp
                 rows[i] = a[r, len(seqs[i]) - 1]
     out = [r for r in rows if r is not None]
     d = out[0].shape[-1] if out else 0
-    return (torch.stack(out) if out else torch.zeros(0, d)), kept
+    return torch.stack(out) if out else torch.zeros(0, d)
 
 
 class PerWord(NamedTuple):
