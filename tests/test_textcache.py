@@ -12,15 +12,16 @@ def _texts(seed: int, n: int = 7, vocab: int = 50):
             for _ in range(n)]
 
 
-def _counting(monkeypatch):
+def _counting(monkeypatch, module=probing, name="collect_text_acts"):
+    """Replace ``module.name`` by a wrapper that records each call; returns (calls, original)."""
     calls = []
-    real = probing.collect_text_acts
+    real = getattr(module, name)
 
     def counted(*a, **k):
         calls.append(1)
         return real(*a, **k)
 
-    monkeypatch.setattr(probing, "collect_text_acts", counted)
+    monkeypatch.setattr(module, name, counted)
     return calls, real
 
 
@@ -97,14 +98,7 @@ def test_absorption_word_prompts_are_cached_exactly(make_tiny_hooked, monkeypatc
     tok = WordTok(words, answers="ABCDEF")
     model = make_tiny_hooked(n_layers=2, d_model=16, d_vocab=len(tok.tokens), n_ctx=128)
     w = ab.task_words(tok, 16, 8, seed=0)
-    calls = []
-    real = ab._last_token_acts
-
-    def counted(*a, **k):
-        calls.append(1)
-        return real(*a, **k)
-
-    monkeypatch.setattr(ab, "_last_token_acts", counted)
+    calls, _ = _counting(monkeypatch, ab, "_last_token_acts")
     hook = "blocks.0.hook_resid_post"
 
     def acts(seed=0, h=hook):
